@@ -1,0 +1,111 @@
+"""Named errors of the service, and their one mapping to wire statuses.
+
+Code anywhere in the package raises these. Only the edges (the TorchServe handler,
+the gRPC gateway, the CLI) translate them, through ``http_status`` and ``grpc_status``
+below, so a status code is decided in exactly one place.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a caller."""
+
+    #: Name of the matching gRPC status code (a ``grpc.StatusCode`` member name).
+    grpc_code = "INTERNAL"
+    #: Matching HTTP status.
+    http_status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+    def to_dict(self) -> dict:
+        """The error body, shaped like TorchServe's own error bodies."""
+        return {"code": self.http_status, "type": self.type, "message": self.message}
+
+
+class InvalidArgument(ServiceError):
+    """The caller sent something malformed: a bad payload, field or option."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    http_status = 400
+
+
+class InvalidInput(InvalidArgument):
+    """A prediction payload that cannot be decoded or does not fit the model."""
+
+
+class PayloadTooLarge(InvalidArgument):
+    """A request body or decoded input over the configured limit."""
+
+    http_status = 413
+
+
+class InvalidSpec(InvalidArgument):
+    """A model, run or archive spec with an invalid field.
+
+    ``field`` is the dotted path of the offending field, so the message can name it.
+    """
+
+    def __init__(self, field: str, message: str, allowed=None):
+        self.field = field
+        self.allowed = list(allowed) if allowed is not None else None
+        text = f"{field}: {message}"
+        if self.allowed is not None:
+            text += f" (allowed: {', '.join(map(str, self.allowed))})"
+        super().__init__(text)
+
+
+class NotFound(ServiceError):
+    """A model, version, job or file that does not exist."""
+
+    grpc_code = "NOT_FOUND"
+    http_status = 404
+
+
+class AlreadyExists(ServiceError):
+    """Something immutable that exists already, such as an archive version."""
+
+    grpc_code = "ALREADY_EXISTS"
+    http_status = 409
+
+
+class FailedPrecondition(ServiceError):
+    """The request is valid but the system is not in a state to carry it out."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 412
+
+
+class PretrainedWeightsNotFound(FailedPrecondition):
+    """Pretrained weights were asked for but are not on this machine."""
+
+    def __init__(self, what: str, searched):
+        self.searched = [str(p) for p in searched]
+        where = "; ".join(self.searched) if self.searched else "(nowhere)"
+        super().__init__(f"pretrained weights for {what} not found; looked in: {where}")
+
+
+class Unavailable(ServiceError):
+    """A dependency (TorchServe, a worker) is not reachable or not ready."""
+
+    grpc_code = "UNAVAILABLE"
+    http_status = 503
+
+
+def http_status(exc: BaseException) -> int:
+    """HTTP status for any exception: a ServiceError's own, else 500."""
+    return exc.http_status if isinstance(exc, ServiceError) else 500
+
+
+def grpc_status(exc: BaseException):
+    """``grpc.StatusCode`` for any exception: a ServiceError's own, else INTERNAL."""
+    import grpc  # imported here: the models and the trainer must not need grpc
+
+    name = exc.grpc_code if isinstance(exc, ServiceError) else "INTERNAL"
+    return getattr(grpc.StatusCode, name)
