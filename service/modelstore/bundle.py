@@ -1,0 +1,89 @@
+"""A model bundle: everything needed to rebuild a model anywhere.
+
+A bundle is a directory (and, inside an archive, a set of top-level files) holding the
+JSON spec, the ``state_dict`` and the label names, plus the vocabulary for text models.
+Nothing in it is pickled code: weights are read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from service.errors import InvalidSpec
+from service.models import ModelSpec, Vocabulary, load_model
+
+SPEC_FILE = "spec.json"
+LABELS_FILE = "labels.json"
+VOCAB_FILE = "vocab.json"
+WEIGHTS_FILE = "weights.pt"
+LINEAGE_FILE = "lineage.json"
+
+
+@dataclass
+class ModelBundle:
+    """Spec, weights, label names and (for text models) vocabulary of one model."""
+
+    spec: ModelSpec
+    state_dict: dict[str, torch.Tensor]
+    labels: list[str]
+    vocab: Vocabulary | None = None
+    lineage: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Check that the parts fit together; raise InvalidSpec naming the part."""
+        if len(self.labels) != self.spec.num_classes:
+            raise InvalidSpec(
+                "labels",
+                f"{len(self.labels)} label names for a model with {self.spec.num_classes} outputs",
+            )
+        if len(set(self.labels)) != len(self.labels):
+            raise InvalidSpec("labels", "label names must be unique")
+        vocab_size = getattr(self.spec.config, "vocab_size", None)
+        if self.vocab is not None:
+            if vocab_size is None:
+                raise InvalidSpec("vocab", "a vocabulary is only used by a token-input rnn")
+            if len(self.vocab) > vocab_size:
+                raise InvalidSpec(
+                    "vocab", f"{len(self.vocab)} tokens exceed config.vocab_size={vocab_size}"
+                )
+        try:
+            load_model(self.spec, self.state_dict)
+        except RuntimeError as exc:  # strict load_state_dict: missing/unexpected/shape
+            first = str(exc).strip().splitlines()
+            raise InvalidSpec("weights", f"do not fit the spec: {' '.join(first[:3])}") from exc
+
+    def save(self, directory: Path) -> list[Path]:
+        """Write the bundle files into ``directory``; return their paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = {
+            SPEC_FILE: json.dumps(self.spec.to_dict(), indent=2),
+            LABELS_FILE: json.dumps(self.labels, indent=2),
+            LINEAGE_FILE: json.dumps(self.lineage, indent=2, sort_keys=True),
+        }
+        if self.vocab is not None:
+            files[VOCAB_FILE] = json.dumps(self.vocab.to_list())
+        paths = []
+        for name, text in files.items():
+            (directory / name).write_text(text + "\n")
+            paths.append(directory / name)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()}
+        torch.save(weights, directory / WEIGHTS_FILE)
+        return [directory / WEIGHTS_FILE, *paths]
+
+    @classmethod
+    def load(cls, directory: Path, map_location: str | torch.device = "cpu") -> "ModelBundle":
+        """Read a bundle written by :meth:`save` (or unpacked from an archive)."""
+        directory = Path(directory)
+        spec = ModelSpec.from_dict(json.loads((directory / SPEC_FILE).read_text()))
+        labels = json.loads((directory / LABELS_FILE).read_text())
+        vocab_path = directory / VOCAB_FILE
+        vocab = Vocabulary.from_list(json.loads(vocab_path.read_text())) if vocab_path.exists() else None
+        lineage_path = directory / LINEAGE_FILE
+        lineage = json.loads(lineage_path.read_text()) if lineage_path.exists() else {}
+        state_dict = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        return cls(spec=spec, state_dict=state_dict, labels=labels, vocab=vocab, lineage=lineage)
