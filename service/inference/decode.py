@@ -94,7 +94,7 @@ def parse_json(value: Any) -> Any:
 
 
 def _reject_constant(name: str):
-    raise InvalidInput(f"{name} is not allowed in inputs")
+    raise InvalidInput(f"{name} is not a finite number; not allowed in inputs")
 
 
 def _depth(value: Any) -> int:
