@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -119,7 +120,7 @@ class ModelSpec:
         family = FAMILIES[name]
         config = family.config.from_dict({} if data.get("config") is None else data["config"], "config")
         raw_input = {} if data.get("input") is None else data["input"]
-        kind = raw_input.get("type", family.modality) if isinstance(raw_input, dict) else family.modality
+        kind = raw_input.get("type", family.modality) if isinstance(raw_input, Mapping) else family.modality
         if kind not in INPUTS:
             raise InvalidSpec("input.type", f"unknown input type {kind!r}", allowed=list(INPUTS))
         if kind != family.modality:
