@@ -1,0 +1,400 @@
+"""The public gRPC inference endpoint: TorchServe's own inference API, with real statuses.
+
+It serves ``org.pytorch.serve.grpc.inference.InferenceAPIsService`` (TorchServe's proto,
+so TorchServe gRPC clients work unchanged) and forwards every call, with the caller's
+metadata (``authorization`` included) and deadline, to TorchServe's own gRPC inference
+port on loopback. TorchServe answers there with the wrong status codes:
+
+* an unknown model or version is INTERNAL ("Model not found: x\\norg.pytorch...
+  ModelNotFoundException" / "...ModelVersionNotFoundException");
+* a per-request error of the handler (``context.set_response_status(400, ...)`` plus an
+  error body) is OK, with the error body as the prediction.
+
+:func:`translate` is the one place where this is corrected, through the named errors of
+``service.errors`` and their ``grpc_status``. Everything else (PERMISSION_DENIED for a
+bad key, UNAVAILABLE when TorchServe is down, INTERNAL "Worker died.") passes through
+unchanged.
+
+Also served: gRPC health checking (``grpc.health.v1``; service ``""`` is SERVING only
+when every registered model version is ready, ``"<model>"`` when every version of that
+model is, ``"<model>/<version>"`` for one version) and server reflection.
+
+Two steps, so tests bind port 0 and call through a real channel::
+
+    server, port = create_gateway(settings, "127.0.0.1:7072", readiness_fn)  # in a loop
+    await server.start()
+    ...
+    await close_gateway(server)
+
+:class:`GatewayThread` runs the same in a background thread for synchronous callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Callable, Iterable
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service._gen import inference_pb2, inference_pb2_grpc
+from service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Unavailable,
+    grpc_status,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name
+#: A prediction larger than this is model output, never an error body: not parsed.
+_MAX_ERROR_BODY = 64 * 1024
+_NOT_FOUND_MARKERS = ("ModelNotFoundException", "ModelVersionNotFoundException")
+#: Metadata that belongs to a connection or is set by gRPC itself: not forwarded.
+_HOP_HEADERS = {"user-agent", "content-type", "te", "host", "content-length",
+                "accept-encoding", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"}
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class ResourceExhausted(ServiceError):
+    """A handler's 429 (too many requests, a queue full). Not in service.errors (yet)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+
+_ERROR_BY_HTTP_STATUS: dict[int, type[ServiceError]] = {
+    400: InvalidArgument,
+    413: PayloadTooLarge,
+    422: InvalidArgument,
+    404: NotFound,
+    409: AlreadyExists,
+    412: FailedPrecondition,
+    429: ResourceExhausted,
+    503: Unavailable,
+}
+
+
+def error_body(prediction: bytes) -> dict | None:
+    """The handler's per-request error body ``{"code": >=400, "type", "message"}``, or None."""
+    if not prediction or len(prediction) > _MAX_ERROR_BODY or not prediction.lstrip().startswith(b"{"):
+        return None
+    try:
+        body = json.loads(prediction)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict) or set(body) != {"code", "type", "message"}:
+        return None
+    code = body["code"]
+    if not isinstance(code, int) or isinstance(code, bool) or code < 400:
+        return None
+    if not isinstance(body["type"], str) or not isinstance(body["message"], str):
+        return None
+    return body
+
+
+def translate(item) -> ServiceError | None:
+    """THE status mapping of the gateway: what TorchServe said -> the error to answer.
+
+    ``item`` is an upstream ``grpc.RpcError`` or a ``PredictionResponse``. Returns the
+    named error to abort with, or None when the item passes through unchanged.
+    """
+    if isinstance(item, grpc.RpcError):
+        details = item.details() or ""
+        if item.code() == grpc.StatusCode.INTERNAL and any(m in details for m in _NOT_FOUND_MARKERS):
+            return NotFound(details.splitlines()[0])
+        return None
+    if isinstance(item, inference_pb2.PredictionResponse):
+        body = error_body(item.prediction)
+        if body is None:
+            return None
+        return _ERROR_BY_HTTP_STATUS.get(body["code"], ServiceError)(body["message"])
+    return None
+
+
+async def _abort_for(context, item) -> None:
+    """Abort the call for an upstream error or error body (translated when it must be)."""
+    err = translate(item)
+    if err is not None:
+        await context.abort(grpc_status(err), err.message)
+    if isinstance(item, grpc.RpcError):
+        await context.abort(item.code(), item.details() or "",
+                            _forwardable(item.trailing_metadata() or ()))
+
+
+def _forwardable(metadata: Iterable) -> tuple:
+    out = []
+    for key, value in metadata:
+        k = key.lower()
+        if k.startswith(":") or k in _HOP_HEADERS:
+            continue
+        out.append((k, value))
+    return tuple(out)
+
+
+class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
+    """Forwards TorchServe's inference API to ``upstream_target``."""
+
+    def __init__(self, upstream_target: str, *, max_message_bytes: int):
+        self.upstream_target = upstream_target
+        self._options = [("grpc.max_send_message_length", max_message_bytes),
+                         ("grpc.max_receive_message_length", max_message_bytes)]
+        self._channel: aio.Channel | None = None
+        self._stub = None
+
+    def _upstream(self):
+        # Created on first use, inside the server's event loop.
+        if self._stub is None:
+            self._channel = aio.insecure_channel(self.upstream_target, options=self._options)
+            self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+        return self._stub
+
+    @staticmethod
+    def _call_args(context) -> dict:
+        remaining = context.time_remaining()
+        return {"metadata": _forwardable(context.invocation_metadata() or ()),
+                "timeout": remaining if remaining is not None and remaining > 0 else None}
+
+    async def Ping(self, request, context):
+        try:
+            return await self._upstream().Ping(request, **self._call_args(context))
+        except aio.AioRpcError as exc:
+            await _abort_for(context, exc)
+
+    async def Predictions(self, request, context):
+        try:
+            response = await self._upstream().Predictions(request, **self._call_args(context))
+        except aio.AioRpcError as exc:
+            await _abort_for(context, exc)
+            return None  # not reached: abort raises
+        await _abort_for(context, response)
+        return response
+
+    async def StreamPredictions(self, request, context):
+        call = self._upstream().StreamPredictions(request, **self._call_args(context))
+        try:
+            async for response in call:
+                if translate(response) is not None:
+                    call.cancel()
+                    await _abort_for(context, response)
+                yield response
+        except aio.AioRpcError as exc:
+            await _abort_for(context, exc)
+
+    async def StreamPredictions2(self, request_iterator, context):
+        # A sequence API: per-response errors travel in PredictionResponse.status, as
+        # TorchServe sends them; only a failed call is translated.
+        call = self._upstream().StreamPredictions2(request_iterator, **self._call_args(context))
+        try:
+            async for response in call:
+                yield response
+        except aio.AioRpcError as exc:
+            await _abort_for(context, exc)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+
+def health_statuses(report) -> dict[str, int]:
+    """Health status per service name from a readiness report (list of ModelReadiness)."""
+    statuses: dict[str, int] = {}
+    by_model: dict[str, bool] = {}
+    for r in report:
+        statuses[f"{r.name}/{r.version}"] = SERVING if r.ready else NOT_SERVING
+        by_model[r.name] = by_model.get(r.name, True) and r.ready
+    for name, ready in by_model.items():
+        statuses[name] = SERVING if ready else NOT_SERVING
+    overall = SERVING if all(by_model.values()) else NOT_SERVING
+    statuses[""] = statuses[SERVICE_NAME] = overall
+    return statuses
+
+
+class ReadinessHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 whose statuses come from ``readiness_fn`` (a blocking callable).
+
+    Refreshed before a Check (at most every ``min_refresh_s``) and every ``poll_s``
+    while the server runs (for Watch). If ``readiness_fn`` fails, everything is
+    NOT_SERVING.
+    """
+
+    def __init__(self, readiness_fn: Callable[[], list], *, poll_s: float = 2.0,
+                 min_refresh_s: float = 0.5):
+        super().__init__()
+        self._readiness_fn = readiness_fn
+        self._poll_s = poll_s
+        self._min_refresh_s = min_refresh_s
+        self._last_refresh = float("-inf")
+        self._lock: asyncio.Lock | None = None
+        self._task: asyncio.Task | None = None
+        self._server_status[""] = NOT_SERVING  # until the first refresh says otherwise
+        self._server_status[SERVICE_NAME] = NOT_SERVING
+
+    async def refresh(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if time.monotonic() - self._last_refresh < self._min_refresh_s:
+                return
+            try:
+                report = await asyncio.to_thread(self._readiness_fn)
+                statuses = health_statuses(report)
+            except Exception as exc:  # TorchServe unreachable: nothing is serving
+                log.warning("health: readiness check failed: %s", exc)
+                statuses = {k: NOT_SERVING for k in self._server_status}
+                statuses[""] = statuses[SERVICE_NAME] = NOT_SERVING
+            for service in list(self._server_status):
+                if service not in statuses:  # a model that is gone
+                    if service in self._server_watchers:
+                        await self.set(service, SERVICE_UNKNOWN)
+                    else:
+                        self._server_status.pop(service, None)
+            for service, status in statuses.items():
+                if self._server_status.get(service) != status:
+                    await self.set(service, status)
+            self._last_refresh = time.monotonic()
+
+    def start_polling(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the poller die
+                log.exception("health: refresh failed")
+            await asyncio.sleep(self._poll_s)
+
+    async def Check(self, request, context):
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def Watch(self, request, context):
+        self.start_polling()
+        return await super().Watch(request, context)
+
+    async def close(self) -> None:
+        await self.enter_graceful_shutdown()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+
+
+def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], list], *,
+                   port: int | None = None, host: str | None = None,
+                   health_poll_s: float = 2.0) -> tuple[aio.Server, int]:
+    """Build (not start) the gateway server; returns ``(server, bound_port)``.
+
+    Binds ``host:port`` (default ``settings.host:settings.grpc_inference_port``; port 0
+    picks a free one). Call it inside the event loop that will run the server. Stop it
+    with :func:`close_gateway`, which also closes the upstream channel.
+    """
+    max_bytes = settings.max_request_size_bytes
+    server = aio.server(options=[("grpc.max_send_message_length", max_bytes),
+                                 ("grpc.max_receive_message_length", max_bytes),
+                                 ("grpc.so_reuseport", 0)])
+    gateway = InferenceGateway(upstream_target, max_message_bytes=max_bytes)
+    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(gateway, server)
+    health_servicer = ReadinessHealthServicer(readiness_fn, poll_s=health_poll_s)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    host = settings.host if host is None else host
+    port = settings.grpc_inference_port if port is None else port
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if not bound:
+        raise Unavailable(f"cannot bind the gRPC gateway to {address}")
+    server._modelctl_parts = (gateway, health_servicer)  # for close_gateway
+    return server, bound
+
+
+async def close_gateway(server: aio.Server, grace: float | None = 2.0) -> None:
+    """Health NOT_SERVING, stop the server (``grace`` seconds), close the upstream channel."""
+    gateway, health_servicer = getattr(server, "_modelctl_parts", (None, None))
+    if health_servicer is not None:
+        await health_servicer.close()
+    await server.stop(grace)
+    if gateway is not None:
+        await gateway.close()
+
+
+class GatewayThread:
+    """The gateway in a background thread with its own event loop (for sync callers)."""
+
+    def __init__(self, settings, upstream_target: str, readiness_fn: Callable[[], list],
+                 **kwargs):
+        self._args = (settings, upstream_target, readiness_fn)
+        self._kwargs = kwargs
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: aio.Server | None = None
+        self.port: int | None = None
+
+    def start(self, timeout_s: float = 30.0) -> int:
+        """Start serving; returns the bound port."""
+        if self._thread is not None:
+            return self.port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name="grpc-gateway", daemon=True)
+        self._thread.start()
+
+        async def _start():
+            server, port = create_gateway(*self._args, **self._kwargs)
+            await server.start()
+            server._modelctl_parts[1].start_polling()
+            return server, port
+
+        try:
+            self._server, self.port = asyncio.run_coroutine_threadsafe(
+                _start(), self._loop).result(timeout_s)
+        except BaseException:
+            self._shutdown_loop()
+            raise
+        return self.port
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._loop is None:
+            return
+        if self._server is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(
+                    close_gateway(self._server, grace), self._loop).result(grace + 10)
+            except Exception:
+                log.exception("gateway: error while stopping")
+            self._server = None
+        self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(10)
+        if not loop.is_running():
+            loop.close()
+        self._loop = self._thread = None

@@ -1,0 +1,181 @@
+"""Settings of ``modelctl serve``: one frozen dataclass, read from ``MODELCTL_*`` variables.
+
+Every field ``f`` can be set by the environment variable ``MODELCTL_<F upper>`` (for
+example ``MODELCTL_MODEL_STORE``, ``MODELCTL_INFERENCE_PORT``); keyword overrides given to
+:meth:`ServeSettings.from_env` (CLI flags; ``None`` means "not given") win over the
+environment, which wins over the defaults below.
+
+Ports:
+
+* ``inference_port`` (8080): TorchServe's REST inference API, public (``host``).
+* ``management_port`` (8081): TorchServe's REST management API, always on 127.0.0.1.
+* ``metrics_port`` (8082): TorchServe's Prometheus metrics, public (``host``) so a
+  scraper can reach it.
+* ``grpc_inference_port`` (7070): the public gRPC inference endpoint, i.e. our gateway
+  (``service.serving.gateway``), which speaks TorchServe's own inference proto.
+* ``grpc_management_port`` (7071): TorchServe's gRPC management API, 127.0.0.1 only.
+* ``ts_grpc_inference_port`` (7072): TorchServe's own gRPC inference API, 127.0.0.1
+  only, behind the gateway.
+* ``worker_port_base`` (9000): TorchServe's ``initial_worker_port``; workers listen on
+  unix sockets ``/tmp/.ts.sock.<port>`` numbered from it, so two TorchServes on one
+  machine need different bases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.errors import InvalidArgument
+
+ENV_PREFIX = "MODELCTL_"
+
+
+def _default_state_dir() -> Path:
+    return Path.cwd() / ".modelctl"
+
+
+def _default_model_store() -> Path:
+    return Path.cwd() / "model_store"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    #: Root of the model store: ``<model_store>/<name>/<version>.mar``.
+    model_store: Path = field(default_factory=_default_model_store)
+    #: Runtime state: generated config, TorchServe's log, key file, logs/, tmp/.
+    state_dir: Path = field(default_factory=_default_state_dir)
+    #: Address the public endpoints (REST inference, metrics, gRPC gateway) bind to.
+    host: str = "127.0.0.1"
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
+    ts_grpc_inference_port: int = 7072
+    worker_port_base: int = 9000
+    workers_per_model: int = 1
+    #: TorchServe batch aggregation: up to ``batch_size`` requests, waiting at most
+    #: ``max_batch_delay_ms`` for them.
+    batch_size: int = 8
+    max_batch_delay_ms: int = 5
+    #: How long ``Serving.start`` waits for every worker to be READY.
+    startup_timeout_s: float = 120.0
+    #: Largest request and response TorchServe accepts (REST and gRPC).
+    max_request_size_bytes: int = 16 * 1024 * 1024
+    #: TorchServe's per-request timeout in a worker before it is restarted.
+    response_timeout_s: int = 120
+    #: Lifetime of TorchServe's inference and management keys (key_file.json), minutes.
+    #: TorchServe's own default is 60; after that every call with the old key fails until
+    #: the key is renewed with the API key (``TorchServeProcess.renew_token``).
+    token_expiration_min: int = 60
+
+    def __post_init__(self):
+        # Normalise paths (str given by a caller) and check ranges once, here.
+        for name in ("model_store", "state_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+            object.__setattr__(self, name, getattr(self, name).expanduser().absolute())
+        for name in _PORT_FIELDS:
+            port = getattr(self, name)
+            if not (0 < port < 65536):
+                raise InvalidArgument(f"{name} must be a TCP port (1-65535), got {port}")
+        # worker_port_base only numbers unix sockets, so it may equal a TCP port.
+        tcp = [n for n in _PORT_FIELDS if n != "worker_port_base"]
+        ports = [getattr(self, n) for n in tcp]
+        if len(set(ports)) != len(ports):
+            raise InvalidArgument(
+                "ports must differ: " + ", ".join(f"{n}={getattr(self, n)}" for n in tcp)
+            )
+        for name in ("workers_per_model", "batch_size", "max_request_size_bytes",
+                     "response_timeout_s", "token_expiration_min"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_delay_ms < 0:
+            raise InvalidArgument(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+        if self.startup_timeout_s <= 0:
+            raise InvalidArgument(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+
+    @property
+    def archive_dir(self) -> Path:
+        """TorchServe's own ``model_store``: one symlink per registered archive.
+
+        TorchServe copies an archive registered by ``file://`` URL into its model store
+        under the URL's base name (``<version>.mar``), so two models with the same version
+        collide (HTTP 500 "Model file already exists") and the copies would litter the real
+        store. Registering ``<name>-v<version>.mar``, a symlink in this directory, by plain
+        file name avoids both.
+        """
+        return self.state_dir / "archives"
+
+    @classmethod
+    def env_var(cls, name: str) -> str:
+        """The environment variable that sets field ``name``."""
+        return ENV_PREFIX + name.upper()
+
+    @classmethod
+    def from_env(cls, environ: typing.Mapping[str, str] | None = None,
+                 **overrides) -> "ServeSettings":
+        """Defaults < ``MODELCTL_*`` environment < ``overrides`` that are not None.
+
+        An unparseable value raises InvalidArgument naming the variable (or the override).
+        """
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - set(fields)
+        if unknown:
+            raise InvalidArgument(f"unknown serve setting(s): {', '.join(sorted(unknown))}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for name in fields:
+            var = cls.env_var(name)
+            if overrides.get(name) is not None:
+                raw, source = overrides[name], name
+            elif environ.get(var, "").strip() != "":
+                raw, source = environ[var].strip(), var
+            else:
+                continue
+            values[name] = _convert(raw, hints[name], source)
+        try:
+            return cls(**values)
+        except InvalidArgument as exc:
+            # Name the variable when the value came from the environment.
+            for name in values:
+                if exc.message.split(" ", 1)[0] == name and overrides.get(name) is None:
+                    raise InvalidArgument(f"{cls.env_var(name)}: {exc.message}") from None
+            raise
+
+
+_PORT_FIELDS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port",
+                "grpc_management_port", "ts_grpc_inference_port", "worker_port_base")
+
+
+def _convert(raw, typ, source: str):
+    if isinstance(raw, typ if isinstance(typ, type) else ()) and not (
+        typ is int and isinstance(raw, bool)
+    ):
+        return raw
+    try:
+        if typ is Path:
+            text = str(raw)
+            if not text:
+                raise ValueError("empty path")
+            return Path(text)
+        if typ is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(str(raw).strip()) if not isinstance(raw, float) else int(raw)
+        if typ is float:
+            return float(str(raw).strip())
+        if typ is str:
+            return str(raw)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise InvalidArgument(f"{source}: unsupported setting type {typ}")
+    kind = {Path: "a path", int: "an integer", float: "a number", str: "a string"}[typ]
+    raise InvalidArgument(f"{source}: expected {kind}, got {raw!r}")

@@ -1,0 +1,118 @@
+"""The model store as TorchServe sees it: scan ``<root>/<name>/<version>.mar`` and register.
+
+Registration goes through a symlink per archive, ``<archive_dir>/<name>-v<version>.mar``,
+registered by plain file name. A ``file://`` URL would make TorchServe copy the archive
+into its model store as ``<version>.mar``: two models with the same version collide
+(HTTP 500 "Model file already exists") and the copies litter the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from service.errors import AlreadyExists, FailedPrecondition, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+
+_VERSION_FILE = re.compile(r"^([0-9]+)\.mar$")
+# TorchServe model names: letters, digits, '_', '-' and '.' (not first).
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def scan_model_store(root: str | os.PathLike) -> dict[str, list[int]]:
+    """``{name: [versions ascending]}`` for every ``<root>/<name>/<int>.mar`` file.
+
+    Anything else (other files, hidden or oddly named directories, non-integer versions)
+    is ignored. A missing root is an empty store.
+    """
+    root = Path(root)
+    found: dict[str, list[int]] = {}
+    try:
+        entries = sorted(root.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    for model_dir in entries:
+        if not model_dir.is_dir() or not _MODEL_NAME.match(model_dir.name):
+            continue
+        versions = []
+        for archive in model_dir.iterdir():
+            m = _VERSION_FILE.match(archive.name)
+            if m and archive.is_file():
+                versions.append(int(m.group(1)))
+        if versions:
+            found[model_dir.name] = sorted(set(versions))
+    return found
+
+
+def archive_link_name(name: str, version: int) -> str:
+    """File name under which ``<name>/<version>.mar`` is registered with TorchServe."""
+    return f"{name}-v{int(version)}.mar"
+
+
+def link_archive(settings, name: str, version: int) -> str:
+    """Make ``<archive_dir>/<name>-v<version>.mar`` point at the store's archive.
+
+    Returns the ``url`` to register it with. Raises FailedPrecondition if the archive
+    does not exist.
+    """
+    target = Path(settings.model_store) / name / f"{int(version)}.mar"
+    if not target.is_file():
+        raise FailedPrecondition(f"no archive {target}")
+    archive_dir = Path(settings.archive_dir)
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    link = archive_dir / archive_link_name(name, version)
+    tmp = archive_dir / f".{link.name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.resolve())
+    os.replace(tmp, link)  # atomic: an existing link is replaced, never missing
+    return link.name
+
+
+def register_store(mgmt, settings) -> list[tuple[str, int]]:
+    """Register every archive of the store; the latest version of each model is default.
+
+    Every version gets ``settings.workers_per_model`` workers (asynchronously: readiness
+    is checked separately). A version that is registered already is skipped (logged).
+    An archive TorchServe refuses (corrupt, MANIFEST name not the directory name) is
+    logged as an error and left out, so one bad archive does not stop the others.
+    Returns the ``(name, version)`` pairs that are registered, now or before.
+    """
+    store = scan_model_store(settings.model_store)
+    registered: list[tuple[str, int]] = []
+    for name, versions in store.items():
+        ok = []
+        for version in versions:
+            try:
+                url = link_archive(settings, name, version)
+                mgmt.register(url, initial_workers=settings.workers_per_model,
+                              batch_size=settings.batch_size,
+                              max_batch_delay_ms=settings.max_batch_delay_ms,
+                              response_timeout_s=settings.response_timeout_s,
+                              synchronous=False)
+                log.info("registered %s version %s (%d workers)", name, version,
+                         settings.workers_per_model)
+            except AlreadyExists:
+                log.info("%s version %s is registered already; skipped", name, version)
+            except ServiceError as exc:
+                if isinstance(exc, Unavailable):
+                    raise  # TorchServe itself is gone: nothing else will register
+                log.error("cannot register %s version %s: %s", name, version, exc.message)
+                continue
+            ok.append(version)
+            registered.append((name, version))
+        if ok:
+            try:
+                mgmt.set_default(name, ok[-1])
+                log.info("default version of %s: %s", name, ok[-1])
+            except ServiceError as exc:
+                if isinstance(exc, Unavailable):
+                    raise
+                log.error("cannot make version %s the default of %s: %s", ok[-1], name,
+                          exc.message)
+    if not store:
+        log.warning("model store %s holds no <name>/<version>.mar archives",
+                    settings.model_store)
+    return registered

@@ -1,0 +1,182 @@
+"""``modelctl serve`` composed: TorchServe, the store registered, the gateway, readiness.
+
+    Serving(ServeSettings.from_env(...)).run_forever()
+
+``start()`` starts TorchServe, registers every archive of the model store (latest
+version default), starts the public gRPC gateway and waits (up to
+``startup_timeout_s``) until every worker is READY; then it logs one INFO line naming
+the endpoints, or one WARNING naming the versions that are not ready. ``run_forever()``
+blocks until SIGINT/SIGTERM, renewing TorchServe's keys before they expire, and then
+stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from datetime import datetime, timezone
+
+from service.errors import Unavailable
+from service.serving import readiness
+from service.serving.gateway import GatewayThread
+from service.serving.management import ManagementClient
+from service.serving.readiness import ModelReadiness
+from service.serving.settings import ServeSettings
+from service.serving.store_scan import register_store, scan_model_store
+from service.serving.torchserve import TorchServeProcess
+
+log = logging.getLogger(__name__)
+
+#: Renew a TorchServe key when it has less than this many seconds left.
+_RENEW_BEFORE_S = 5 * 60
+
+
+class Serving:
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.torchserve = TorchServeProcess(settings)
+        self.mgmt: ManagementClient | None = None
+        self.gateway: GatewayThread | None = None
+        self.registered: list[tuple[str, int]] = []
+        self.expected: list[tuple[str, int]] = []
+        self.report: list[ModelReadiness] = []
+        self._stop = threading.Event()
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    @property
+    def grpc_port(self) -> int:
+        return self.gateway.port if self.gateway and self.gateway.port else \
+            self.settings.grpc_inference_port
+
+    def endpoints(self) -> dict[str, str]:
+        host = self.settings.host
+        return {
+            "rest": f"{self.torchserve.inference_url}/predictions/<model>[/<version>]",
+            "grpc": f"{host}:{self.grpc_port}",
+            "management": self.torchserve.management_url,
+            "metrics": f"{self.torchserve.metrics_url}/metrics",
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> list[ModelReadiness]:
+        """Start everything; returns the readiness report after waiting for workers."""
+        try:
+            self.expected = [(n, v) for n, vs in
+                             scan_model_store(self.settings.model_store).items() for v in vs]
+            self.torchserve.start()
+            self.mgmt = ManagementClient(self.torchserve.management_url,
+                                         lambda: self.torchserve.tokens.management)
+            self.registered = register_store(self.mgmt, self.settings)
+            self.gateway = GatewayThread(self.settings, self.torchserve.grpc_inference_target,
+                                         self.readiness)
+            self.gateway.start()
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def readiness(self) -> list[ModelReadiness]:
+        """Current readiness of every registered version (for the health service)."""
+        if self.mgmt is None:
+            raise Unavailable("TorchServe is not running")
+        return readiness.check(self.mgmt)
+
+    def wait_ready(self, timeout_s: float | None = None) -> list[ModelReadiness]:
+        """Wait until every archive of the store is ready; log the outcome once."""
+        timeout_s = self.settings.startup_timeout_s if timeout_s is None else timeout_s
+        self.report = readiness.wait_until_ready(self.mgmt, self.expected, timeout_s)
+        not_ready = [r for r in self.report if not r.ready]
+        ep = self.endpoints()
+        if not not_ready:
+            log.info("serving %d model version(s), every worker READY: REST %s, gRPC %s, "
+                     "management %s, metrics %s", len(self.report), ep["rest"], ep["grpc"],
+                     ep["management"], ep["metrics"])
+        else:
+            log.warning("not ready after %.0fs: %s (logs: %s)", timeout_s,
+                        readiness.summary(not_ready), self.torchserve.log_path)
+        return self.report
+
+    def stop(self) -> None:
+        """Stop the gateway, then TorchServe (and every worker). Idempotent."""
+        self._stop.set()
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
+        if self.mgmt is not None:
+            self.mgmt.close()
+            self.mgmt = None
+        self.torchserve.stop()
+
+    def renew_tokens_if_due(self, now: datetime | None = None) -> list[str]:
+        """Renew the inference and management keys that expire within 5 minutes.
+
+        TorchServe's keys expire (``token_expiration_min``) and are not renewed by
+        TorchServe itself; a renewed key is a new key in key_file.json.
+        """
+        now = now or datetime.now(timezone.utc)
+        try:
+            data = json.loads(self.torchserve.key_file.read_text())
+        except (OSError, ValueError):
+            return []
+        renewed = []
+        for kind in ("management", "inference"):
+            expires = _parse_time((data.get(kind) or {}).get("expiration time"))
+            if expires is not None and (expires - now).total_seconds() < _RENEW_BEFORE_S:
+                self.torchserve.renew_token(kind)
+                renewed.append(kind)
+                log.info("renewed TorchServe's %s key (key_file.json: %s)", kind,
+                         self.torchserve.key_file)
+        return renewed
+
+    def run_forever(self) -> None:
+        """Start, block until SIGINT/SIGTERM (or TorchServe dies), stop everything."""
+        previous = {}
+
+        def _on_signal(signum, _frame):
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            self._stop.set()
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, _on_signal)
+        try:
+            self._stop.clear()
+            self.start()
+            while not self._stop.wait(30.0):
+                if not self.torchserve.running():
+                    log.error("TorchServe exited; end of %s:\n%s", self.torchserve.log_path,
+                              self.torchserve.log_tail())
+                    break
+                try:
+                    self.renew_tokens_if_due()
+                except Exception as exc:
+                    log.warning("could not renew TorchServe keys: %s", exc)
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def __enter__(self) -> "Serving":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _parse_time(text) -> datetime | None:
+    """TorchServe's ``2026-11-28T11:09:43.827878349Z`` (nanoseconds) as an aware datetime."""
+    if not text:
+        return None
+    try:
+        main, _, frac = str(text).rstrip("Z").partition(".")
+        value = datetime.fromisoformat(main).replace(tzinfo=timezone.utc)
+        if frac:
+            value = value.replace(microsecond=int(frac[:6].ljust(6, "0")))
+        return value
+    except ValueError:
+        return None
