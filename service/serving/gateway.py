@@ -365,7 +365,6 @@ class GatewayThread:
         async def _start():
             server, port = create_gateway(*self._args, **self._kwargs)
             await server.start()
-            server._modelctl_parts[1].start_polling()
             return server, port
 
         try:

@@ -186,6 +186,9 @@ class TorchServeProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         s.archive_dir.mkdir(parents=True, exist_ok=True)
+        for stale in s.archive_dir.iterdir():  # links (and copies) of an earlier run
+            if stale.is_symlink() or (stale.is_file() and stale.suffix == ".mar"):
+                stale.unlink()
         # Keys of an earlier run would look like this run's: TorchServe writes new ones.
         self.key_file.unlink(missing_ok=True)
         self.config_path.write_text(render_config_properties(s))
