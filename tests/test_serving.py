@@ -396,6 +396,10 @@ def test_health_and_reflection(serving):
 
     channel = grpc.insecure_channel(f"127.0.0.1:{serving.grpc_port}")
     try:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="echo"), timeout=10)
+        assert next(watch).status == serving_  # a real status from the first answer on
+        watch.cancel()
         answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
         names = {s.name for a in answers for s in a.list_services_response.service}

@@ -288,6 +288,7 @@ class ReadinessHealthServicer(health.aio.HealthServicer):
         return await super().Check(request, context)
 
     async def Watch(self, request, context):
+        await self.refresh()  # the first answer is a real status, not SERVICE_UNKNOWN
         self.start_polling()
         return await super().Watch(request, context)
 
