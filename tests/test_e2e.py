@@ -56,7 +56,7 @@ def served(tmp_path_factory):
         store.write(name, bundles[kind], options=ServingOptions(batch_size=4, max_batch_delay_ms=50))
     # A second, different version of the CNN: the latest must become the default.
     bundles["cnn-v2"] = make_bundle("cnn", seed=7)
-    store.write(MODELS["cnn"], bundles["cnn-v2"])
+    store.write(MODELS["cnn"], bundles["cnn-v2"], options=ServingOptions(batch_size=4, max_batch_delay_ms=50))
     _break_archive(store.path(MODELS["cnn"], 1), store.root / "t-broken" / "1.mar")
     settings = ServeSettings(
         model_store=store.root,
@@ -71,9 +71,8 @@ def served(tmp_path_factory):
         startup_timeout_s=90,
     )
     serving = Serving(settings)
-    serving.start()
+    report = serving.start()  # waits for every worker: READY, or crash-looping
     try:
-        report = serving.wait_ready()
         client = PredictionClient(
             rest_url=f"http://127.0.0.1:{settings.inference_port}",
             grpc_target=f"127.0.0.1:{settings.grpc_inference_port}",
@@ -124,7 +123,7 @@ def test_every_model_is_ready_but_the_broken_one(served):
     assert report[("t-cnn", 2)].ready
     broken = report[("t-broken", 1)]
     assert not broken.ready
-    assert "READY" in broken.reason  # e.g. "0/1 workers READY"
+    assert "crash-looping" in broken.reason, broken.reason
 
 
 @pytest.mark.parametrize("kind, fmt", [("resnet", "jpeg"), ("cnn", "png")])
@@ -167,7 +166,7 @@ def test_torchserve_batching_gives_the_same_answers(served):
         b = {p["index"]: p["probability"] for p in conc_answer["predictions"][0]["top_k"]}
         assert a.keys() == b.keys()
         assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
-    described = served["serving"].management.describe("t-cnn", "2")[0]
+    described = served["serving"].mgmt.describe("t-cnn", "2")[0]
     assert described["batchSize"] == 4 and described["maxBatchDelay"] == 50
 
 

@@ -165,8 +165,8 @@ def test_settings_from_env_precedence_and_errors(tmp_path):
         ServeSettings.from_env({"MODELCTL_METRICS_PORT": "70000"})
     with pytest.raises(InvalidArgument, match="ports must differ"):
         ServeSettings.from_env({"MODELCTL_METRICS_PORT": "8080"})
-    with pytest.raises(InvalidArgument, match="batch_size"):
-        ServeSettings.from_env({}, batch_size="many")
+    with pytest.raises(InvalidArgument, match="workers_per_model"):
+        ServeSettings.from_env({}, workers_per_model="many")
 
 
 def test_config_properties(tmp_path):

@@ -13,6 +13,7 @@ still loading); the reason lists those statuses.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class ModelReadiness:
     ready: bool
     #: Human-readable: "1/1 workers READY", "0/1 workers READY (status: UNLOADING)", ...
     reason: str
+    #: Pids of the current workers (TorchServe gives a restarted worker a new pid).
+    pids: tuple[int, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -57,7 +60,15 @@ def _assess(name: str, entry: dict, default_version: str | None) -> ModelReadine
             reason += f" (status: {', '.join(others)})"
     return ModelReadiness(name=name, version=version, is_default=version == default_version,
                           workers=len(workers), ready_workers=ready_workers, ready=ready,
-                          reason=reason)
+                          reason=reason,
+                          pids=tuple(int(w["pid"]) for w in workers
+                                     if isinstance(w.get("pid"), int) and w["pid"] > 0))
+
+
+def _crash_looping(r: ModelReadiness, restarts: int) -> ModelReadiness:
+    return dataclasses.replace(
+        r, reason=f"{r.reason}; crash-looping: {restarts} worker(s) died without "
+                  "becoming READY (see TorchServe's log)")
 
 
 def check(mgmt) -> list[ModelReadiness]:
@@ -93,9 +104,15 @@ def wait_until_ready(mgmt, expected: Iterable[tuple[str, object]] | None, timeou
     TorchServe does not know; it never raises on timeout: the caller decides. While the
     management API is unreachable the expected versions are reported not ready with
     that reason.
+
+    A version that is not ready and one of whose workers died meanwhile (its pid
+    vanished: TorchServe restarts a worker whose load failed) is crash-looping: waiting
+    longer will not help, so it counts as settled, not ready, with that reason.
     """
     wanted = None if expected is None else [(n, str(v)) for n, v in expected]
     deadline = time.monotonic() + timeout_s
+    seen: dict[tuple[str, str], set[int]] = {}
+    dead: dict[tuple[str, str], set[int]] = {}
     while True:
         try:
             report = check(mgmt)
@@ -112,7 +129,14 @@ def wait_until_ready(mgmt, expected: Iterable[tuple[str, object]] | None, timeou
             for n, v in missing
         ]
         relevant = report if wanted is None else [r for r in report if r.key in set(wanted)]
-        if error is None and all(r.ready for r in relevant):
+        for r in relevant:  # a worker pid that vanished is a worker that died
+            dead.setdefault(r.key, set()).update(seen.get(r.key, set()) - set(r.pids))
+            seen.setdefault(r.key, set()).update(r.pids)
+        looping = {r.key for r in relevant if not r.ready and dead.get(r.key)}
+        if looping:
+            report = [_crash_looping(r, len(dead[r.key])) if r.key in looping else r
+                      for r in report]
+        if error is None and all(r.ready or r.key in looping for r in relevant):
             return report
         if time.monotonic() >= deadline:
             return report

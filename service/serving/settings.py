@@ -58,10 +58,6 @@ class ServeSettings:
     ts_grpc_inference_port: int = 7072
     worker_port_base: int = 9000
     workers_per_model: int = 1
-    #: TorchServe batch aggregation: up to ``batch_size`` requests, waiting at most
-    #: ``max_batch_delay_ms`` for them.
-    batch_size: int = 8
-    max_batch_delay_ms: int = 5
     #: How long ``Serving.start`` waits for every worker to be READY.
     startup_timeout_s: float = 120.0
     #: Largest request and response TorchServe accepts (REST and gRPC).
@@ -91,12 +87,10 @@ class ServeSettings:
             raise InvalidArgument(
                 "ports must differ: " + ", ".join(f"{n}={getattr(self, n)}" for n in tcp)
             )
-        for name in ("workers_per_model", "batch_size", "max_request_size_bytes",
+        for name in ("workers_per_model", "max_request_size_bytes",
                      "response_timeout_s", "token_expiration_min"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_batch_delay_ms < 0:
-            raise InvalidArgument(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
         if self.startup_timeout_s <= 0:
             raise InvalidArgument(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
 

@@ -87,9 +87,9 @@ def register_store(mgmt, settings) -> list[tuple[str, int]]:
         for version in versions:
             try:
                 url = link_archive(settings, name, version)
+                # Batch size and delay are not passed: each archive's own
+                # model-config.yaml sets them per model.
                 mgmt.register(url, initial_workers=settings.workers_per_model,
-                              batch_size=settings.batch_size,
-                              max_batch_delay_ms=settings.max_batch_delay_ms,
                               response_timeout_s=settings.response_timeout_s,
                               synchronous=False)
                 log.info("registered %s version %s (%d workers)", name, version,
