@@ -111,7 +111,7 @@ class ModelStore:
         versions = []
         for path in model_dir.glob(f"*{ARCHIVE_SUFFIX}"):
             stem = path.name[: -len(ARCHIVE_SUFFIX)]
-            if stem.isdigit() and int(stem) > 0 and str(int(stem)) == stem:
+            if stem.isdigit() and int(stem) > 0 and str(int(stem)) == stem and path.is_file():
                 versions.append(int(stem))
         return sorted(versions)
 

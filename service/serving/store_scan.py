@@ -10,41 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 from service.errors import AlreadyExists, FailedPrecondition, ServiceError, Unavailable
+from service.modelstore import ModelStore
 
 log = logging.getLogger(__name__)
 
-_VERSION_FILE = re.compile(r"^([0-9]+)\.mar$")
-# TorchServe model names: letters, digits, '_', '-' and '.' (not first).
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def scan_model_store(root: str | os.PathLike) -> dict[str, list[int]]:
-    """``{name: [versions ascending]}`` for every ``<root>/<name>/<int>.mar`` file.
-
-    Anything else (other files, hidden or oddly named directories, non-integer versions)
-    is ignored. A missing root is an empty store.
-    """
-    root = Path(root)
-    found: dict[str, list[int]] = {}
-    try:
-        entries = sorted(root.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    for model_dir in entries:
-        if not model_dir.is_dir() or not _MODEL_NAME.match(model_dir.name):
-            continue
-        versions = []
-        for archive in model_dir.iterdir():
-            m = _VERSION_FILE.match(archive.name)
-            if m and archive.is_file():
-                versions.append(int(m.group(1)))
-        if versions:
-            found[model_dir.name] = sorted(set(versions))
-    return found
+    """``{name: [versions ascending]}`` of the store: the model store's own listing."""
+    return ModelStore(root).models()
 
 
 def archive_link_name(name: str, version: int) -> str:
