@@ -86,7 +86,7 @@ def run_demo(settings) -> int:
     png = digit_png(images[0])
     sequence = json.dumps({"inputs": (images[0] / 16.0).tolist(), "k": 3}).encode()
     with Serving(settings) as serving:
-        report = serving.wait_ready()
+        report = serving.report  # start() waited for every worker
         not_ready = [f"{m.name}:{m.version}" for m in report if not m.ready]
         if not_ready:
             logger.error("models not ready: %s", ", ".join(not_ready))

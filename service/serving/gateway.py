@@ -32,6 +32,7 @@ Two steps, so tests bind port 0 and call through a real channel::
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import threading
@@ -359,6 +360,8 @@ class GatewayThread:
         if self._thread is not None:
             return self.port
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._on_loop_error)
+        self._closing = False
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="grpc-gateway", daemon=True)
         self._thread.start()
@@ -376,9 +379,19 @@ class GatewayThread:
             raise
         return self.port
 
+    def _on_loop_error(self, loop, context) -> None:
+        # grpc.aio's poller can fire once more on its closed socket while the loop
+        # shuts down (EBADF). It is harmless then; anything else is reported as usual.
+        exc = context.get("exception")
+        if self._closing and isinstance(exc, OSError) and exc.errno == errno.EBADF:
+            log.debug("gateway: ignored grpc poller callback after shutdown: %s", exc)
+            return
+        loop.default_exception_handler(context)
+
     def stop(self, grace: float = 2.0) -> None:
         if self._loop is None:
             return
+        self._closing = True
         if self._server is not None:
             try:
                 asyncio.run_coroutine_threadsafe(
