@@ -16,6 +16,11 @@ SPECS = {
         "config": {"arch": "resnet18", "pretrained": None},
         "input": {"type": "image", "channels": 3, "size": 64, "resize": 72},
     },
+    "mobilenet": {  # the real ImageNet features that install offline
+        "family": "mobilenet_v2", "num_classes": 3,
+        "config": {"pretrained": "imagenet"},
+        "input": {"type": "image", "channels": 3, "size": 64, "resize": 72},
+    },
     "cnn": {
         "family": "cnn", "num_classes": 10,
         "config": {"channels": [8, 16], "batch_norm": True, "activation": "leaky_relu", "pool": "max"},

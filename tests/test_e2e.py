@@ -26,7 +26,7 @@ from service.serving.settings import ServeSettings
 from service.serving.supervisor import Serving
 from tests.helpers import TEXTS, free_port, make_bundle, random_image
 
-MODELS = {"resnet": "t-resnet", "cnn": "t-cnn", "lstm": "t-lstm", "gru-text": "t-text"}
+MODELS = {"resnet": "t-resnet", "mobilenet": "t-mobilenet", "cnn": "t-cnn", "lstm": "t-lstm", "gru-text": "t-text"}
 
 
 def _break_archive(good, target):
@@ -126,7 +126,7 @@ def test_every_model_is_ready_but_the_broken_one(served):
     assert "crash-looping" in broken.reason, broken.reason
 
 
-@pytest.mark.parametrize("kind, fmt", [("resnet", "jpeg"), ("cnn", "png")])
+@pytest.mark.parametrize("kind, fmt", [("resnet", "jpeg"), ("mobilenet", "png"), ("cnn", "png")])
 def test_images_over_rest_and_grpc_match_in_process(served, kind, fmt):
     name, client = MODELS[kind], served["client"]
     bundle = served["bundles"]["cnn-v2" if kind == "cnn" else kind]
@@ -263,3 +263,19 @@ def test_grpc_health_reflects_worker_readiness(served):
     assert ok.status == health_pb2.HealthCheckResponse.SERVING
     assert bad.status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert overall.status == health_pb2.HealthCheckResponse.NOT_SERVING  # one model cannot load
+
+
+def test_cli_predict_over_rest_and_grpc(served, tmp_path, capsys):
+    from service.cli import main
+
+    s = served["settings"]
+    image = tmp_path / "digit.png"
+    image.write_bytes(random_image(1, 16, 16, seed=9))
+    flags = ["--inference-port", str(s.inference_port), "--grpc-inference-port", str(s.grpc_inference_port),
+             "--state-dir", str(s.state_dir)]
+    answers = []
+    for extra in ([], ["--grpc"]):
+        assert main(["predict", "t-cnn", "--image", str(image), "-k", "2", *flags, *extra]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[0] == answers[1]
+    assert len(answers[0]["predictions"][0]["top_k"]) == 2
