@@ -91,6 +91,13 @@ class PretrainedWeightsNotFound(FailedPrecondition):
         super().__init__(f"pretrained weights for {what} not found; looked in: {where}")
 
 
+class ResourceExhausted(ServiceError):
+    """Too many requests: a full queue. Callers should retry later."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+
 class Unavailable(ServiceError):
     """A dependency (TorchServe, a worker) is not reachable or not ready."""
 

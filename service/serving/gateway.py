@@ -51,6 +51,7 @@ from service.errors import (
     InvalidArgument,
     NotFound,
     PayloadTooLarge,
+    ResourceExhausted,
     ServiceError,
     Unavailable,
     grpc_status,
@@ -69,13 +70,6 @@ _HOP_HEADERS = {"user-agent", "content-type", "te", "host", "content-length",
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-
-
-class ResourceExhausted(ServiceError):
-    """A handler's 429 (too many requests, a queue full). Not in service.errors (yet)."""
-
-    grpc_code = "RESOURCE_EXHAUSTED"
-    http_status = 429
 
 
 _ERROR_BY_HTTP_STATUS: dict[int, type[ServiceError]] = {
