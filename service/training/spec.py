@@ -1,0 +1,309 @@
+"""The run spec of a fine-tuning run, validated up front, and the policy it is checked against.
+
+A run spec is JSON or YAML::
+
+    base: digits-cnn:2            # a model of the store, name[:version] (latest without)
+    # model: {family: cnn, ...}   # or a service.models spec; num_classes may be left out
+    dataset: builtin:digits       # or {source: ..., train_size: 500, val_size: 200}
+    task: multiclass              # optional; default: the model's task
+    hyperparameters: {optimizer: adam, lr: 0.001, batch_size: 64, epochs: 10}
+    output: {name: digits-cnn}    # version optional (default: next free); name defaults to base's
+
+``dataset.source`` is ``builtin:<name>`` (see ``datasets.BUILTINS``), an ImageFolder
+directory, or a ``.npz`` / ``.jsonl`` sequence file. A path resolves (symlinks
+followed, relative paths against the first data root) and must lie inside one of the
+:class:`Policy`'s data roots; a path outside is refused before anything is read.
+
+Every error is an ``InvalidSpec`` naming the dotted field, with the allowed values where
+there is a list of them. The policy (data roots and bounds) is the operator's, never
+the spec's: a spec cannot widen its own limits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.errors import InvalidSpec, NotFound
+from service.models import ModelSpec
+from service.models._schema import Schema, check_keys, field
+from service.modelstore import validate_model_name
+from service.training.datasets import BUILTIN_PREFIX, BUILTINS
+from service.training.optim import OPTIMIZERS
+from service.training.tasks import TASKS
+
+DATA_ROOTS_ENV = "MODELCTL_DATA_ROOTS"
+AUGMENT_CHOICES = ("auto", "none", "crop", "crop_flip")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FILE_KINDS = {".npz": "npz", ".jsonl": "jsonl"}
+TOP_KEYS = ["base", "model", "dataset", "task", "hyperparameters", "output"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Where datasets may be read from, and the bounds a run spec must stay within."""
+
+    data_roots: tuple[Path, ...] = ()
+    max_epochs: int = 1000
+    max_batch_size: int = 8192
+    max_nproc: int = 64
+    max_examples: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_roots", tuple(Path(r).resolve() for r in self.data_roots))
+
+    @classmethod
+    def from_env(cls, data_roots=None, environ: Mapping[str, str] | None = None, **bounds) -> Policy:
+        """``data_roots`` if given, else ``$MODELCTL_DATA_ROOTS`` (os.pathsep-separated), else
+        the current directory."""
+        environ = os.environ if environ is None else environ
+        if not data_roots:
+            data_roots = [p for p in environ.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p] or [Path.cwd()]
+        return cls(tuple(Path(r) for r in data_roots), **bounds)
+
+    def resolve(self, raw: str, where: str) -> Path:
+        """``raw`` resolved and checked to lie inside a data root; InvalidSpec naming ``where``."""
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            if not self.data_roots:
+                raise InvalidSpec(where, "a relative path needs a data root")
+            path = self.data_roots[0] / path
+        resolved = path.resolve()
+        if not any(resolved.is_relative_to(root) for root in self.data_roots):
+            raise InvalidSpec(where, f"{raw} resolves to {resolved}, outside the data roots",
+                              allowed=[str(r) for r in self.data_roots])
+        return resolved
+
+
+@dataclass(frozen=True)
+class Hyperparameters(Schema):
+    """How to train. ``batch_size`` is per process. ``monitor`` picks what ReduceLROnPlateau,
+    early stopping and the best checkpoint follow: the task's val metric, or the val loss.
+    ``keep``: which weights become the archive. ``precision``: "auto" = fp16 AMP on CUDA,
+    fp32 on CPU; "bf16" = bf16 autocast (CPU with native bf16, or CUDA)."""
+
+    optimizer: str = field("adam", choices=tuple(OPTIMIZERS))
+    lr: float = field(1e-3, gt=0)
+    weight_decay: float = field(0.0, ge=0)
+    momentum: float = field(0.9, ge=0, lt=1)
+    batch_size: int = field(64, ge=1)
+    epochs: int = field(10, ge=1)
+    lr_factor: float = field(0.1, gt=0, lt=1)
+    lr_patience: int = field(2, ge=0)
+    early_stopping_patience: int | None = field(None, ge=1)
+    monitor: str = field("metric", choices=("metric", "loss"))
+    keep: str = field("best", choices=("best", "last"))
+    freeze_backbone: bool = False
+    val_split: float = field(0.2, gt=0, lt=1)
+    seed: int = field(0, ge=0)
+    nproc: int = field(1, ge=1)
+    augment: str = field("auto", choices=AUGMENT_CHOICES)
+    label_smoothing: float = field(0.0, ge=0, lt=1)
+    clip_grad_norm: float | None = field(None, gt=0)
+    precision: str = field("auto", choices=PRECISIONS)
+    device: str = field("auto", choices=("auto", "cpu", "cuda"))
+    workers: int = field(0, ge=0)
+
+    def check(self, path: str) -> None:
+        if self.precision == "fp16" and self.device == "cpu":
+            raise InvalidSpec(f"{path}.precision", "fp16 autocast needs CUDA", allowed=["auto", "fp32", "bf16"])
+
+
+@dataclass(frozen=True)
+class DatasetSpec(Schema):
+    """``source``: builtin:<name>, an ImageFolder directory, or a .npz / .jsonl file.
+    ``train_size`` / ``val_size``: use a seeded (stratified) subset of that many examples."""
+
+    source: str | None = None
+    train_size: int | None = field(None, ge=1)
+    val_size: int | None = field(None, ge=1)
+
+
+@dataclass(frozen=True)
+class OutputSpec(Schema):
+    """The archive to write: model ``name`` and an optional ``version`` (default: next free)."""
+
+    name: str | None = None
+    version: int | None = field(None, ge=1)
+
+
+def _reraise(exc: InvalidSpec, prefix: str) -> InvalidSpec:
+    """``exc`` with its field moved under ``prefix`` (a nested spec validated on its own)."""
+    message = exc.message.removeprefix(f"{exc.field}: ")
+    if exc.allowed is not None:
+        message = message.removesuffix(f" (allowed: {', '.join(map(str, exc.allowed))})")
+    return InvalidSpec(f"{prefix}.{exc.field}", message, exc.allowed)
+
+
+def parse_base(value: Any) -> tuple[str, int | None]:
+    """``name`` or ``name:version`` -> (name, version or None)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidSpec("base", f"must be 'name' or 'name:version', got {value!r}")
+    name, _, version = value.partition(":")
+    try:
+        validate_model_name(name)
+    except InvalidSpec as exc:
+        raise InvalidSpec("base", exc.message.removeprefix("name: ")) from None
+    if not version:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise InvalidSpec("base", f"version must be an integer >= 1, got {version!r}")
+    return name, int(version)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated run spec; build it with :meth:`from_dict` or :meth:`from_file`."""
+
+    dataset: DatasetSpec
+    hyperparameters: Hyperparameters
+    output: OutputSpec
+    base: str | None = None
+    model: dict | None = None
+    task: str | None = None
+    #: "builtin", or a key of datasets.SOURCES ("imagefolder", "npz", "jsonl")
+    dataset_kind: str = "builtin"
+    #: the resolved dataset path (None for built-ins)
+    dataset_path: Path | None = None
+
+    @property
+    def hp(self) -> Hyperparameters:
+        return self.hyperparameters
+
+    @property
+    def base_ref(self) -> tuple[str, int | None] | None:
+        return parse_base(self.base) if self.base is not None else None
+
+    @property
+    def builtin_name(self) -> str | None:
+        return self.dataset.source[len(BUILTIN_PREFIX):] if self.dataset_kind == "builtin" else None
+
+    def model_spec(self, num_classes: int | None = None) -> ModelSpec:
+        """The ``model`` family spec (``num_classes`` filled in where the spec leaves it out)."""
+        data = dict(self.model)
+        if "num_classes" not in data:
+            data["num_classes"] = num_classes if num_classes is not None else 1
+        if self.task is not None:
+            data["task"] = self.task
+        try:
+            return ModelSpec.from_dict(data)
+        except InvalidSpec as exc:
+            raise _reraise(exc, "model") from None
+
+    # ---- parsing -------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: Path | str, policy: Policy) -> RunSpec:
+        """Read a JSON (.json) or YAML (.yaml/.yml; anything else: JSON, then YAML) spec file."""
+        path = Path(path)
+        if not path.is_file():
+            raise NotFound(f"run spec {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                data = _yaml(text)
+            else:
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError:
+                    if path.suffix == ".json":
+                        raise
+                    data = _yaml(text)
+        except Exception as exc:  # noqa: BLE001 - any parse error is the spec's fault
+            raise InvalidSpec("spec", f"cannot parse {path}: {str(exc).splitlines()[0]}") from exc
+        return cls.from_dict(data, policy)
+
+    @classmethod
+    def from_dict(cls, data: Any, policy: Policy) -> RunSpec:
+        """Validate ``data`` against the schema and ``policy``; InvalidSpec names the field."""
+        check_keys(data, TOP_KEYS, "")
+        if ("base" in data and data["base"] is not None) == ("model" in data and data["model"] is not None):
+            raise InvalidSpec("base", "give exactly one of base (a model of the store, name[:version]) "
+                              "or model (a family spec)", allowed=["base", "model"])
+        task = data.get("task")
+        if task is not None and task not in TASKS:
+            raise InvalidSpec("task", f"unknown task {task!r}", allowed=list(TASKS))
+        base = data.get("base")
+        if base is not None:
+            parse_base(base)
+        model = data.get("model")
+        if model is not None:
+            check_keys(model, ["family", "num_classes", "task", "config", "input"], "model")
+            model = json.loads(json.dumps(model))  # a plain, JSON-shaped copy
+        hp = Hyperparameters.from_dict(data.get("hyperparameters") or {}, "hyperparameters")
+        for name, limit in (("epochs", policy.max_epochs), ("batch_size", policy.max_batch_size),
+                            ("nproc", policy.max_nproc)):
+            if getattr(hp, name) > limit:
+                raise InvalidSpec(f"hyperparameters.{name}", f"must be <= {limit} (this service's limit), "
+                                  f"got {getattr(hp, name)}")
+        raw_dataset = data.get("dataset")
+        if isinstance(raw_dataset, str):
+            raw_dataset = {"source": raw_dataset}
+        if raw_dataset is None:
+            raise InvalidSpec("dataset", "is required")
+        dataset = DatasetSpec.from_dict(raw_dataset, "dataset")
+        for name in ("train_size", "val_size"):
+            if (getattr(dataset, name) or 0) > policy.max_examples:
+                raise InvalidSpec(f"dataset.{name}", f"must be <= {policy.max_examples} (this service's limit)")
+        kind, path, dataset = cls._dataset(dataset, policy)
+        output = OutputSpec.from_dict(data.get("output") or {}, "output")
+        if output.name is None:
+            if base is None:
+                raise InvalidSpec("output.name", "is required when the run starts from a model spec")
+            output = OutputSpec(parse_base(base)[0], output.version)
+        try:
+            validate_model_name(output.name)
+        except InvalidSpec as exc:
+            raise _reraise(exc, "output") from None
+        spec = cls(dataset, hp, output, base, model, task, kind, path)
+        if model is not None:
+            pretrained = getattr(spec.model_spec().config, "pretrained", None)
+            if pretrained not in (None, "imagenet"):
+                resolved = policy.resolve(pretrained, "model.config.pretrained")
+                model["config"]["pretrained"] = str(resolved)
+        return spec
+
+    @staticmethod
+    def _dataset(dataset: DatasetSpec, policy: Policy) -> tuple[str, Path | None, DatasetSpec]:
+        source = dataset.source
+        if source is None:
+            raise InvalidSpec("dataset.source", "is required")
+        allowed = [f"{BUILTIN_PREFIX}{n}" for n in BUILTINS] + ["<ImageFolder dir>", "<file>.npz", "<file>.jsonl"]
+        if source.startswith(BUILTIN_PREFIX):
+            if source[len(BUILTIN_PREFIX):] not in BUILTINS:
+                raise InvalidSpec("dataset.source", f"unknown built-in {source!r}", allowed=allowed)
+            return "builtin", None, dataset
+        path = policy.resolve(source, "dataset.source")
+        if not path.exists():
+            raise NotFound(f"dataset.source: {source} does not exist (resolved to {path})")
+        if path.is_dir():
+            kind = "imagefolder"
+        elif path.suffix in FILE_KINDS:
+            kind = FILE_KINDS[path.suffix]
+        else:
+            raise InvalidSpec("dataset.source", f"{source} is neither a directory nor a .npz/.jsonl file",
+                              allowed=allowed)
+        return kind, path, DatasetSpec(str(path), dataset.train_size, dataset.val_size)
+
+    def to_dict(self) -> dict:
+        """The spec as JSON (dataset paths resolved); ``from_dict(to_dict())`` equals it."""
+        out: dict[str, Any] = {}
+        if self.base is not None:
+            out["base"] = self.base
+        if self.model is not None:
+            out["model"] = json.loads(json.dumps(self.model))
+        out["dataset"] = self.dataset.to_dict()
+        if self.task is not None:
+            out["task"] = self.task
+        out["hyperparameters"] = self.hyperparameters.to_dict()
+        out["output"] = self.output.to_dict()
+        return out
+
+
+def _yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
