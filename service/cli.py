@@ -97,6 +97,13 @@ def cmd_models_list(args) -> int:
     return 0
 
 
+def cmd_finetune_run(args) -> int:
+    from service.training.launch import run_command
+
+    return run_command(args.spec, run_dir=args.run_dir, store=args.store or _settings(args).model_store,
+                       data_roots=args.data_root)
+
+
 def cmd_predict(args) -> int:
     from service.client import PredictionClient, read_token
 
@@ -164,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models_list)
+
+    finetune = sub.add_parser("finetune", help="fine-tuning runs").add_subparsers(dest="finetune_cmd", required=True)
+    p = finetune.add_parser("run", help="run a fine-tuning spec in the foreground; a new archive version at the end")
+    p.add_argument("spec", help="run spec, JSON or YAML")
+    p.add_argument("--run-dir", default=None, help="checkpoints and events; the same dir resumes "
+                   "[$MODELCTL_RUNS_DIR/<name>-<spec digest>]")
+    p.add_argument("--store", default=None, help="model store [MODELCTL_MODEL_STORE, ./model_store]")
+    p.add_argument("--data-root", action="append", default=None,
+                   help="a directory datasets may be read from (repeatable) [$MODELCTL_DATA_ROOTS, .]")
+    p.set_defaults(func=cmd_finetune_run)
     return parser
 
 
