@@ -1,0 +1,486 @@
+"""Fine-tuning runs: specs, datasets, the recipe, checkpoints and resume, signals, DDP, archives.
+
+Runs are tiny (small models, subsets, 1-3 epochs) so the whole file stays fast on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import encode_png
+
+from service.errors import FailedPrecondition, InvalidSpec, NotFound
+from service.inference import Predictor
+from service.models import ModelSpec, image_eval_transform, load_model
+from service.modelstore import ModelBundle, ModelStore
+from service.training import datasets as ds
+from service.training.checkpoint import CHECKPOINT_FILE
+from service.training.events import EVENTS_FILE
+from service.training.recipe import evaluate, head_prefix, native_bf16, read_archive, run_finetune
+from service.training.spec import Policy, RunSpec
+from service.training.tasks import TASKS
+
+REPO = Path(__file__).resolve().parent.parent
+
+CNN = {"family": "cnn", "config": {"channels": [8, 16]},
+       "input": {"type": "image", "channels": 1, "size": 8, "resize": None}}
+BUILTIN_RUNS = {
+    "digits": (CNN, {"train_size": 300, "val_size": 100}),
+    "digits-seq": ({"family": "rnn", "config": {"cell": "lstm", "input_size": 8, "hidden_size": 16}},
+                   {"train_size": 300, "val_size": 100}),
+    "fashion-mnist": ({"family": "cnn", "config": {"channels": [8]},
+                       "input": {"type": "image", "channels": 1, "size": 28, "resize": None}},
+                      {"train_size": 300, "val_size": 100}),
+    "rotten-tomatoes": ({"family": "rnn", "config": {"cell": "gru", "vocab_size": 2000, "embedding_dim": 16,
+                                                     "hidden_size": 16}, "input": {"type": "sequence", "max_length": 64}},
+                        {"train_size": 400, "val_size": 100}),
+    "basic-motions": ({"family": "rnn", "config": {"cell": "lstm", "input_size": 6, "hidden_size": 16}}, {}),
+}
+
+
+@pytest.fixture
+def roots(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def policy(roots):
+    return Policy((roots,))
+
+
+def make_spec(model=None, dataset="builtin:digits", name=None, base=None, **hp) -> dict:
+    """A run spec; the output name defaults to "m", or to the base's name when there is a base."""
+    spec = {"dataset": dataset, "hyperparameters": {"epochs": 1, "batch_size": 32, "lr": 0.003, **hp}}
+    if base is not None:
+        spec["base"] = base
+    else:
+        spec["model"] = model or CNN
+    if name is not None or base is None:
+        spec["output"] = {"name": name or "m"}
+    return spec
+
+
+def run(spec: dict, tmp_path: Path, policy: Policy, run_name: str = "run"):
+    return run_finetune(RunSpec.from_dict(spec, policy), tmp_path / run_name, tmp_path / "store", policy)
+
+
+def unpack(path: Path, into: Path) -> ModelBundle:
+    with zipfile.ZipFile(path) as z:
+        z.extractall(into)
+    return ModelBundle.load(into)
+
+
+def checkpoint_model(run_dir: Path):
+    """The model of the archived weights, rebuilt from the checkpoint alone."""
+    state = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    weights = state["best_model"] if state["best_model"] is not None else state["model"]
+    return load_model(ModelSpec.from_dict(state["model_spec"]), weights), state
+
+
+def val_data(spec: dict, policy: Policy, model_spec: ModelSpec, vocab=None) -> ds.PreparedData:
+    """The run's validation set, prepared again the way the recipe prepares it."""
+    rs = RunSpec.from_dict(spec, policy)
+    raw = ds.load_raw(rs.dataset_kind, rs.builtin_name,
+                      ds.LoadContext(rs.dataset_path, model_spec.task, policy.data_roots))
+    return ds.prepare(raw, name=rs.dataset.source, spec=model_spec, task=model_spec.task, hp=rs.hp,
+                      train_size=rs.dataset.train_size, val_size=rs.dataset.val_size, base_vocab=vocab)
+
+
+def probabilities(result, num_classes: int) -> torch.Tensor:
+    rows = []
+    for out in result.outputs:
+        assert isinstance(out, dict), out
+        for pred in out["predictions"]:
+            row = torch.zeros(num_classes, dtype=torch.float64)
+            for entry in pred["top_k"]:
+                row[entry["index"]] = entry["probability"]
+            rows.append(row)
+    return torch.stack(rows)
+
+
+# ---- a short run on each built-in --------------------------------------------------
+@pytest.mark.parametrize("name", list(BUILTIN_RUNS))
+def test_short_run_on_each_builtin_writes_an_archive_that_predicts_like_the_checkpoint(name, tmp_path, policy):
+    model, sizes = BUILTIN_RUNS[name]
+    spec = make_spec(model, {"source": f"builtin:{name}", **sizes}, name=f"ft-{name}")
+    outcome = run(spec, tmp_path, policy)
+    assert outcome.status == "finished"
+    store = ModelStore(tmp_path / "store")
+    assert store.versions(f"ft-{name}") == [1]
+    lineage = store.lineage(f"ft-{name}", 1)
+    assert lineage["source"] == "finetune" and lineage["parent"] is None
+    assert len(lineage["dataset"]["sha256"]) == 64
+    assert lineage["metrics"]["val_count"] == lineage["dataset"]["val_size"] > 0
+    assert lineage["code"]["version"] and lineage["hyperparameters"]["epochs"] == 1
+
+    bundle = unpack(store.path(f"ft-{name}", 1), tmp_path / "unpacked")
+    reference, state = checkpoint_model(tmp_path / "run")
+    assert bundle.labels == state["labels"]
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(bundle.state_dict[key], tensor), key
+
+    data = val_data(spec, policy, bundle.spec, bundle.vocab)
+    assert data.sha256 == lineage["dataset"]["sha256"]
+    predictor = Predictor(bundle)
+    n = 6
+    if bundle.spec.modality == "image":
+        images = [data.val.raw_image(i) for i in range(n)]
+        payloads = [{"img": encode_png(img).numpy().tobytes(), "k": bundle.spec.num_classes} for img in images]
+        inputs = torch.stack([image_eval_transform(bundle.spec.input)(img) for img in images])
+        with torch.inference_mode():
+            expected = torch.softmax(reference(inputs), dim=1)
+    else:
+        seqs = [data.val[i][0][0] for i in range(n)]
+        payloads = [{"body": json.dumps({"inputs": [s.tolist()], "k": bundle.spec.num_classes}).encode()}
+                    for s in seqs]
+        with torch.inference_mode():
+            expected = torch.cat([torch.softmax(reference(s.unsqueeze(0)), dim=1) for s in seqs])
+    got = probabilities(predictor.predict(payloads), bundle.spec.num_classes)
+    torch.testing.assert_close(got, expected.double(), atol=1e-5, rtol=1e-4)
+    if name == "rotten-tomatoes":
+        assert bundle.vocab is not None and 2 < len(bundle.vocab) <= 2000
+
+
+def test_checkpoint_and_events_have_the_fixed_shape(tmp_path, policy):
+    spec = make_spec(dataset={"source": "builtin:digits", "train_size": 200, "val_size": 50}, epochs=2)
+    run(spec, tmp_path, policy)
+    state = torch.load(tmp_path / "run" / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "rng", "model_spec", "best"} <= set(state)
+    assert state["epoch"] == 2 and not any(k.startswith("module.") for k in state["model"])
+    assert isinstance(state["rng"][0]["torch"], torch.Tensor)
+    events = [json.loads(line) for line in (tmp_path / "run" / EVENTS_FILE).read_text().splitlines()]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for e in epochs:
+        assert {"train_loss", "val_loss", "val_metric", "lr", "samples_per_s", "time"} <= set(e)
+        assert e["val_count"] == 50 and e["samples_per_s"] > 0
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["spec"]["hyperparameters"]["epochs"] == 2
+
+
+def test_a_finished_run_started_again_writes_no_second_archive(tmp_path, policy):
+    spec = make_spec(dataset={"source": "builtin:digits", "train_size": 100, "val_size": 50})
+    assert run(spec, tmp_path, policy).status == "finished"
+    again = run(spec, tmp_path, policy)
+    assert again.status == "already_finished" and again.metrics["version"] == 1
+    assert ModelStore(tmp_path / "store").versions("m") == [1]
+    changed = make_spec(dataset={"source": "builtin:digits", "train_size": 100, "val_size": 50}, lr=0.1)
+    with pytest.raises(FailedPrecondition, match="another run spec"):
+        run(changed, tmp_path, policy)
+
+
+# ---- base models from the store ------------------------------------------------------
+def test_fine_tune_a_stored_model_frozen_backbone_new_version_with_parent(tmp_path, policy):
+    digits = {"source": "builtin:digits", "train_size": 200, "val_size": 60}
+    run(make_spec(dataset=digits, name="base-cnn"), tmp_path, policy, "run1")
+    store = ModelStore(tmp_path / "store")
+    parent = read_archive(store.get("base-cnn", 1))
+
+    # same labels: the head is kept and trained, the frozen backbone is untouched
+    out = run(make_spec(base="base-cnn:1", dataset=digits, freeze_backbone=True, lr=0.01), tmp_path, policy, "run2")
+    assert (out.archive.name, out.archive.version) == ("base-cnn", 2)
+    child = read_archive(out.archive)
+    assert child.lineage["parent"] == "base-cnn:1" and child.lineage["head"] == "kept"
+    prefix = head_prefix(load_model(child.spec, child.state_dict))
+    head = [k for k in child.state_dict if k.startswith(prefix)]
+    assert head and all(not torch.equal(child.state_dict[k], parent.state_dict[k]) for k in head)
+    assert all(torch.equal(v, parent.state_dict[k]) for k, v in child.state_dict.items() if k not in head)
+
+    # other labels: the head is replaced (new size), the backbone carried over
+    fashion = {"source": "builtin:fashion-mnist", "train_size": 100, "val_size": 50}
+    out = run(make_spec(base="base-cnn", dataset=fashion, freeze_backbone=True, name="fashion-from-digits"),
+              tmp_path, policy, "run3")
+    moved = read_archive(out.archive)
+    assert moved.lineage["parent"] == "base-cnn:2" and moved.lineage["head"] == "replaced"
+    assert moved.labels[0] == "T-shirt/top"
+    assert torch.equal(moved.state_dict["0.weight"], child.state_dict["0.weight"])
+
+
+def test_missing_base_model_is_not_found(tmp_path, policy):
+    with pytest.raises(NotFound, match="nothing-here"):
+        run(make_spec(base="nothing-here:3"), tmp_path, policy)
+
+
+# ---- tasks and files -----------------------------------------------------------------
+def test_jsonl_text_vocabulary_comes_from_the_train_split_only(tmp_path, roots, policy):
+    lines = [{"text": f"good great film {i}", "label": "pos"} for i in range(20)]
+    lines += [{"text": f"bad awful film {i}", "label": "neg"} for i in range(20)]
+    lines += [{"text": "zyzzyva good", "label": "pos", "split": "val"}, {"text": "bad", "label": "neg", "split": "val"}]
+    (roots / "reviews.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    model = {"family": "rnn", "config": {"cell": "gru", "vocab_size": 100, "embedding_dim": 8, "hidden_size": 8}}
+    out = run(make_spec(model, "reviews.jsonl", name="reviews", epochs=2), tmp_path, policy)
+    bundle = read_archive(out.archive)
+    assert bundle.labels == ["neg", "pos"]
+    assert "good" in bundle.vocab.ids and "zyzzyva" not in bundle.vocab.ids
+    assert bundle.lineage["dataset"]["split"] == "official" and bundle.lineage["metrics"]["val_count"] == 2
+
+
+@pytest.mark.parametrize("task,metric", [("multilabel", "micro_f1"), ("regression", "mse")])
+def test_npz_multilabel_and_regression(task, metric, tmp_path, roots, policy):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 5, 3)).astype(np.float32)
+    y = (x.mean(axis=1) > 0).astype(np.int64) if task == "multilabel" else x.sum(axis=(1, 2)).astype(np.float32)
+    np.savez(roots / "seq.npz", x=x, y=y)
+    model = {"family": "rnn", "config": {"cell": "gru", "input_size": 3, "hidden_size": 8}}
+    out = run({**make_spec(model, "seq.npz", name="seq", epochs=2), "task": task}, tmp_path, policy)
+    lineage = out.archive.lineage
+    assert lineage["task"] == task and lineage["metrics"]["metric"] == metric
+    assert lineage["num_classes"] == (3 if task == "multilabel" else 1)
+    assert lineage["metrics"]["val_count"] == 24  # val_split 0.2 of 120
+    assert np.isfinite(lineage["metrics"]["val_metric"])
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, policy):
+    # lr so small that nothing improves after epoch 1: patience 1 stops after epoch 2
+    spec = make_spec(dataset={"source": "builtin:digits", "train_size": 100, "val_size": 50},
+                     epochs=6, lr=1e-12, early_stopping_patience=1)
+    out = run(spec, tmp_path, policy)
+    m = out.metrics
+    assert (m["epochs_run"], m["stopped_early"], m["weights_epoch"]) == (2, True, 1)
+
+
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_autocast_on_a_cpu_with_native_bf16(tmp_path, policy):
+    spec = make_spec(dataset={"source": "builtin:digits", "train_size": 200, "val_size": 100},
+                     precision="bf16", epochs=2)
+    out = run(spec, tmp_path, policy)
+    assert out.archive.lineage["precision"] == "bf16"
+    assert out.metrics["val_metric"] > 0.2  # trained (chance is 0.1); evaluation itself runs in fp32
+
+
+# ---- invalid specs, missing data, data roots ---------------------------------------------
+@pytest.mark.parametrize("change,field,allowed", [
+    ({"hyperparameters": {"optimizer": "rmsprop"}}, "hyperparameters.optimizer", "adamw"),
+    ({"hyperparameters": {"lr": -1}}, "hyperparameters.lr", None),
+    ({"hyperparameters": {"epochs": 10**6}}, "hyperparameters.epochs", None),
+    ({"hyperparameters": {"nproc": 1000}}, "hyperparameters.nproc", None),
+    ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size", None),
+    ({"hyperparameters": {"augment": "mixup"}}, "hyperparameters.augment", "crop_flip"),
+    ({"hyperparameters": {"precision": "fp16", "device": "cpu"}}, "hyperparameters.precision", "bf16"),
+    ({"hyperparameters": {"momentun": 0.9}}, "hyperparameters.momentun", "momentum"),
+    ({"optimiser": "adam"}, "optimiser", "hyperparameters"),
+    ({"dataset": "builtin:mnist"}, "dataset.source", "builtin:fashion-mnist"),
+    ({"dataset": {"source": "builtin:digits", "train_size": 0}}, "dataset.train_size", None),
+    ({"dataset": "weights.bin"}, "dataset.source", "<file>.npz"),
+    ({"task": "ranking"}, "task", "multilabel"),
+    ({"base": "other:1"}, "base", "model"),
+    ({"output": {"name": "no/slash"}}, "output.name", None),
+    ({"output": {"name": "ok", "version": 0}}, "output.version", None),
+    ({"model": {**CNN, "config": {"pool": "median"}}}, "model.config.pool", "avg"),
+    ({"model": {**CNN, "family": "transformer"}}, "model.family", "rnn"),
+])
+def test_invalid_spec_names_the_field(change, field, allowed, policy, roots):
+    (roots / "weights.bin").write_bytes(b"\0")
+    spec = make_spec()
+    for key, value in change.items():
+        spec[key] = {**spec[key], **value} if key == "hyperparameters" else value
+    with pytest.raises(InvalidSpec) as err:
+        RunSpec.from_dict(spec, policy)
+    assert err.value.field == field, err.value.message
+    assert field in str(err.value)
+    if allowed is not None:
+        assert allowed in err.value.allowed
+
+
+def test_base_and_model_checked_against_the_dataset(tmp_path, policy):
+    seq_model = {"family": "rnn", "config": {"input_size": 5}}
+    with pytest.raises(InvalidSpec) as err:
+        run(make_spec(seq_model, "builtin:digits-seq"), tmp_path, policy)
+    assert err.value.field == "model.config.input_size" and err.value.allowed == [8]
+    with pytest.raises(InvalidSpec) as err:
+        run(make_spec(CNN, "builtin:basic-motions"), tmp_path, policy)
+    assert err.value.field == "model"
+    with pytest.raises(InvalidSpec) as err:
+        run({**make_spec(CNN), "task": "regression"}, tmp_path, policy)
+    assert err.value.field == "task" and err.value.allowed == ["multiclass"]
+
+
+def test_spec_files_json_and_yaml(tmp_path, policy):
+    (tmp_path / "s.yaml").write_text("model: {family: cnn}\ndataset: builtin:digits\noutput: {name: y}\n"
+                                     "hyperparameters: {optimizer: sgd, momentum: 0.5}\n")
+    spec = RunSpec.from_file(tmp_path / "s.yaml", policy)
+    assert spec.hp.optimizer == "sgd" and spec.hp.momentum == 0.5
+    assert RunSpec.from_dict(spec.to_dict(), policy) == spec
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InvalidSpec, match="cannot parse"):
+        RunSpec.from_file(tmp_path / "bad.json", policy)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, policy, monkeypatch):
+    with pytest.raises(NotFound, match="missing.npz does not exist"):
+        RunSpec.from_dict(make_spec(dataset="missing.npz"), policy)
+    monkeypatch.setattr(ds, "FASHION_MNIST_DIR", tmp_path / "nowhere")
+    with pytest.raises(FailedPrecondition, match="dataset-fashion-mnist"):
+        run(make_spec(dataset="builtin:fashion-mnist"), tmp_path, policy)
+
+
+_OPENED: list[str] = []
+_WATCH: list[str] = []
+
+
+def _audit(event, args):
+    if event == "open" and _WATCH and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.fsdecode(args[0])
+        if any(path.startswith(w) for w in _WATCH):
+            _OPENED.append(path)
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture
+def watch_opens():
+    """Paths under the watched prefixes opened while the test runs (a Python audit hook)."""
+    _OPENED.clear()
+    yield _WATCH
+    _WATCH.clear()
+
+
+def test_dataset_outside_the_data_roots_is_refused_and_not_read(tmp_path, roots, policy, watch_opens):
+    outside = tmp_path / "outside"
+    (outside / "cls").mkdir(parents=True)
+    np.savez(outside / "secret.npz", x=np.zeros((4, 2, 1), np.float32), y=np.zeros(4, np.int64))
+    (outside / "cls" / "a.png").write_bytes(encode_png(torch.zeros(1, 4, 4, dtype=torch.uint8)).numpy().tobytes())
+    watch_opens.append(str(outside))
+    (roots / "link.npz").symlink_to(outside / "secret.npz")
+    for source in [str(outside / "secret.npz"), "../outside/secret.npz", "link.npz", str(outside)]:
+        with pytest.raises(InvalidSpec) as err:
+            RunSpec.from_dict(make_spec(dataset=source), policy)
+        assert err.value.field == "dataset.source" and "outside the data roots" in err.value.message
+        assert err.value.allowed == [str(roots.resolve())]
+    # an ImageFolder inside the roots whose image is a symlink to a file outside
+    (roots / "images" / "cls").mkdir(parents=True)
+    (roots / "images" / "cls" / "a.png").symlink_to(outside / "cls" / "a.png")
+    with pytest.raises(InvalidSpec, match="outside the data roots"):
+        run(make_spec(dataset="images"), tmp_path, policy)
+    # pretrained weights are files too
+    cnn_path = {"family": "resnet", "config": {"pretrained": str(outside / "w.pt")}}
+    with pytest.raises(InvalidSpec) as err:
+        RunSpec.from_dict(make_spec(cnn_path), policy)
+    assert err.value.field == "model.config.pretrained"
+    assert _OPENED == []
+
+
+def test_image_folder_inside_the_roots(tmp_path, roots, policy):
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for cls, level in (("dark", 40), ("light", 200)):
+            folder = roots / "shapes" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = (torch.full((3, 10, 10), level) + torch.randint(-20, 20, (3, 10, 10), generator=g)).to(torch.uint8)
+                (folder / f"{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+    model = {"family": "cnn", "config": {"channels": [4]}, "input": {"type": "image", "channels": 3, "size": 8,
+                                                                      "resize": 10}}
+    out = run(make_spec(model, "shapes", name="shapes", epochs=3, lr=0.02), tmp_path, policy)
+    assert out.archive.lineage["dataset"]["split"] == "official"
+    assert out.archive.lineage["dataset"]["train_size"] == 24 and out.metrics["val_count"] == 8
+    assert read_archive(out.archive).labels == ["dark", "light"]
+
+
+# ---- processes: SIGKILL and resume, SIGTERM, torchrun --------------------------------------
+def _write(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _start(args: list[str], tmp_path: Path, log: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=open(tmp_path / log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _wait_for_epoch(proc: subprocess.Popen, events: Path, epoch: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if events.is_file() and any(json.loads(line).get("event") == "epoch" and json.loads(line)["epoch"] >= epoch
+                                    for line in events.read_text().splitlines() if line.strip()):
+            return
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before epoch {epoch}"
+        time.sleep(0.01)
+    raise AssertionError(f"no epoch {epoch} event within {timeout}s")
+
+
+SLOW_DIGITS = {"source": "builtin:digits"}  # the full set, small batches: about 1 s per epoch
+
+
+def test_sigkill_after_the_first_epoch_then_resume(tmp_path, roots):
+    spec = _write(tmp_path, make_spec(dataset=SLOW_DIGITS, name="resumed", epochs=4, batch_size=8))
+    args = ["-m", "service.training", "run", str(spec), "--run-dir", str(tmp_path / "run"),
+            "--store", str(tmp_path / "store"), "--data-root", str(roots)]
+    proc = _start(args, tmp_path, "first.log")
+    _wait_for_epoch(proc, tmp_path / "run" / EVENTS_FILE, 1)
+    proc.kill()
+    proc.wait(timeout=30)
+    store = ModelStore(tmp_path / "store")
+    assert store.versions("resumed") == []
+    done = torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)["epoch"]
+    assert 1 <= done < 4
+
+    second = _start(args, tmp_path, "second.log")
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()
+    events = [json.loads(line) for line in (tmp_path / "run" / EVENTS_FILE).read_text().splitlines()]
+    assert [e["from_epoch"] for e in events if e["event"] == "resume"] == [done]
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3, 4]
+    assert store.versions("resumed") == [1]
+    lineage = store.lineage("resumed", 1)
+    assert lineage["metrics"]["epochs_run"] == 4
+    assert [h["epoch"] for h in lineage["metrics"]["history"]] == [1, 2, 3, 4]
+    assert f"resuming {tmp_path / 'run'} from epoch {done}" in (tmp_path / "second.log").read_text()
+
+
+def test_sigterm_stops_at_a_safe_point_and_writes_no_archive(tmp_path, roots):
+    spec = _write(tmp_path, make_spec(dataset=SLOW_DIGITS, name="stopped", epochs=20, batch_size=8))
+    proc = _start(["-m", "service.cli", "finetune", "run", str(spec), "--run-dir", str(tmp_path / "run"),
+                   "--store", str(tmp_path / "store"), "--data-root", str(roots)], tmp_path, "run.log")
+    _wait_for_epoch(proc, tmp_path / "run" / EVENTS_FILE, 1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    log = (tmp_path / "run.log").read_text()
+    assert "stopped by SIGTERM" in log and "no archive written" in log
+    assert not (tmp_path / "store" / "stopped").exists() or ModelStore(tmp_path / "store").versions("stopped") == []
+    events = [json.loads(line) for line in (tmp_path / "run" / EVENTS_FILE).read_text().splitlines()]
+    assert events[-1]["event"] == "stopped" and events[-1]["epoch"] < 20
+    assert torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)["epoch"] == events[-1]["epoch"]
+
+
+def test_torchrun_two_processes_one_archive_metrics_over_the_whole_validation_set(tmp_path, roots, policy):
+    dataset = {"source": "builtin:digits", "train_size": 300, "val_size": 101}  # odd: a sampler would pad
+    spec_dict = make_spec(dataset=dataset, name="ddp", epochs=2, nproc=2)
+    spec = _write(tmp_path, spec_dict)
+    proc = _start(["-m", "service.training", "run", str(spec), "--run-dir", str(tmp_path / "run"),
+                   "--store", str(tmp_path / "store"), "--data-root", str(roots)], tmp_path, "run.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
+    store = ModelStore(tmp_path / "store")
+    assert store.versions("ddp") == [1]
+    lineage = store.lineage("ddp", 1)
+    assert lineage["world_size"] == 2
+    events = [json.loads(line) for line in (tmp_path / "run" / EVENTS_FILE).read_text().splitlines()]
+    assert [e["val_count"] for e in events if e["event"] == "epoch"] == [101, 101]
+    assert lineage["metrics"]["val_count"] == 101
+
+    # the recorded metric is the archived model's over the full validation set, in one process
+    bundle = read_archive(store.get("ddp", 1))
+    data = val_data(spec_dict, policy, bundle.spec)
+    assert data.sha256 == lineage["dataset"]["sha256"]
+    loader = torch.utils.data.DataLoader(data.val, batch_size=64, collate_fn=data.collate)
+    task = TASKS["multiclass"]
+    result = evaluate(load_model(bundle.spec, bundle.state_dict), task.criterion(0.0), loader,
+                      torch.device("cpu"), task)
+    assert result["count"] == 101
+    assert result["metric"] == pytest.approx(lineage["metrics"]["val_metric"], abs=1e-9)
+    assert result["loss"] == pytest.approx(lineage["metrics"]["val_loss"], rel=1e-4)
