@@ -67,6 +67,7 @@ def served(tmp_path_factory):
         grpc_inference_port=free_port(),
         grpc_management_port=free_port(),
         ts_grpc_inference_port=free_port(),
+        exporter_port=free_port(),
         worker_port_base=random.randint(20000, 40000),
         startup_timeout_s=90,
     )
@@ -279,3 +280,47 @@ def test_cli_predict_over_rest_and_grpc(served, tmp_path, capsys):
         answers.append(json.loads(capsys.readouterr().out))
     assert answers[0] == answers[1]
     assert len(answers[0]["predictions"][0]["top_k"]) == 2
+
+
+def _scrape(served) -> dict:
+    """Samples of modelctl's /metrics as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{served['settings'].exporter_port}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_latency_histograms_count_requests_per_model_and_version(served):
+    def count(samples, model, version, stage):
+        key = ("modelctl_request_latency_seconds_count",
+               (("model", model), ("stage", stage), ("version", version)))
+        return samples.get(key, 0.0)
+
+    def outcome(samples, model, version, name):
+        key = ("modelctl_requests_total", (("model", model), ("outcome", name), ("version", version)))
+        return samples.get(key, 0.0)
+
+    before = _scrape(served)
+    client = served["client"]
+    for i in range(5):
+        client.rest("t-resnet", {"x": random_image(3, 64, 64, seed=i)})
+    for i in range(3):
+        client.rest("t-cnn", {"x": random_image(1, 16, 16, seed=i)}, version=1)
+    assert _rest_raw(served, "t-cnn", b"junk", {"Content-Type": "application/octet-stream"},
+                     version=1).status_code == 400
+    after = _scrape(served)
+    for stage in ("request", "preprocess", "inference", "postprocess"):
+        assert count(after, "t-resnet", "1", stage) - count(before, "t-resnet", "1", stage) == 5
+        assert count(after, "t-cnn", "1", stage) - count(before, "t-cnn", "1", stage) == 4
+    assert count(after, "t-cnn", "2", "request") == count(before, "t-cnn", "2", "request")
+    assert outcome(after, "t-cnn", "1", "ok") - outcome(before, "t-cnn", "1", "ok") == 3
+    assert outcome(after, "t-cnn", "1", "client_error") - outcome(before, "t-cnn", "1", "client_error") == 1
+    assert after[("modelctl_gpu_count", ())] == 0  # no GPU here: zero GPUs, no error
+    assert ("modelctl_queue_depth", (("model", "t-resnet"), ("version", "1"))) in after
+    inference_sum = after[("modelctl_request_latency_seconds_sum",
+                           (("model", "t-resnet"), ("stage", "inference"), ("version", "1")))]
+    assert inference_sum > 0

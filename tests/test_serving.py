@@ -123,11 +123,11 @@ def build_archive(store: Path, work: Path, name: str, version: int, handler_src:
 
 
 def settings_for(store: Path, state: Path, **kw) -> ServeSettings:
-    p = free_ports(7)
+    p = free_ports(8)
     return ServeSettings(model_store=store, state_dir=state, inference_port=p[0],
                          management_port=p[1], metrics_port=p[2], grpc_inference_port=p[3],
                          grpc_management_port=p[4], ts_grpc_inference_port=p[5],
-                         worker_port_base=p[6], **kw)
+                         worker_port_base=p[6], exporter_port=p[7], **kw)
 
 
 def alive(pid: int) -> bool:

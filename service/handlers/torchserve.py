@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import torch
 
 from service.errors import ServiceError
 from service.inference import Predictor
+from service.metrics.handler import HandlerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class TorchServeHandler:
 
     def __init__(self):
         self.predictor: Predictor | None = None
+        self.metrics: HandlerMetrics | None = None
 
     @property
     def initialized(self) -> bool:
@@ -59,6 +62,7 @@ class TorchServeHandler:
             name=model.get("modelName", context.model_name),
             version=model.get("modelVersion", ""),
         )
+        self.metrics = HandlerMetrics.create()
         logger.info(
             "loaded %s version %s (%s) on %s with %d torch threads",
             self.predictor.name, self.predictor.version, self.predictor.spec.family,
@@ -66,20 +70,34 @@ class TorchServeHandler:
         )
 
     def handle(self, data: list[dict], context) -> list[str]:
+        start = time.perf_counter()
+        p, m = self.predictor, self.metrics
+        in_flight = m.in_flight.labels(p.name, p.version)
+        in_flight.inc(len(data))
+        try:
+            answers, statuses, timings = self._answer(data, context)
+        finally:
+            in_flight.dec(len(data))
+        m.observe_batch(p.name, p.version, timings, time.perf_counter() - start, statuses)
+        return answers
+
+    def _answer(self, data: list[dict], context) -> tuple[list[str], list[int], dict]:
         ks = []
         for i in range(len(data)):
             headers = context.get_all_request_header(i) or {}
             ks.append(next((v for h, v in headers.items() if str(h).lower() == TOP_K_HEADER), None))
         result = self.predictor.predict(data, ks)
-        answers = []
+        answers, statuses = [], []
         for i, output in enumerate(result.outputs):
             context.set_response_content_type(i, "application/json")
             if isinstance(output, ServiceError):
                 context.set_response_status(output.http_status, _status_phrase(output.message), idx=i)
                 answers.append(json.dumps(output.to_dict()))
+                statuses.append(output.http_status)
             else:
                 answers.append(json.dumps(output))
-        return answers
+                statuses.append(200)
+        return answers, statuses, result.timings
 
 
 _handler = TorchServeHandler()

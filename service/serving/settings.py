@@ -16,6 +16,8 @@ Ports:
 * ``grpc_management_port`` (7071): TorchServe's gRPC management API, 127.0.0.1 only.
 * ``ts_grpc_inference_port`` (7072): TorchServe's own gRPC inference API, 127.0.0.1
   only, behind the gateway.
+* ``exporter_port`` (8083): modelctl's own Prometheus endpoint (histograms, GPUs,
+  queue depth), bound to ``host``.
 * ``worker_port_base`` (9000): TorchServe's ``initial_worker_port``; workers listen on
   unix sockets ``/tmp/.ts.sock.<port>`` numbered from it, so two TorchServes on one
   machine need different bases.
@@ -56,6 +58,8 @@ class ServeSettings:
     grpc_inference_port: int = 7070
     grpc_management_port: int = 7071
     ts_grpc_inference_port: int = 7072
+    #: Prometheus endpoint of modelctl: latency histograms, GPUs, queues (and jobs).
+    exporter_port: int = 8083
     worker_port_base: int = 9000
     workers_per_model: int = 1
     #: How long ``Serving.start`` waits for every worker to be READY.
@@ -145,7 +149,8 @@ class ServeSettings:
 
 
 _PORT_FIELDS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port",
-                "grpc_management_port", "ts_grpc_inference_port", "worker_port_base")
+                "grpc_management_port", "ts_grpc_inference_port", "exporter_port",
+                "worker_port_base")
 
 
 def _convert(raw, typ, source: str):

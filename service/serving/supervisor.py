@@ -19,6 +19,7 @@ import threading
 from datetime import datetime, timezone
 
 from service.errors import Unavailable
+from service.metrics.exporter import MetricsExporter, QueueDepthCollector
 from service.serving import readiness
 from service.serving.gateway import GatewayThread
 from service.serving.management import ManagementClient
@@ -39,6 +40,7 @@ class Serving:
         self.torchserve = TorchServeProcess(settings)
         self.mgmt: ManagementClient | None = None
         self.gateway: GatewayThread | None = None
+        self.exporter: MetricsExporter | None = None
         self.registered: list[tuple[str, int]] = []
         self.expected: list[tuple[str, int]] = []
         self.report: list[ModelReadiness] = []
@@ -58,6 +60,7 @@ class Serving:
             "grpc": f"{host}:{self.grpc_port}",
             "management": self.torchserve.management_url,
             "metrics": f"{self.torchserve.metrics_url}/metrics",
+            "exporter": f"http://{host}:{self.settings.exporter_port}/metrics",
         }
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -74,6 +77,10 @@ class Serving:
             self.gateway = GatewayThread(self.settings, self.torchserve.grpc_inference_target,
                                          self.readiness)
             self.gateway.start()
+            self.exporter = MetricsExporter(
+                self.settings.host, self.settings.exporter_port, self.torchserve.metrics_dir,
+                collectors=[QueueDepthCollector(lambda: self.mgmt)])
+            self.exporter.start()
             return self.wait_ready()
         except BaseException:
             self.stop()
@@ -93,8 +100,8 @@ class Serving:
         ep = self.endpoints()
         if not not_ready:
             log.info("serving %d model version(s), every worker READY: REST %s, gRPC %s, "
-                     "management %s, metrics %s", len(self.report), ep["rest"], ep["grpc"],
-                     ep["management"], ep["metrics"])
+                     "management %s, metrics %s and %s", len(self.report), ep["rest"],
+                     ep["grpc"], ep["management"], ep["exporter"], ep["metrics"])
         else:
             log.warning("not ready after %.0fs: %s (logs: %s)", timeout_s,
                         readiness.summary(not_ready), self.torchserve.log_path)
@@ -103,6 +110,9 @@ class Serving:
     def stop(self) -> None:
         """Stop the gateway, then TorchServe (and every worker). Idempotent."""
         self._stop.set()
+        if self.exporter is not None:
+            self.exporter.stop()
+            self.exporter = None
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None

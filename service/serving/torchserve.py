@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import FailedPrecondition, Unavailable
+from service.metrics import MULTIPROC_ENV
 from service.serving.config import render_config_properties
 from service.serving.settings import ServeSettings
 
@@ -87,6 +88,11 @@ class TorchServeProcess:
     @property
     def key_file(self) -> Path:
         return self.state_dir / "key_file.json"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """PROMETHEUS_MULTIPROC_DIR of the workers, wiped at every start."""
+        return self.state_dir / "prometheus"
 
     @property
     def tmp_dir(self) -> Path:
@@ -189,6 +195,9 @@ class TorchServeProcess:
         for stale in s.archive_dir.iterdir():  # links (and copies) of an earlier run
             if stale.is_symlink() or (stale.is_file() and stale.suffix == ".mar"):
                 stale.unlink()
+        # Metric files of an earlier run's workers would be merged into this run's.
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.metrics_dir.mkdir(parents=True)
         # Keys of an earlier run would look like this run's: TorchServe writes new ones.
         self.key_file.unlink(missing_ok=True)
         self.config_path.write_text(render_config_properties(s))
@@ -223,6 +232,7 @@ class TorchServeProcess:
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")  # workers use this python
         tmp = str(self.tmp_dir)
         env["TMPDIR"] = env["TEMP"] = env["TMP"] = tmp  # pid file, java.io.tmpdir
+        env[MULTIPROC_ENV] = str(self.metrics_dir)  # workers' metrics, merged by the exporter
         if not env.get(TORCH_THREADS_ENV):
             env[TORCH_THREADS_ENV] = str(torch_threads_for(self._count_workers()))
         return env
