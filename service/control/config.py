@@ -1,0 +1,138 @@
+"""Settings of the control service: one frozen dataclass, read from ``MODELCTL_*`` variables.
+
+Every field ``f`` can be set by ``MODELCTL_<F upper>`` (the port by ``MODELCTL_CONTROL_PORT``,
+the data roots by ``MODELCTL_DATA_ROOTS``, ``os.pathsep``-separated); keyword overrides given
+to :meth:`ControlConfig.from_env` (CLI flags; ``None`` = not given) win over the environment,
+which wins over the defaults. Paths left unset derive from the serving settings: the job
+database is ``<state_dir>/control.db`` and job run directories ``<state_dir>/runs/<job id>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import InvalidArgument
+
+#: The control API's port unless configured.
+DEFAULT_PORT = 50051
+
+#: Environment variable of each field whose name is not simply ``MODELCTL_<FIELD>``.
+_ENV_NAMES = {"port": "MODELCTL_CONTROL_PORT", "host": "MODELCTL_CONTROL_HOST",
+              "db_path": "MODELCTL_CONTROL_DB"}
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    #: Address the control API binds to.
+    host: str = "127.0.0.1"
+    #: Its port; 0 picks a free one (tests).
+    port: int = DEFAULT_PORT
+    #: SQLite job database.
+    db_path: Path | None = None
+    #: One run directory per job under it.
+    runs_dir: Path | None = None
+    #: The model store the trainer writes to and deployments read from.
+    model_store: Path | None = None
+    #: Where datasets named by a run spec may be read from (the trainer's policy).
+    data_roots: tuple[Path, ...] = ()
+    #: Jobs that run at once; the others wait in QUEUED.
+    max_concurrent_jobs: int = 1
+    #: Seconds between SIGTERM and SIGKILL when a running job is cancelled.
+    cancel_grace_s: float = 20.0
+    #: Attempts of a job before an interrupted run is given up as FAILED.
+    max_attempts: int = 3
+    #: Seconds a deployment waits for its workers to be READY.
+    deploy_timeout_s: float = 120.0
+    #: Workers per deployed version unless the request says otherwise; 0 = the serving
+    #: settings' ``workers_per_model``.
+    deploy_workers: int = 0
+    #: How often the scheduler looks at running jobs, and watchers at event files.
+    poll_s: float = 0.2
+    #: Runner of jobs that do not name one.
+    default_runner: str = "local"
+    #: Threads of the gRPC server (each watcher holds one while it watches).
+    max_workers: int = 32
+
+    def __post_init__(self):
+        for name in ("db_path", "runs_dir", "model_store"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser().absolute())
+        object.__setattr__(self, "data_roots",
+                           tuple(Path(r).expanduser().absolute() for r in self.data_roots))
+        if not 0 <= self.port < 65536:
+            raise InvalidArgument(f"port must be a TCP port (0-65535), got {self.port}")
+        for name in ("max_concurrent_jobs", "max_attempts", "max_workers"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("cancel_grace_s", "deploy_timeout_s", "poll_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.deploy_workers < 0:
+            raise InvalidArgument(f"deploy_workers must be >= 0, got {self.deploy_workers}")
+
+    @property
+    def target(self) -> str:
+        """``host:port`` a client dials."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
+
+    def resolved(self, serve_settings) -> "ControlConfig":
+        """Unset paths filled in from the serving settings (state dir, model store)."""
+        state = Path(serve_settings.state_dir)
+        return dataclasses.replace(
+            self,
+            db_path=self.db_path or state / "control.db",
+            runs_dir=self.runs_dir or state / "runs",
+            model_store=self.model_store or Path(serve_settings.model_store),
+            data_roots=self.data_roots or (Path.cwd(),),
+        )
+
+    @classmethod
+    def env_var(cls, name: str) -> str:
+        return _ENV_NAMES.get(name, "MODELCTL_" + name.upper())
+
+    @classmethod
+    def from_env(cls, environ: typing.Mapping[str, str] | None = None, **overrides) -> "ControlConfig":
+        """Defaults < ``MODELCTL_*`` environment < ``overrides`` that are not None."""
+        environ = os.environ if environ is None else environ
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise InvalidArgument(f"unknown control setting(s): {', '.join(sorted(unknown))}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for name in fields:
+            if overrides.get(name) is not None:
+                values[name] = _convert(overrides[name], hints[name], name)
+            elif environ.get(cls.env_var(name), "").strip():
+                values[name] = _convert(environ[cls.env_var(name)].strip(), hints[name],
+                                        cls.env_var(name))
+        return cls(**values)
+
+
+def _convert(raw, typ, source: str):
+    """A CLI or environment value as the field's type; InvalidArgument naming the source."""
+    base = typing.get_args(typ)[0] if typing.get_origin(typ) in (typing.Union, type(Path | None)) else typ
+    try:
+        if typing.get_origin(base) is tuple:
+            items = raw if isinstance(raw, (list, tuple)) else [p for p in str(raw).split(os.pathsep) if p]
+            return tuple(Path(p) for p in items)
+        if base is Path:
+            if not str(raw):
+                raise ValueError("empty path")
+            return Path(raw)
+        if base is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw) if not isinstance(raw, str) else int(raw.strip())
+        if base is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        kind = {Path: "a path", int: "an integer", float: "a number"}.get(base, "a value")
+        raise InvalidArgument(f"{source}: expected {kind}, got {raw!r}") from None
