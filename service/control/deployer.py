@@ -1,0 +1,239 @@
+"""Deploying model versions to TorchServe, deploy policies, and rollback.
+
+A deployment (:meth:`Deployer.deploy`):
+
+1. checks the store holds the version (NotFound for an unknown model, FailedPrecondition
+   for a missing version);
+2. registers it through :func:`service.serving.store_scan.link_archive` (never a
+   ``file://`` URL) with the requested workers, or rescales it if it is registered;
+3. waits until every worker is READY (:func:`service.serving.readiness.wait_until_ready`);
+   if they are not, it unregisters what it registered and raises Unavailable, leaving the
+   default as it was;
+4. only then makes it the default, and pushes it on the model's deployment history with
+   the default it replaced.
+
+:meth:`Deployer.rollback` pops the history: the default before the latest deployment is
+deployed the same way. :meth:`Deployer.reconcile` applies the recorded defaults to a
+TorchServe that started later (which makes the latest version default by itself).
+
+Deploy policies are plain functions of a finished run's facts, in :data:`DEPLOY_POLICIES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from service.errors import AlreadyExists, FailedPrecondition, NotFound, ServiceError, Unavailable
+from service.serving import readiness
+from service.serving.store_scan import link_archive
+
+log = logging.getLogger(__name__)
+
+# Deploy outcomes (the proto's DeployOutcome without its prefix).
+NOT_REQUESTED, DEPLOYED, KEPT_PARENT, DEPLOY_FAILED = "NOT_REQUESTED", "DEPLOYED", "KEPT_PARENT", "FAILED"
+
+
+# ---- policies ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunFacts:
+    """What a deploy policy knows about a finished run's new version."""
+
+    name: str
+    version: int
+    metric: str | None
+    #: "max" when a larger metric is better, "min" when a smaller one is.
+    mode: str
+    val_metric: float | None
+    #: "name:version" the run started from, or None.
+    parent: str | None
+    #: The parent's metric on the same validation set, when known.
+    parent_val_metric: float | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    deploy: bool
+    outcome: str
+    reason: str
+
+
+def policy_none(facts: RunFacts) -> Decision:
+    return Decision(False, NOT_REQUESTED, "deploy policy none: not deployed")
+
+
+def policy_deploy(facts: RunFacts) -> Decision:
+    return Decision(True, DEPLOYED, "deploy policy deploy")
+
+
+def policy_deploy_if_better(facts: RunFacts) -> Decision:
+    metric = facts.metric or "metric"
+    if facts.parent is None:
+        return Decision(True, DEPLOYED, "no parent to compare with: deployed")
+    if facts.val_metric is None or facts.parent_val_metric is None:
+        return Decision(False, KEPT_PARENT,
+                        f"the parent's {metric} on this run's validation set is unknown; kept {facts.parent}")
+    new, old = facts.val_metric, facts.parent_val_metric
+    ok = new >= old if facts.mode == "max" else new <= old
+    sign = (">=" if ok else "<") if facts.mode == "max" else ("<=" if ok else ">")
+    if ok:
+        return Decision(True, DEPLOYED, f"{metric} {new:.4f} {sign} parent {facts.parent}'s {old:.4f}: deployed")
+    return Decision(False, KEPT_PARENT, f"{metric} {new:.4f} {sign} parent {facts.parent}'s {old:.4f}: "
+                                        f"kept {facts.parent}")
+
+
+#: Deploy policy name -> decision function.
+DEPLOY_POLICIES: dict[str, Callable[[RunFacts], Decision]] = {
+    "none": policy_none,
+    "deploy": policy_deploy,
+    "deploy-if-better": policy_deploy_if_better,
+}
+
+
+# ---- deployer --------------------------------------------------------------------------------
+class Deployer:
+    """Deploys to the TorchServe whose management API ``mgmt()`` returns.
+
+    ``settings``: the ServeSettings of that TorchServe (model store, archive dir, timeouts).
+    ``mgmt``: a callable returning its ManagementClient, raising Unavailable while there is
+    none. ``jobs``: the JobStore holding the deployment history.
+    """
+
+    def __init__(self, settings, mgmt: Callable, jobs, model_store, *, timeout_s: float = 120.0,
+                 default_workers: int = 0):
+        self.settings = settings
+        self._mgmt = mgmt
+        self.jobs = jobs
+        self.model_store = model_store
+        self.timeout_s = timeout_s
+        self.default_workers = default_workers or settings.workers_per_model
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def mgmt(self):
+        return self._mgmt()
+
+    # ---- facts ---------------------------------------------------------------------------
+    def _versions(self, name: str) -> list[int]:
+        versions = self.model_store.versions(name)  # InvalidSpec for a malformed name
+        if not versions:
+            raise NotFound(f"model {name!r} has no version in the model store")
+        return versions
+
+    def _check_version(self, name: str, version: int, what: str = "deploy") -> None:
+        if int(version) < 1:
+            raise FailedPrecondition(f"version must be >= 1, got {version}")
+        versions = self._versions(name)
+        if int(version) not in versions:
+            raise FailedPrecondition(f"model {name!r} has no version {version} to {what} (versions: {versions})")
+
+    def current_default(self, name: str) -> int | None:
+        """The version TorchServe answers ``/predictions/<name>`` with; None if unregistered."""
+        try:
+            entries = self.mgmt().describe(name)
+        except NotFound:
+            return None
+        value = str(entries[0].get("modelVersion", "")) if entries else ""
+        return int(value) if value.isdigit() else None
+
+    def serving_report(self) -> list[readiness.ModelReadiness]:
+        return readiness.check(self.mgmt())
+
+    # ---- deploy --------------------------------------------------------------------------
+    def _activate(self, name: str, version: int, workers: int, timeout_s: float) -> int:
+        """Register (or rescale) ``version``, wait for READY workers, set it default.
+
+        Returns the READY worker count. Raises Unavailable (default unchanged) when the
+        workers are not all READY in time.
+        """
+        mgmt = self.mgmt()
+        url = link_archive(self.settings, name, version)
+        registered_here = False
+        try:
+            mgmt.register(url, initial_workers=workers, response_timeout_s=self.settings.response_timeout_s,
+                          synchronous=False)
+            registered_here = True
+        except AlreadyExists:
+            mgmt.scale(name, version, workers)
+        report = readiness.wait_until_ready(mgmt, [(name, version)], timeout_s)
+        entry = next(r for r in report if r.key == (name, str(version)))
+        if not entry.ready:
+            if registered_here:
+                try:
+                    mgmt.unregister(name, version)
+                except ServiceError as exc:
+                    log.warning("could not unregister %s version %s: %s", name, version, exc.message)
+            raise Unavailable(f"{name} version {version} is not ready after {timeout_s:.0f}s: {entry.reason}; "
+                              "the default is unchanged")
+        mgmt.set_default(name, version)
+        return entry.ready_workers
+
+    def deploy(self, name: str, version: int, workers: int = 0, *, timeout_s: float | None = None,
+               job_id: str | None = None):
+        """Deploy ``name`` ``version`` and make it the default; returns the Deployment."""
+        version = int(version)
+        self._check_version(name, version)
+        workers = int(workers) or self.default_workers
+        if workers < 0:
+            raise FailedPrecondition(f"workers must be >= 0, got {workers}")
+        with self._lock(name):
+            top = self.jobs.top_deployment(name)
+            if job_id is not None and top is not None and top.job_id == job_id and top.version == version:
+                # finishing a job again after a restart: it was deployed already
+                if self.current_default(name) == version:
+                    return top
+            previous = self.current_default(name)
+            ready = self._activate(name, version, workers, self.timeout_s if timeout_s is None else timeout_s)
+            dep = self.jobs.push_deployment(model=name, version=version, previous_version=previous,
+                                            workers=workers, ready_workers=ready, action="deploy", job_id=job_id)
+        log.info("deployed %s version %d (%d/%d workers READY; previous default %s)", name, version, ready,
+                 workers, previous)
+        return dep
+
+    def rollback(self, name: str, version: int = 0, workers: int = 0, *, timeout_s: float | None = None):
+        """Restore the default before the latest deployment (or ``version``)."""
+        self._versions(name)
+        workers = int(workers) or self.default_workers
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        with self._lock(name):
+            if version:
+                self._check_version(name, int(version), "roll back to")
+                previous = self.current_default(name)
+                ready = self._activate(name, int(version), workers, timeout_s)
+                dep = self.jobs.push_deployment(model=name, version=int(version), previous_version=previous,
+                                                workers=workers, ready_workers=ready, action="rollback")
+            else:
+                top = self.jobs.top_deployment(name)
+                if top is None:
+                    raise FailedPrecondition(f"model {name!r} has no deployment to roll back")
+                if top.previous_version is None:
+                    raise FailedPrecondition(f"{name} version {top.version} was deployed when the model had no "
+                                             "default: there is no earlier default to roll back to")
+                self._check_version(name, top.previous_version, "roll back to")
+                ready = self._activate(name, top.previous_version, workers, timeout_s)
+                dep = self.jobs.pop_deployment(top.id, model=name, version=top.previous_version,
+                                               workers=workers, ready_workers=ready)
+        log.info("rolled %s back to version %d (from %s)", name, dep.version, dep.previous_version)
+        return dep
+
+    def reconcile(self) -> list[str]:
+        """Make TorchServe's defaults the recorded ones (after it restarted); returns the
+        models changed. Errors are logged, not raised."""
+        changed = []
+        for name, dep in self.jobs.desired_defaults().items():
+            try:
+                if self.current_default(name) == dep.version:
+                    continue
+                with self._lock(name):
+                    self._activate(name, dep.version, dep.workers, self.timeout_s)
+                changed.append(name)
+                log.info("restored the default of %s: version %d", name, dep.version)
+            except ServiceError as exc:
+                log.warning("could not restore the default of %s (version %d): %s", name, dep.version, exc.message)
+        return changed
