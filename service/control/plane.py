@@ -1,0 +1,307 @@
+"""The control plane: what the control API does, as plain Python (no gRPC here).
+
+:class:`ControlPlane` composes the job store, the runners, the scheduler and the
+deployer. The gRPC servicer only translates messages to and from its methods, which
+raise the named errors of :mod:`service.errors`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from service.control import specs
+from service.control.config import ControlConfig
+from service.control.deployer import DEPLOY_FAILED, DEPLOY_POLICIES, Deployer, RunFacts
+from service.control.events import EVENTS_FILE, EventTail
+from service.control.runner import LOG_FILE, RUNNERS, SPEC_FILE
+from service.control.scheduler import Scheduler
+from service.control.store import FINAL_STATES, QUEUED, RUNNING, Job, JobStore, new_job_id
+from service.errors import FailedPrecondition, InvalidSpec, NotFound, ServiceError
+from service.modelstore import ArchiveInfo, ModelStore
+
+log = logging.getLogger(__name__)
+
+#: The longest page of ListFineTuneJobs, and its default.
+MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 1000, 100
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """One update of a watched job: ``kind`` "state" (``job.state`` was entered), "epoch" or
+    "event" (``event``: the trainer's event line)."""
+
+    kind: str
+    job: Job
+    event: dict | None = None
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A model store archive and how TorchServe serves it (``serving`` None: not registered
+    or TorchServe unreachable)."""
+
+    archive: ArchiveInfo
+    serving: object | None  # service.serving.readiness.ModelReadiness
+
+
+# ---- facts of a finished run ------------------------------------------------------------------
+def metric_mode(task: str | None) -> str:
+    """"max" or "min": which way the task's validation metric is better."""
+    from service.training.tasks import TASKS
+
+    return TASKS[task].mode if task in TASKS else "max"
+
+
+def parent_metric(models: ModelStore, lineage: dict, result: dict) -> float | None:
+    """The parent's validation metric on the new version's validation set, when known.
+
+    In order: ``metrics.parent_val_metric`` of the new version's lineage, or of the run's
+    result.json (where the trainer records its evaluation of the parent); else the parent's
+    own lineage metric when the parent was trained on the same data (same dataset sha256,
+    which covers the validation split) with the same metric.
+    """
+    metrics = lineage.get("metrics") or {}
+    for source in (metrics, result):
+        value = source.get("parent_val_metric")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    parent = lineage.get("parent")
+    if not parent:
+        return None
+    name, _, version = str(parent).partition(":")
+    try:
+        theirs = models.lineage(name, int(version))
+    except (ValueError, ServiceError, OSError):
+        return None
+    ours_sha = (lineage.get("dataset") or {}).get("sha256")
+    their_sha = (theirs.get("dataset") or {}).get("sha256")
+    their_metrics = theirs.get("metrics") or {}
+    value = their_metrics.get("val_metric")
+    if (ours_sha and ours_sha == their_sha and their_metrics.get("metric") == metrics.get("metric")
+            and isinstance(value, (int, float))):
+        return float(value)
+    return None
+
+
+class ControlPlane:
+    """Jobs and deployments. ``serve_settings``: the ServeSettings of the TorchServe to deploy
+    to; ``mgmt``: a callable returning its ManagementClient (Unavailable while none)."""
+
+    def __init__(self, config: ControlConfig, serve_settings, mgmt: Callable):
+        self.config = config.resolved(serve_settings)
+        self.jobs = JobStore(self.config.db_path)
+        self.models = ModelStore(self.config.model_store)
+        self.runners = {name: factory(self.config) for name, factory in RUNNERS.items()}
+        self.deployer = Deployer(serve_settings, mgmt, self.jobs, self.models,
+                                 timeout_s=self.config.deploy_timeout_s,
+                                 default_workers=self.config.deploy_workers)
+        self.scheduler = Scheduler(self.jobs, self.runners, self._on_result,
+                                   max_concurrent_jobs=self.config.max_concurrent_jobs,
+                                   cancel_grace_s=self.config.cancel_grace_s,
+                                   max_attempts=self.config.max_attempts, poll_s=self.config.poll_s)
+        self._policy = None
+        self._instance_lock = None
+        self._started = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self, *, reconcile: bool = True) -> None:
+        """Take the database (one service per database), recover and start scheduling;
+        restore the recorded defaults in TorchServe in the background."""
+        self._instance_lock = _lock_exclusively(self.config.db_path.with_name(self.config.db_path.name + ".lock"))
+        self.scheduler.start()
+        self._started = True
+        if reconcile:
+            threading.Thread(target=self.deployer.reconcile, name="modelctl-reconcile", daemon=True).start()
+
+    def stop(self, *, stop_jobs: bool = True) -> None:
+        if self._started:
+            self.scheduler.stop(stop_jobs=stop_jobs)
+            self._started = False
+        self.jobs.close()
+        if self._instance_lock is not None:
+            os.close(self._instance_lock)
+            self._instance_lock = None
+
+    @property
+    def policy(self):
+        if self._policy is None:
+            self._policy = specs.policy_for(self.config)
+        return self._policy
+
+    # ---- jobs ------------------------------------------------------------------------------
+    def create_job(self, spec_data, *, deploy_policy: str = "none", deploy_workers: int = 0,
+                   runner: str = "") -> Job:
+        runner = runner or self.config.default_runner
+        if runner not in self.runners:
+            raise InvalidSpec("runner", f"unknown runner {runner!r}", allowed=list(self.runners))
+        if deploy_policy not in DEPLOY_POLICIES:
+            raise InvalidSpec("deploy_policy", f"unknown deploy policy {deploy_policy!r}",
+                              allowed=list(DEPLOY_POLICIES))
+        if deploy_workers < 0:
+            raise InvalidSpec("deploy_workers", f"must be >= 0, got {deploy_workers}")
+        spec = specs.validate(spec_data, self.policy, self.models)
+        job_id = new_job_id()
+        run_dir = self.config.runs_dir / job_id
+        specs.write_spec(spec, run_dir, SPEC_FILE)
+        job = self.jobs.create_job(spec=spec.to_dict(), output_model=spec.output.name, base=spec.base,
+                                   runner=runner, run_dir=run_dir, log_path=run_dir / LOG_FILE,
+                                   deploy_policy=deploy_policy, deploy_workers=deploy_workers, job_id=job_id)
+        log.info("job %s QUEUED: %s from %s, deploy policy %s", job.id, spec.output.name,
+                 spec.base or "a family spec", deploy_policy)
+        self.scheduler.wake()
+        return job
+
+    def get_job(self, job_id: str) -> Job:
+        return self.jobs.get(job_id)
+
+    def list_jobs(self, *, states=(), output_model: str = "", page_size: int = 0,
+                  page_token: str = "") -> tuple[list[Job], str]:
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidSpec("page_size", f"must be 0..{MAX_PAGE_SIZE}, got {page_size}")
+        bad = [s for s in states if s not in FINAL_STATES | {QUEUED, RUNNING}]
+        if bad:
+            raise InvalidSpec("states", f"unknown state {bad[0]!r}")
+        before = None
+        if page_token:
+            if not page_token.isdigit():
+                raise InvalidSpec("page_token", f"{page_token!r} is not a token this service gave")
+            before = int(page_token)
+        size = page_size or DEFAULT_PAGE_SIZE
+        jobs = self.jobs.list(states=states, output_model=output_model or None, limit=size + 1,
+                              before_seq=before)
+        more = len(jobs) > size
+        jobs = jobs[:size]
+        return jobs, (str(jobs[-1].seq) if more else "")
+
+    def cancel_job(self, job_id: str, *, wait_s: float | None = None) -> Job:
+        """Cancel; wait for a running job's process to end (returns the job as it is then)."""
+        job = self.jobs.get(job_id)
+        if job.state == QUEUED:
+            try:
+                job = self.jobs.transition(job_id, "CANCELLED", expect=QUEUED, error="cancelled before it started")
+                log.info("job %s CANCELLED (it was QUEUED)", job_id)
+                return job
+            except FailedPrecondition:
+                job = self.jobs.get(job_id)  # it started meanwhile
+        if job.state != RUNNING:
+            raise FailedPrecondition(f"job {job_id} is {job.state}; only QUEUED or RUNNING jobs can be cancelled")
+        if not job.cancel_requested:
+            self.jobs.update(job_id, cancel_requested=time.time())
+        self.scheduler.wake()
+        deadline = time.monotonic() + (self.config.cancel_grace_s + 30 if wait_s is None else wait_s)
+        revision = self.jobs.revision
+        while True:
+            job = self.jobs.get(job_id)
+            if job.final or time.monotonic() >= deadline:
+                return job
+            revision = self.jobs.wait_for_change(revision, min(self.config.poll_s, deadline - time.monotonic()))
+
+    def watch_job(self, job_id: str, *, skip_history: bool = False,
+                  active: Callable[[], bool] = lambda: True) -> Iterator[JobUpdate]:
+        """The trainer events written so far (unless ``skip_history``), the job's current state,
+        then its new events and state changes as they come, until it is final."""
+        job = self.jobs.get(job_id)
+        tail = EventTail(Path(job.run_dir) / EVENTS_FILE)
+        if skip_history:
+            tail.skip_to_end()
+        else:
+            yield from self._events(tail, job)
+        job = self.jobs.get(job_id)
+        yield JobUpdate("state", job)
+        state = job.state
+        revision = self.jobs.revision
+        while active():
+            yield from self._events(tail, job)
+            if job.final:
+                return
+            job = self.jobs.get(job_id)
+            if job.final:
+                yield from self._events(tail, job)  # the last ones ("done") before the final state
+            if job.state != state:
+                state = job.state
+                yield JobUpdate("state", job)
+            if job.final:
+                return
+            revision = self.jobs.wait_for_change(revision, self.config.poll_s)
+
+    @staticmethod
+    def _events(tail: EventTail, job: Job) -> Iterator[JobUpdate]:
+        for event in tail.read_new():
+            yield JobUpdate("epoch" if event.get("event") == "epoch" else "event", job, event)
+
+    # ---- models --------------------------------------------------------------------------------
+    def list_models(self, name: str = "") -> tuple[list[ModelView], bool]:
+        if name:
+            versions = {name: self.models.versions(name)}
+            if not versions[name]:
+                raise NotFound(f"model {name!r} has no version in the model store")
+        else:
+            versions = self.models.models()
+        try:
+            report = {r.key: r for r in self.deployer.serving_report()}
+            available = True
+        except ServiceError:
+            report, available = {}, False
+        views = [ModelView(self.models.get(n, v), report.get((n, str(v))))
+                 for n, vs in versions.items() for v in vs]
+        return views, available
+
+    def deploy(self, name: str, version: int, *, workers: int = 0, timeout_s: float = 0.0):
+        if version < 1:
+            raise InvalidSpec("version", f"must be >= 1, got {version}")
+        if workers < 0:
+            raise InvalidSpec("workers", f"must be >= 0, got {workers}")
+        if timeout_s < 0:
+            raise InvalidSpec("timeout_s", f"must be >= 0, got {timeout_s}")
+        return self.deployer.deploy(name, version, workers, timeout_s=timeout_s or None)
+
+    def rollback(self, name: str, version: int = 0, *, workers: int = 0):
+        if version < 0:
+            raise InvalidSpec("version", f"must be >= 0 (0: the previous default), got {version}")
+        if workers < 0:
+            raise InvalidSpec("workers", f"must be >= 0, got {workers}")
+        return self.deployer.rollback(name, version, workers)
+
+    # ---- a finished run --------------------------------------------------------------------------
+    def _on_result(self, job: Job, result: dict) -> dict:
+        """Read what the run wrote, apply the job's deploy policy; the fields of SUCCEEDED."""
+        name, version = str(result["name"]), int(result["version"])
+        lineage = self.models.lineage(name, version)
+        if not lineage:
+            raise NotFound(f"the run's archive {name} version {version} has no lineage record in the store")
+        metrics = lineage.get("metrics") or {}
+        metric = metrics.get("metric") or result.get("metric")
+        value = metrics.get("val_metric", result.get("val_metric"))
+        facts = RunFacts(name=name, version=version, metric=metric, mode=metric_mode(lineage.get("task")),
+                         val_metric=None if value is None else float(value), parent=lineage.get("parent"),
+                         parent_val_metric=parent_metric(self.models, lineage, result))
+        decision = DEPLOY_POLICIES[job.deploy_policy](facts)
+        outcome, reason = decision.outcome, decision.reason
+        if decision.deploy:
+            try:
+                self.deployer.deploy(name, version, job.deploy_workers, job_id=job.id)
+            except ServiceError as exc:
+                outcome, reason = DEPLOY_FAILED, f"deployment failed: {exc.message}"
+                log.warning("job %s: %s", job.id, reason)
+        return {"result_version": version, "parent": facts.parent, "metric": metric,
+                "val_metric": facts.val_metric, "parent_val_metric": facts.parent_val_metric,
+                "deploy_outcome": outcome, "deploy_reason": reason, "epoch": int(result.get("epochs") or job.epoch)}
+
+
+def _lock_exclusively(path: Path) -> int:
+    """An exclusive lock held for the service's life (released by the OS if it dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FailedPrecondition(f"another control service uses the job database next to {path}") from None
+    return fd

@@ -1,0 +1,80 @@
+"""The control service composed with serving: beside TorchServe (``modelctl serve``), or
+alone in front of a TorchServe that runs already (``python -m service.control``).
+
+:class:`ServingWithControl` is :class:`~service.serving.supervisor.Serving` plus the control
+API: its port is bound before TorchServe starts (a taken port fails at once), the job
+scheduler starts once the store's versions are READY, and one line says that everything
+is ready. Stopping stops the control service first (running trainers get SIGTERM and are
+resumed by the next start), then TorchServe.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from service.control.config import ControlConfig
+from service.control.plane import ControlPlane
+from service.control.server import ControlService
+from service.errors import Unavailable
+from service.serving import readiness
+from service.serving.supervisor import Serving
+
+log = logging.getLogger(__name__)
+
+
+class ServingWithControl(Serving):
+    def __init__(self, settings, control: ControlConfig):
+        super().__init__(settings)
+        self.control = ControlService(control, ControlPlane(control, settings, self._management))
+
+    def _management(self):
+        if self.mgmt is None:
+            raise Unavailable("TorchServe is not running")
+        return self.mgmt
+
+    def endpoints(self) -> dict[str, str]:
+        return {**super().endpoints(), "control": self.control.target}
+
+    def start(self):
+        self.control.bind()
+        return super().start()  # ends in wait_ready, below
+
+    def wait_ready(self, timeout_s: float | None = None):
+        """Wait for the store's versions, start the control service, log one line."""
+        timeout_s = self.settings.startup_timeout_s if timeout_s is None else timeout_s
+        self.report = readiness.wait_until_ready(self.mgmt, self.expected, timeout_s)
+        if not self.control.plane._started:
+            self.control.start()
+        not_ready = [r for r in self.report if not r.ready]
+        endpoints = ", ".join(f"{k} {v}" for k, v in self.endpoints().items())
+        jobs = self.control.plane.config
+        if not not_ready:
+            log.info("serving %d model version(s), every worker READY; control API up (max %d concurrent "
+                     "job(s), jobs in %s): %s", len(self.report), jobs.max_concurrent_jobs, jobs.db_path,
+                     endpoints)
+        else:
+            log.warning("not ready after %.0fs: %s (logs: %s); control API up: %s", timeout_s,
+                        readiness.summary(not_ready), self.torchserve.log_path, endpoints)
+        return self.report
+
+    def stop(self) -> None:
+        try:
+            self.control.stop()
+        finally:
+            super().stop()
+
+
+def standalone_management(settings):
+    """A ManagementClient of the TorchServe described by ``settings`` (running already; its
+    key is re-read from key_file.json, so renewed keys work)."""
+    from service.serving.management import ManagementClient
+    from service.serving.torchserve import TorchServeProcess
+
+    torchserve = TorchServeProcess(settings)
+    client = ManagementClient(torchserve.management_url, lambda: torchserve.tokens.management)
+    return lambda: client
+
+
+def standalone_service(control: ControlConfig, settings) -> ControlService:
+    """The control service alone, deploying to the TorchServe of ``settings``."""
+    return ControlService(control, ControlPlane(control, settings, standalone_management(settings)))

@@ -1,0 +1,226 @@
+"""The control API's gRPC server: a thin servicer, one error interceptor, health, reflection.
+
+Two steps, so tests bind port 0 and call through a real channel::
+
+    server, port = create_server(config, plane)   # plane: a ControlPlane (the deps)
+    server.start()
+    ...
+    stop_server(server)
+
+:class:`ControlService` runs both steps with the plane's own start and stop.
+
+The servicer only translates messages (:mod:`service.control.messages`) to and from
+:class:`~service.control.plane.ControlPlane` calls. Every exception leaving it is turned
+into a status in one place, :class:`ErrorInterceptor`, through
+:func:`service.errors.grpc_status`: a named error keeps its message; anything else is
+INTERNAL with a generic message (and its traceback in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service._gen.modelctl.v1 import control_pb2 as pb
+from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
+from service.control import messages
+from service.errors import ServiceError, Unavailable, grpc_status
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelControl"].full_name  # "modelctl.v1.ModelControl"
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def _abort(context, exc: BaseException, method: str) -> None:
+    code = grpc_status(exc)
+    if isinstance(exc, ServiceError):
+        log.info("%s: %s %s", method, code.name, exc.message)
+        message = exc.message
+    else:
+        log.exception("%s failed", method, exc_info=exc)
+        message = f"internal error ({type(exc).__name__}); see the control service's log"
+    context.abort(code, message)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """The one place where exceptions become gRPC statuses (unary and streaming calls)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _guard_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _guard_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # no client-streaming calls in this API
+
+
+def _guard_unary(behavior, method):
+    def call(request, context):
+        try:
+            return behavior(request, context)
+        except Exception as exc:  # noqa: BLE001 - the one mapping point
+            _abort(context, exc, method)
+    return call
+
+
+def _guard_stream(behavior, method):
+    def call(request, context):
+        try:
+            yield from behavior(request, context)
+        except Exception as exc:  # noqa: BLE001 - the one mapping point
+            _abort(context, exc, method)
+    return call
+
+
+# ---- the servicer -------------------------------------------------------------------------------
+class ModelControlServicer(pb_grpc.ModelControlServicer):
+    """``modelctl.v1.ModelControl`` over a ControlPlane: translation only."""
+
+    def __init__(self, plane):
+        self.plane = plane
+
+    def CreateFineTuneJob(self, request, context):
+        job = self.plane.create_job(messages.spec_of(request),
+                                    deploy_policy=messages.policy_of(request.deploy_policy),
+                                    deploy_workers=request.deploy_workers, runner=request.runner)
+        return messages.job_message(job)
+
+    def GetFineTuneJob(self, request, context):
+        return messages.job_message(self.plane.get_job(request.job_id))
+
+    def ListFineTuneJobs(self, request, context):
+        jobs, token = self.plane.list_jobs(states=messages.states_of(request.states),
+                                           output_model=request.output_model,
+                                           page_size=request.page_size, page_token=request.page_token)
+        return pb.ListFineTuneJobsResponse(jobs=[messages.job_message(j) for j in jobs], next_page_token=token)
+
+    def CancelFineTuneJob(self, request, context):
+        return messages.job_message(self.plane.cancel_job(request.job_id))
+
+    def WatchFineTuneJob(self, request, context):
+        for update in self.plane.watch_job(request.job_id, skip_history=request.skip_history,
+                                           active=context.is_active):
+            yield messages.update_message(update)
+
+    def ListModels(self, request, context):
+        views, available = self.plane.list_models(request.name)
+        return pb.ListModelsResponse(versions=[messages.model_version_message(v) for v in views],
+                                     serving_available=available)
+
+    def DeployModel(self, request, context):
+        return messages.deployment_message(self.plane.deploy(request.name, request.version,
+                                                             workers=request.workers,
+                                                             timeout_s=request.timeout_s))
+
+    def RollbackModel(self, request, context):
+        return messages.deployment_message(self.plane.rollback(request.name, request.version,
+                                                               workers=request.workers))
+
+
+# ---- the server -----------------------------------------------------------------------------------
+def create_server(config, deps) -> tuple[grpc.Server, int]:
+    """A gRPC server for ``deps`` (a ControlPlane) bound to ``config.host:config.port``
+    (port 0: a free one), not started. Returns it with its port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="modelctl-grpc"),
+        interceptors=[ErrorInterceptor()],
+        options=[("grpc.so_reuseport", 0)],  # a busy port is an error, not a shared one
+    )
+    pb_grpc.add_ModelControlServicer_to_server(ModelControlServicer(deps), server)
+    health_servicer = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise Unavailable(f"cannot bind the control API to {address}: {exc}") from None
+    if not port:
+        raise Unavailable(f"cannot bind the control API to {address}")
+    server._modelctl_health = health_servicer  # for stop_server
+    return server, port
+
+
+def stop_server(server: grpc.Server, grace_s: float = 2.0) -> None:
+    """Health NOT_SERVING, then stop (running calls get ``grace_s`` to end)."""
+    health_servicer = getattr(server, "_modelctl_health", None)
+    if health_servicer is not None:
+        health_servicer.enter_graceful_shutdown()
+    server.stop(grace_s).wait()
+
+
+class ControlService:
+    """The control API running: its plane (scheduler) and its gRPC server."""
+
+    def __init__(self, config, plane):
+        self.config = config
+        self.plane = plane
+        self.server: grpc.Server | None = None
+        self.port: int | None = None
+        self._stop = threading.Event()
+
+    @property
+    def target(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+        return f"{host}:{self.port}"
+
+    def bind(self) -> int:
+        """Create the server and bind its port (fails early if the port is taken)."""
+        if self.server is None:
+            self.server, self.port = create_server(self.config, self.plane)
+        return self.port
+
+    def start(self) -> "ControlService":
+        self.bind()
+        try:
+            self.plane.start()
+            self.server.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, *, stop_jobs: bool = True) -> None:
+        self._stop.set()
+        if self.server is not None:
+            stop_server(self.server)
+            self.server = None
+        self.plane.stop(stop_jobs=stop_jobs)
+
+    def describe(self) -> str:
+        c = self.plane.config
+        return (f"control API on {self.target} (max {c.max_concurrent_jobs} concurrent job(s); "
+                f"jobs {c.db_path}; runs {c.runs_dir})")
+
+    def run_forever(self) -> None:
+        """Start, log one ready line, block until SIGINT/SIGTERM, stop."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda signum, frame: self._stop.set())
+        try:
+            self.start()
+            log.info("ready: %s", self.describe())
+            self._stop.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

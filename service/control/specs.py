@@ -1,0 +1,85 @@
+"""Run specs as the control API receives them: text or a structured value, validated up front.
+
+The trainer's own validation (:meth:`service.training.spec.RunSpec.from_dict`, against the
+service's data roots and bounds) decides; an error is its ``InvalidSpec`` naming the
+dotted field. On top of it, the control API checks what the trainer would only find once
+started: the base model must exist (NotFound) and a fixed output version must not
+(AlreadyExists). A base given without a version is pinned to the version that is latest
+when the job is created. The trainer is imported lazily: it pulls in torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from service.errors import AlreadyExists, InvalidSpec
+
+
+def parse_text(text: str) -> Any:
+    """A JSON or YAML document (JSON first); InvalidSpec("spec") if it is neither."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidSpec("spec", "is empty: give the run spec as JSON or YAML text, or as a struct")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as json_error:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidSpec("spec", f"neither JSON ({json_error.msg}) nor YAML ({first})") from None
+        if isinstance(data, str):  # a bare YAML scalar: surely meant as JSON
+            raise InvalidSpec("spec", f"not a JSON object: {json_error.msg} at line {json_error.lineno}")
+        return data
+
+
+def whole_numbers(value: Any) -> Any:
+    """A structured value with every integral float as an int (protobuf Struct numbers are
+    doubles; the spec wants ``epochs: 2``, not ``2.0``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
+
+
+def policy_for(config):
+    """The trainer's Policy for this service: its data roots, default bounds."""
+    from service.training.spec import Policy
+
+    return Policy(tuple(config.data_roots))
+
+
+def validate(data: Any, policy, model_store):
+    """The validated ``RunSpec`` of ``data``; InvalidSpec / NotFound / AlreadyExists."""
+    from service.training.spec import RunSpec
+
+    if not isinstance(data, dict):
+        raise InvalidSpec("spec", f"must be an object with keys base|model, dataset, hyperparameters, "
+                                  f"output; got {type(data).__name__}")
+    spec = RunSpec.from_dict(data, policy)
+    if spec.base is not None:
+        name, version = spec.base_ref
+        info = model_store.get(name, version)  # NotFound names the model and its versions
+        if version is None:  # pin the base: the job trains on the version latest now
+            spec = RunSpec.from_dict({**data, "base": f"{name}:{info.version}"}, policy)
+    out = spec.output
+    if out.version is not None and out.version in model_store.versions(out.name):
+        raise AlreadyExists(f"output.version: model {out.name!r} version {out.version} exists; "
+                            "versions are immutable")
+    return spec
+
+
+def write_spec(spec, run_dir: Path, filename: str) -> Path:
+    """The validated spec as the trainer reads it, in the job's run directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / filename
+    tmp = path.with_name(f".{filename}.tmp")
+    tmp.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
