@@ -28,6 +28,39 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=dest, type=typ, default=None, help=text)
 
 
+CONTROL_FLAGS = {
+    # flag: (ControlConfig field, type, help)
+    "--control-port": ("port", int, "control API (gRPC) port [MODELCTL_CONTROL_PORT, 50051]"),
+    "--max-concurrent-jobs": ("max_concurrent_jobs", int, "fine-tuning jobs run at once [1]"),
+    "--data-root": ("data_roots", Path, "a directory run specs may read datasets from (repeatable) "
+                    "[MODELCTL_DATA_ROOTS, .]"),
+}
+
+
+def _add_control_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, (dest, typ, text) in CONTROL_FLAGS.items():
+        action = "append" if dest == "data_roots" else "store"
+        parser.add_argument(flag, dest=f"control_{dest}", type=typ, default=None, action=action, help=text)
+
+
+def _control_config(args):
+    from service.control.config import ControlConfig
+
+    return ControlConfig.from_env(**{dest: getattr(args, f"control_{dest}", None)
+                                     for dest, _, _ in CONTROL_FLAGS.values()})
+
+
+def _add_target_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--control", default=None,
+                        help="control API address [MODELCTL_CONTROL_TARGET, 127.0.0.1:$MODELCTL_CONTROL_PORT]")
+
+
+def _control_client(args):
+    from service.control.client import ControlClient
+
+    return ControlClient(args.control)
+
+
 def _settings(args):
     from service.serving.settings import ServeSettings
 
@@ -37,9 +70,9 @@ def _settings(args):
 
 # ---- commands ----------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from service.serving.supervisor import Serving
+    from service.control.serve import ServingWithControl
 
-    Serving(_settings(args)).run_forever()
+    ServingWithControl(_settings(args), _control_config(args)).run_forever()
     return 0
 
 
@@ -104,6 +137,68 @@ def cmd_finetune_run(args) -> int:
                        data_roots=args.data_root)
 
 
+def cmd_finetune_create(args) -> int:
+    from service.control import display
+
+    with _control_client(args) as client:
+        job = client.create_job(Path(args.spec), deploy=args.deploy, workers=args.workers)
+        print(display.job_line(job), flush=True)
+        if args.watch:
+            return display.follow(client.watch(job.id), sys.stdout)
+    return 0
+
+
+def cmd_finetune_list(args) -> int:
+    from service.control import display
+
+    with _control_client(args) as client:
+        reply = client.list_jobs(states=[s.upper() for s in args.state or []], output_model=args.model or "",
+                                 page_size=args.limit)
+    print(display.jobs_table(reply.jobs))
+    return 0
+
+
+def cmd_finetune_get(args) -> int:
+    from service.control import display
+
+    with _control_client(args) as client:
+        job = client.get_job(args.job_id)
+    print(display.as_json(job) if args.json else display.job_line(job))
+    return 0
+
+
+def cmd_finetune_watch(args) -> int:
+    from service.control import display
+
+    with _control_client(args) as client:
+        return display.follow(client.watch(args.job_id, skip_history=args.new_only), sys.stdout)
+
+
+def cmd_finetune_cancel(args) -> int:
+    from service.control import display
+
+    with _control_client(args) as client:
+        print(display.job_line(client.cancel_job(args.job_id)))
+    return 0
+
+
+def cmd_models_deploy(args) -> int:
+    from service.control import display
+
+    with _control_client(args) as client:
+        print(display.deployment_line(client.deploy(args.name, args.version, workers=args.workers,
+                                                    timeout_s=args.timeout)))
+    return 0
+
+
+def cmd_models_rollback(args) -> int:
+    from service.control import display
+
+    with _control_client(args) as client:
+        print(display.deployment_line(client.rollback(args.name, args.to or 0, workers=args.workers)))
+    return 0
+
+
 def cmd_predict(args) -> int:
     from service.client import PredictionClient, read_token
 
@@ -134,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="start TorchServe and the gRPC gateway; serve every archive")
+    p = sub.add_parser("serve", help="start TorchServe, the gRPC gateway and the control API; serve every archive")
     _add_serve_flags(p)
+    _add_control_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="build three archives, serve them, predict over REST and gRPC")
@@ -171,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models_list)
+    p = models.add_parser("deploy", help="register a version with TorchServe, wait for READY workers, make it "
+                          "the default (control API)")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--workers", type=int, default=0, help="workers for the version (default: the service's)")
+    p.add_argument("--timeout", type=float, default=0.0, help="seconds to wait for READY (default: the service's)")
+    _add_target_flag(p)
+    p.set_defaults(func=cmd_models_deploy)
+    p = models.add_parser("rollback", help="restore the default before the latest deployment (control API)")
+    p.add_argument("name")
+    p.add_argument("--to", type=int, default=None, help="roll back to this version instead")
+    p.add_argument("--workers", type=int, default=0)
+    _add_target_flag(p)
+    p.set_defaults(func=cmd_models_rollback)
 
     finetune = sub.add_parser("finetune", help="fine-tuning runs").add_subparsers(dest="finetune_cmd", required=True)
     p = finetune.add_parser("run", help="run a fine-tuning spec in the foreground; a new archive version at the end")
@@ -181,6 +291,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", action="append", default=None,
                    help="a directory datasets may be read from (repeatable) [$MODELCTL_DATA_ROOTS, .]")
     p.set_defaults(func=cmd_finetune_run)
+    p = finetune.add_parser("create", help="submit a run spec as a job to the control API")
+    p.add_argument("spec", help="run spec, JSON or YAML")
+    p.add_argument("--deploy", choices=["none", "deploy", "deploy-if-better"], default="none",
+                   help="what to do with the new version [none]")
+    p.add_argument("--workers", type=int, default=0, help="workers of the deployed version (default: the service's)")
+    p.add_argument("--watch", action="store_true", help="then follow it until it ends")
+    _add_target_flag(p)
+    p.set_defaults(func=cmd_finetune_create)
+    p = finetune.add_parser("list", help="jobs, newest first")
+    p.add_argument("--state", action="append", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    p.add_argument("--model", default=None, help="only jobs writing this model")
+    p.add_argument("--limit", type=int, default=50)
+    _add_target_flag(p)
+    p.set_defaults(func=cmd_finetune_list)
+    p = finetune.add_parser("get", help="one job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    _add_target_flag(p)
+    p.set_defaults(func=cmd_finetune_get)
+    p = finetune.add_parser("watch", help="follow a job live: state changes and epochs")
+    p.add_argument("job_id")
+    p.add_argument("--new-only", action="store_true", help="skip the epochs done so far")
+    _add_target_flag(p)
+    p.set_defaults(func=cmd_finetune_watch)
+    p = finetune.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job_id")
+    _add_target_flag(p)
+    p.set_defaults(func=cmd_finetune_cancel)
     return parser
 
 
