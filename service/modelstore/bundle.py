@@ -7,7 +7,9 @@ Nothing in it is pickled code: weights are read back with ``weights_only=True``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,18 @@ LABELS_FILE = "labels.json"
 VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "weights.pt"
 LINEAGE_FILE = "lineage.json"
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A digest of the weights themselves (names, dtypes, shapes, values), independent of
+    how they were serialised: a precision check names the weights it was run on with it."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass

@@ -17,12 +17,14 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import service
 from service.errors import AlreadyExists, InvalidSpec, NotFound
-from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle
+from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, state_dict_sha256
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 ARCHIVE_SUFFIX = ".mar"
@@ -44,13 +46,37 @@ def validate_model_name(name: str) -> str:
     return name
 
 
+#: Precisions a worker can run a model in. Anything but fp32 needs a passed agreement check.
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: Least top-1 agreement with fp32, on held-out data, that admits a reduced precision.
+MIN_AGREEMENT = 0.99
+
+
 @dataclass(frozen=True)
 class ServingOptions:
-    """Per-model TorchServe options, written into the archive's model-config.yaml."""
+    """Per-model serving options, written into the archive's model-config.yaml and lineage.
+
+    ``batch_size`` and ``max_batch_delay_ms`` drive TorchServe's batching. The fast-path
+    options are read by the worker from the archive's lineage (``serving``):
+
+    * ``precision``: "fp32" (default), "bf16" (CPUs with native bf16, GPUs) or "fp16"
+      (GPUs). A reduced precision needs ``precision_check``: the record of
+      ``service.inference.check_precision`` run on this bundle's weights with held-out
+      inputs. A failed check is recorded as well, and the worker then runs fp32.
+    * ``channels_last``: NHWC activations and weights (image models).
+    * ``compile``: ``torch.compile`` at load (image models), its compile paid in the
+      worker's initialize and cached on disk.
+
+    Turn each on only where measured faster for the model (``make bench``).
+    """
 
     batch_size: int = 8
     max_batch_delay_ms: int = 5
     response_timeout_s: int = 120
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    precision_check: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         for key in ("batch_size", "response_timeout_s"):
@@ -58,13 +84,50 @@ class ServingOptions:
                 raise InvalidSpec(key, "must be >= 1")
         if self.max_batch_delay_ms < 0:
             raise InvalidSpec("max_batch_delay_ms", "must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise InvalidSpec("precision", f"unknown precision {self.precision!r}", allowed=PRECISIONS)
+        for key in ("channels_last", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidSpec(key, "must be true or false")
+        check = self.precision_check
+        if self.precision != "fp32":
+            if not isinstance(check, Mapping):
+                raise InvalidSpec(
+                    "precision_check",
+                    f"precision {self.precision} needs the record of an agreement check with fp32 on "
+                    "held-out data (service.inference.check_precision)",
+                )
+            if check.get("precision") != self.precision:
+                raise InvalidSpec(
+                    "precision_check",
+                    f"the check was run for {check.get('precision')!r}, not {self.precision!r}",
+                )
+        if check is not None:
+            object.__setattr__(self, "precision_check", dict(check))
 
     def to_yaml(self) -> str:
+        # TorchServe hands the ``handler`` section to the handler (context.model_yaml_config);
+        # the worker reads the same options, and the check, from the archive's lineage.
         return (
             f"batchSize: {self.batch_size}\n"
             f"maxBatchDelay: {self.max_batch_delay_ms}\n"
             f"responseTimeout: {self.response_timeout_s}\n"
+            "handler:\n"
+            f"  precision: {self.precision}\n"
+            f"  channels_last: {str(self.channels_last).lower()}\n"
+            f"  compile: {str(self.compile).lower()}\n"
         )
+
+    def lineage(self) -> dict:
+        """The ``serving`` record of the lineage: the options and the precision check."""
+        return {
+            "batch_size": self.batch_size,
+            "max_batch_delay_ms": self.max_batch_delay_ms,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+            "precision_check": dict(self.precision_check) if self.precision_check is not None else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -168,6 +231,9 @@ class ModelStore:
             raise InvalidSpec("version", f"must be an integer >= 1, got {version!r}")
         bundle.validate()
         options = options or ServingOptions()
+        check = options.precision_check
+        if check is not None and check.get("weights_sha256") != state_dict_sha256(bundle.state_dict):
+            raise InvalidSpec("precision_check", "was run on other weights than this bundle's")
         with self._locked(name) as model_dir:
             existing = self._versions_in(model_dir)
             if version is None:
@@ -202,16 +268,15 @@ class ModelStore:
             "task": bundle.spec.task,
             "num_classes": bundle.spec.num_classes,
             "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest(),
-            "serving": {
-                "batch_size": options.batch_size,
-                "max_batch_delay_ms": options.max_batch_delay_ms,
-            },
             "code_version": service.__version__,
             "parent": None,
             "source": "archive",
         }
         record.update(bundle.lineage)  # the caller's facts (parent, dataset, metrics...) win
         record["name"], record["version"] = name, version
+        # ...but not over how this archive is served: a bundle read back from an older
+        # archive carries that archive's options and precision check.
+        record["serving"] = options.lineage()
         return record
 
     @staticmethod
