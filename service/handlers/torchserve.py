@@ -12,12 +12,16 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 
 from service.errors import ServiceError
 from service.inference import Predictor
+from service.inference.fastpath import configure_compile_cache
+from service.metrics import MULTIPROC_ENV
 from service.metrics.handler import HandlerMetrics
+from service.modelstore.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,21 @@ def select_device(gpu_id) -> torch.device:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{int(gpu_id)}")
     return torch.device("cpu")
+
+
+def compile_cache_default() -> Path | None:
+    """Where compiled graphs persist across restarts when nothing else says:
+    ``<state dir>/compile-cache``. ``service.serving`` gives every worker
+    ``PROMETHEUS_MULTIPROC_DIR=<state dir>/prometheus``; TORCHINDUCTOR_CACHE_DIR or
+    MODELCTL_COMPILE_CACHE_DIR, when set, win (see fastpath.configure_compile_cache)."""
+    metrics_dir = os.environ.get(MULTIPROC_ENV)
+    return Path(metrics_dir).parent / "compile-cache" if metrics_dir else None
+
+
+def warm_up_sizes(batch_size: int, compiled: bool) -> list[int]:
+    """Batch sizes to run at load: every size TorchServe can hand a compiled model (one
+    static graph each, cached on disk), the smallest and largest for an eager one."""
+    return list(range(1, batch_size + 1)) if compiled else sorted({1, batch_size})
 
 
 def _status_phrase(message: str) -> str:
@@ -56,17 +75,26 @@ class TorchServeHandler:
         props = context.system_properties
         device = select_device(props.get("gpu_id"))
         model = (context.manifest or {}).get("model", {})
-        self.predictor = Predictor.from_dir(
-            props["model_dir"],
+        bundle = ModelBundle.load(Path(props["model_dir"]))
+        if (bundle.lineage.get("serving") or {}).get("compile"):
+            configure_compile_cache(compile_cache_default())
+        self.predictor = Predictor(
+            bundle,
             device,
             name=model.get("modelName", context.model_name),
             version=model.get("modelVersion", ""),
         )
+        p = self.predictor
+        for note in p.runtime_notes:
+            logger.info("%s version %s: %s", p.name, p.version, note)
+        # Pay for compilation and kernel selection now, not on the first requests.
+        batch_size = int(props.get("batch_size") or 1)
+        took = p.warm_up(warm_up_sizes(batch_size, p.runtime.compile))
         self.metrics = HandlerMetrics.create()
         logger.info(
-            "loaded %s version %s (%s) on %s with %d torch threads",
-            self.predictor.name, self.predictor.version, self.predictor.spec.family,
-            device, torch.get_num_threads(),
+            "loaded %s version %s (%s) on %s with %d torch threads; %s; warm-up %s",
+            p.name, p.version, p.spec.family, device, torch.get_num_threads(),
+            p.runtime.to_dict(), {n: round(s, 3) for n, s in took.items()},
         )
 
     def handle(self, data: list[dict], context) -> list[str]:

@@ -1,5 +1,8 @@
 """Engine-independent inference: decode, preprocess, batch, forward, top-k."""
 
+from service.inference.fastpath import RuntimeOptions, resolve_runtime
 from service.inference.predictor import BatchResult, Predictor, parse_k
+from service.inference.precision import PrecisionCheck, check_precision
 
-__all__ = ["BatchResult", "Predictor", "parse_k"]
+__all__ = ["BatchResult", "PrecisionCheck", "Predictor", "RuntimeOptions", "check_precision", "parse_k",
+           "resolve_runtime"]

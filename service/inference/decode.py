@@ -65,7 +65,8 @@ def decode_image_bytes(data: bytes | bytearray, channels: int, max_pixels: int =
     """Decode JPEG/PNG bytes into a uint8 tensor (channels, H, W) with torchvision.io."""
     if not data:
         raise InvalidInput("empty image")
-    data = bytes(data)
+    # torch.frombuffer needs a writable buffer: TorchServe hands bytearrays, used as they are.
+    data = data if isinstance(data, bytearray) else bytearray(data)
     width, height = image_size(data)
     if width == 0 or height == 0:
         raise InvalidInput(f"image has a zero dimension ({width}x{height})")
@@ -73,7 +74,7 @@ def decode_image_bytes(data: bytes | bytearray, channels: int, max_pixels: int =
         raise PayloadTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        return decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=mode)
     except (RuntimeError, ValueError) as exc:
         raise InvalidInput(f"cannot decode image: {str(exc).splitlines()[0]}") from exc
 

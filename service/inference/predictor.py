@@ -7,10 +7,19 @@ payloads, calls :meth:`Predictor.predict`, and writes the answers back.
 A payload is what one request carried: a mapping of input names to values. Values are
 raw bytes (an image, or a JSON/text body), text, or JSON already decoded by the engine.
 The name ``k`` is reserved for the number of labels to return.
+
+The fast path: images are decoded one by one with ``torchvision.io`` and then resized,
+cropped and normalised as one batch per image size (the shared eval transform applied to
+a stacked batch: the same tensors as one image at a time); the batch is built once, in the
+model's memory format; the forward runs in the precision, memory format and compilation
+that :func:`service.inference.fastpath.resolve_runtime` allows for the archive; and the
+answers cross from the device in one transfer per batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +30,11 @@ import torch
 
 from service.errors import InvalidInput, PayloadTooLarge, ServiceError
 from service.inference import decode
+from service.inference.fastpath import RuntimeOptions, configure_compile_cache, resolve_runtime
 from service.models import image_eval_transform, load_model
 from service.modelstore.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
 
 DEFAULT_K = 5
 MAX_K = 1000
@@ -67,7 +79,14 @@ def parse_k(value: Any, num_classes: int) -> int:
 
 
 class Predictor:
-    """Decode, preprocess, batch, forward on one device, and answer top-k with labels."""
+    """Decode, preprocess, batch, forward on one device, and answer top-k with labels.
+
+    ``runtime`` None (what a worker passes) takes the archive's options from the bundle's
+    lineage, with a reduced precision only where its agreement check passed
+    (:func:`~service.inference.fastpath.resolve_runtime`; ``runtime_notes`` say what was
+    refused). An explicit ``runtime`` is used as given: the agreement check and the
+    benchmarks use that to run a precision before any check admitted it.
+    """
 
     def __init__(
         self,
@@ -79,6 +98,7 @@ class Predictor:
         max_items_per_request: int = 64,
         max_batch: int = 64,
         max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+        runtime: RuntimeOptions | None = None,
     ):
         self.spec = bundle.spec
         self.labels = list(bundle.labels)
@@ -89,13 +109,57 @@ class Predictor:
         self.max_items_per_request = max_items_per_request
         self.max_batch = max_batch
         self.max_pixels = max_pixels
+        image = self.spec.modality == "image"
+        if runtime is None:
+            runtime, self.runtime_notes = resolve_runtime(bundle.lineage, bundle.state_dict, self.device,
+                                                          self.spec.modality)
+        else:
+            self.runtime_notes = []
+            if not image and (runtime.channels_last or runtime.compile):
+                raise ValueError("channels_last and compile apply to image models only")
+        self.runtime = runtime
+        self._autocast = runtime.autocast_dtype
+        self._memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         self.model = load_model(self.spec, bundle.state_dict).to(self.device).eval()
-        self._transform = image_eval_transform(self.spec.input) if self.spec.modality == "image" else None
+        if runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._transform = image_eval_transform(self.spec.input) if image else None
+        self._run = self._compile() if runtime.compile else self.model
+        self._compiled_sizes: set[int] = set()
 
     @classmethod
     def from_dir(cls, directory: Path | str, device: str | torch.device = "cpu", **kwargs) -> "Predictor":
         """Build from an unpacked archive or a saved bundle directory."""
         return cls(ModelBundle.load(Path(directory)), device, **kwargs)
+
+    def _compile(self):
+        configure_compile_cache()
+        # Static shapes, one graph per batch size (warm_up compiles those the engine sends);
+        # freezing folds the weights (and their bf16 casts) into constants.
+        return torch.compile(self.model, dynamic=False, options={"freezing": True})
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> dict[int, float]:
+        """Run a forward per batch size, so that compilation (and oneDNN's kernel choice)
+        happens at load, not on the first requests. Returns seconds per batch size."""
+        took = {}
+        for n in sorted({max(1, min(int(b), self.max_batch)) for b in batch_sizes}):
+            start = time.perf_counter()
+            self._forward(self._dummy(n))
+            took[n] = time.perf_counter() - start
+            if self.runtime.compile:
+                self._compiled_sizes.add(n)
+        return took
+
+    def _dummy(self, n: int) -> tuple[torch.Tensor, ...]:
+        if self.spec.modality == "image":
+            inp = self.spec.input
+            x = torch.zeros((n, inp.channels, inp.size, inp.size), dtype=torch.float32)
+            return (x.contiguous(memory_format=self._memory_format),)
+        if self.spec.sequence_kind == "features":
+            x = torch.zeros((n, 4, self.spec.config.input_size), dtype=torch.float32)
+        else:
+            x = torch.zeros((n, 4), dtype=torch.long)
+        return x, torch.full((n,), 4, dtype=torch.long)
 
     # ---- parsing -------------------------------------------------------------------
     def parse(self, payload: Mapping[str, Any], k: Any = None) -> ParsedRequest:
@@ -125,12 +189,12 @@ class Predictor:
         return ParsedRequest(items, names, parse_k(k_value, self.spec.num_classes))
 
     def _image(self, key: str, value: Any) -> torch.Tensor:
+        """Decoded uint8 (C, H, W); the transform runs per batch in :meth:`preprocess`."""
         if not isinstance(value, (bytes, bytearray)):
             raise InvalidInput(
                 f"input {key!r}: expected JPEG or PNG bytes, got {type(value).__name__}"
             )
-        image = decode.decode_image_bytes(value, self.spec.input.channels, self.max_pixels)
-        return self._transform(image)
+        return decode.decode_image_bytes(value, self.spec.input.channels, self.max_pixels)
 
     def _sequences(self, key: str, value: Any) -> tuple[list[torch.Tensor], Any]:
         body_k = None
@@ -160,23 +224,63 @@ class Predictor:
         return seqs, body_k
 
     # ---- running -------------------------------------------------------------------
+    def preprocess(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Decoded uint8 images -> one normalised float batch (N, C, size, size).
+
+        Images that share a size are transformed as one batch by the shared eval
+        transform; a size seen once is transformed alone. The batch comes out in the
+        model's memory format.
+        """
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape), []).append(i)
+        if len(groups) == 1:
+            stacked = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(list(images))
+            return self._transform(stacked).contiguous(memory_format=self._memory_format)
+        inp = self.spec.input
+        out = torch.empty((len(images), inp.channels, inp.size, inp.size), dtype=torch.float32)
+        out = out.contiguous(memory_format=self._memory_format)
+        for indices in groups.values():
+            if len(indices) == 1:
+                out[indices[0]] = self._transform(images[indices[0]])
+            else:
+                out[indices] = self._transform(torch.stack([images[i] for i in indices]))
+        return out
+
     def collate(self, items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Model arguments for a list of preprocessed items (padding sequences)."""
+        """Model arguments for a list of parsed items (images preprocessed, sequences padded)."""
         if self.spec.modality == "image":
-            return (torch.stack(list(items)),)
+            return (self.preprocess(items),)
         lengths = torch.tensor([len(x) for x in items], dtype=torch.long)
         padded = torch.nn.utils.rnn.pad_sequence(list(items), batch_first=True, padding_value=0)
         return padded, lengths
 
     @torch.inference_mode()
+    def _forward(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x = args[0].to(self.device, non_blocking=True)
+        autocast = (torch.autocast(self.device.type, dtype=self._autocast) if self._autocast is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            return self._run(x, *args[1:]) if len(args) > 1 else self._run(x)
+
+    def run(self, items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+        """Logits (N, num_classes) for parsed items, in chunks of ``max_batch``; also the
+        seconds spent preprocessing (collating) and in the forward."""
+        outs, prep, infer = [], 0.0, 0.0
+        # A compiled model runs the batch sizes compiled at warm-up: larger inputs go in
+        # chunks of the largest, so no request waits for a compilation.
+        chunk = max(self._compiled_sizes) if self._compiled_sizes else self.max_batch
+        for start in range(0, len(items), chunk):
+            t0 = time.perf_counter()
+            args = self.collate(items[start : start + chunk])
+            t1 = time.perf_counter()
+            outs.append(self._forward(args))
+            prep, infer = prep + t1 - t0, infer + time.perf_counter() - t1
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), prep, infer
+
     def forward(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Logits (N, num_classes) for preprocessed items, in chunks of ``max_batch``."""
-        outs = []
-        for start in range(0, len(items), self.max_batch):
-            args = self.collate(items[start : start + self.max_batch])
-            x = args[0].to(self.device, non_blocking=True)
-            outs.append(self.model(x, *args[1:]) if len(args) > 1 else self.model(x))
-        return torch.cat(outs)
+        """Logits (N, num_classes) for parsed items (decoded images or sequences)."""
+        return self.run(items)[0]
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities per task: softmax (multiclass), sigmoid (multilabel), raw (regression)."""
@@ -197,26 +301,31 @@ class Predictor:
             except ServiceError as exc:
                 outputs[i] = exc
         items = [item for _, req in parsed for item in req.items]
-        t1 = time.perf_counter()
-        timings = {"preprocess": t1 - t0, "inference": 0.0, "postprocess": 0.0}
+        timings = {"preprocess": time.perf_counter() - t0, "inference": 0.0, "postprocess": 0.0}
         if items:
-            logits = self.forward(items)
+            logits, prep, infer = self.run(items)
             t2 = time.perf_counter()
             self._answer(parsed, self.scores(logits), outputs)
-            timings["inference"] = t2 - t1
+            timings["preprocess"] += prep
+            timings["inference"] = infer
             timings["postprocess"] = time.perf_counter() - t2
         return BatchResult(outputs, timings, len(items))
 
     def _answer(self, parsed, scores: torch.Tensor, outputs: list) -> None:
+        # One transfer from the device, and one tolist, per batch: top-k values and
+        # indices (exact in float32 below 2**24 classes) and multilabel flags travel together.
         if self.spec.task == "regression":
-            rows = scores.cpu().tolist()
-            top = None
+            rows, top, positive = scores.cpu().tolist(), None, None
         else:
             k_max = max(req.k for _, req in parsed)
             values, indices = torch.topk(scores, k_max, dim=1)
+            parts = [values, indices.to(values.dtype)]
+            if self.spec.task == "multilabel":
+                parts.append(torch.ge(scores, 0.5).to(values.dtype))
+            packed = torch.cat(parts, dim=1).cpu().tolist()
             rows = None
-            top = (values.cpu().tolist(), indices.cpu().tolist())
-            positive = torch.ge(scores, 0.5).cpu().tolist() if self.spec.task == "multilabel" else None
+            top = [(r[:k_max], [int(j) for j in r[k_max : 2 * k_max]]) for r in packed]
+            positive = [r[2 * k_max :] for r in packed] if self.spec.task == "multilabel" else None
         row = 0
         for i, req in parsed:
             predictions = []
@@ -225,7 +334,7 @@ class Predictor:
                 if top is None:
                     entry["values"] = rows[row]
                 else:
-                    vals, idxs = top[0][row][: req.k], top[1][row][: req.k]
+                    vals, idxs = top[row][0][: req.k], top[row][1][: req.k]
                     entry["top_k"] = [
                         {"label": self.labels[j], "index": j, "probability": p} for p, j in zip(vals, idxs)
                     ]
