@@ -16,7 +16,6 @@ from service.control.config import ControlConfig
 from service.control.plane import ControlPlane
 from service.control.server import ControlService
 from service.errors import Unavailable
-from service.serving import readiness
 from service.serving.supervisor import Serving
 
 log = logging.getLogger(__name__)
@@ -37,25 +36,12 @@ class ServingWithControl(Serving):
 
     def start(self):
         self.control.bind()
-        return super().start()  # ends in wait_ready, below
+        return super().start()  # ends in wait_ready, which starts the control service
 
-    def wait_ready(self, timeout_s: float | None = None):
-        """Wait for the store's versions, start the control service, log one line."""
-        timeout_s = self.settings.startup_timeout_s if timeout_s is None else timeout_s
-        self.report = readiness.wait_until_ready(self.mgmt, self.expected, timeout_s)
+    def _after_workers_settled(self) -> None:
+        """The job scheduler starts once the store's versions are READY (or settled)."""
         if not self.control.plane._started:
             self.control.start()
-        not_ready = [r for r in self.report if not r.ready]
-        endpoints = ", ".join(f"{k} {v}" for k, v in self.endpoints().items())
-        jobs = self.control.plane.config
-        if not not_ready:
-            log.info("serving %d model version(s), every worker READY; control API up (max %d concurrent "
-                     "job(s), jobs in %s): %s", len(self.report), jobs.max_concurrent_jobs, jobs.db_path,
-                     endpoints)
-        else:
-            log.warning("not ready after %.0fs: %s (logs: %s); control API up: %s", timeout_s,
-                        readiness.summary(not_ready), self.torchserve.log_path, endpoints)
-        return self.report
 
     def stop(self) -> None:
         try:

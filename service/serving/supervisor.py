@@ -96,16 +96,19 @@ class Serving:
         """Wait until every archive of the store is ready; log the outcome once."""
         timeout_s = self.settings.startup_timeout_s if timeout_s is None else timeout_s
         self.report = readiness.wait_until_ready(self.mgmt, self.expected, timeout_s)
+        self._after_workers_settled()
         not_ready = [r for r in self.report if not r.ready]
-        ep = self.endpoints()
+        endpoints = ", ".join(f"{k} {v}" for k, v in self.endpoints().items())
         if not not_ready:
-            log.info("serving %d model version(s), every worker READY: REST %s, gRPC %s, "
-                     "management %s, metrics %s and %s", len(self.report), ep["rest"],
-                     ep["grpc"], ep["management"], ep["exporter"], ep["metrics"])
+            log.info("serving %d model version(s), every worker READY: %s",
+                     len(self.report), endpoints)
         else:
-            log.warning("not ready after %.0fs: %s (logs: %s)", timeout_s,
-                        readiness.summary(not_ready), self.torchserve.log_path)
+            log.warning("not ready after %.0fs: %s (logs: %s); endpoints: %s", timeout_s,
+                        readiness.summary(not_ready), self.torchserve.log_path, endpoints)
         return self.report
+
+    def _after_workers_settled(self) -> None:
+        """Hook: start what needs the registered workers (the control service does)."""
 
     def stop(self) -> None:
         """Stop the gateway, then TorchServe (and every worker). Idempotent."""
