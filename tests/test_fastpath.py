@@ -289,11 +289,19 @@ def test_compiled_channels_last_answers_match_eager_and_cache_on_disk(tmp_path, 
     bundle = make_bundle("cnn")
     eager = Predictor(bundle, runtime=RuntimeOptions("fp32"))
     compiled = Predictor(bundle, runtime=RuntimeOptions("fp32", channels_last=True, compile=True), max_batch=4)
-    took = compiled.warm_up(warm_up_sizes(2, compiled=True))
-    assert sorted(took) == [1, 2]
-    images = [random_image(1, 20, 20 + i, seed=i) for i in range(5)]  # 5 items: chunks of 2, 2, 1
+    assert warm_up_sizes(8, compiled=True) == [1, 2, 4, 8] and warm_up_sizes(6, compiled=True) == [1, 2, 4, 6]
+    assert warm_up_sizes(8, compiled=False) == [1, 8]
+    took = compiled.warm_up(warm_up_sizes(4, compiled=True))
+    assert sorted(took) == [1, 2, 4]
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    # 7 items: a chunk of 4 and one of 3 (padded to 4); then 3 alone (padded too).
+    images = [random_image(1, 20, 20 + i, seed=i) for i in range(7)]
     a = eager.predict([{"x": d} for d in images]).outputs
     b = compiled.predict([{"x": d} for d in images]).outputs
+    assert compiled.predict([{"x": d} for d in images[:3]]).items == 3
+    assert counters["stats"]["unique_graphs"] == graphs, "a request compiled a new graph"
     for x, y in zip(a, b):
         px = {e["index"]: e["probability"] for e in x["predictions"][0]["top_k"]}
         py = {e["index"]: e["probability"] for e in y["predictions"][0]["top_k"]}

@@ -46,9 +46,16 @@ def compile_cache_default() -> Path | None:
 
 
 def warm_up_sizes(batch_size: int, compiled: bool) -> list[int]:
-    """Batch sizes to run at load: every size TorchServe can hand a compiled model (one
-    static graph each, cached on disk), the smallest and largest for an eager one."""
-    return list(range(1, batch_size + 1)) if compiled else sorted({1, batch_size})
+    """Batch sizes to run at load. A compiled model gets one static graph per size, cached
+    on disk: powers of two up to the batch size, and the batch size (the predictor pads a
+    batch to the next of them). An eager one: the smallest and the largest."""
+    if not compiled:
+        return sorted({1, batch_size})
+    sizes, n = {batch_size}, 1
+    while n < batch_size:
+        sizes.add(n)
+        n *= 2
+    return sorted(sizes)
 
 
 def _status_phrase(message: str) -> str:

@@ -267,16 +267,26 @@ class Predictor:
         """Logits (N, num_classes) for parsed items, in chunks of ``max_batch``; also the
         seconds spent preprocessing (collating) and in the forward."""
         outs, prep, infer = [], 0.0, 0.0
-        # A compiled model runs the batch sizes compiled at warm-up: larger inputs go in
-        # chunks of the largest, so no request waits for a compilation.
+        # A compiled model runs only the batch sizes compiled at warm-up, so that no request
+        # waits for a compilation: larger inputs go in chunks of the largest, and a chunk
+        # of another size is padded with zeros up to the next compiled size.
         chunk = max(self._compiled_sizes) if self._compiled_sizes else self.max_batch
         for start in range(0, len(items), chunk):
             t0 = time.perf_counter()
             args = self.collate(items[start : start + chunk])
+            n = len(args[0])
+            if self._compiled_sizes and n not in self._compiled_sizes:
+                args = (self._pad(args[0], min(s for s in self._compiled_sizes if s > n)),)
             t1 = time.perf_counter()
-            outs.append(self._forward(args))
+            out = self._forward(args)
+            outs.append(out if len(out) == n else out[:n])
             prep, infer = prep + t1 - t0, infer + time.perf_counter() - t1
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), prep, infer
+
+    def _pad(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        padded = torch.zeros((size, *x.shape[1:]), dtype=x.dtype).contiguous(memory_format=self._memory_format)
+        padded[: len(x)] = x
+        return padded
 
     def forward(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits (N, num_classes) for parsed items (decoded images or sequences)."""
