@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup protos demo test clean
+.PHONY: setup protos demo test bench clean
 
 setup: $(STAMP) protos
 
@@ -33,6 +33,17 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Serving benchmark (not part of `make test`; ~15 min on 2 cores): writes BENCHMARKS.md.
+# TorchServe's stock image_classifier (baseline (c)) imports captum and matplotlib, which are
+# no dependencies of ours: they go to a directory only that baseline's TorchServe sees.
+BENCH_PYDEPS := .modelctl/bench/pydeps
+bench: setup
+	$(PY) -m pip install --quiet --no-deps --target $(BENCH_PYDEPS) captum==0.9.0 matplotlib==3.11.2 \
+		contourpy==1.3.3 cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 \
+		python-dateutil==4.0.0 six==1.17.0 tqdm==4.70.1 \
+		|| echo "bench: captum could not be installed; baseline (c) will report why it did not run"
+	$(PY) benchmarks/bench_serving.py --stock-pythonpath $(BENCH_PYDEPS)
 
 clean:
 	rm -rf service/_gen .modelctl .pytest_cache

@@ -1,0 +1,716 @@
+"""`make bench`: our serving path against plain PyTorch and stock TorchServe, in one run.
+
+    python benchmarks/bench_serving.py [--out BENCHMARKS.md] [--work-dir .modelctl/bench]
+                                       [--stock-pythonpath DIR] [--quick]
+
+Same ResNet-18 weights and the same JPEG inputs everywhere, on this machine:
+
+* (a) in-process PyTorch, decode + forward: a plain fp32 eager loop (torchvision.io decode,
+  the shared eval transform per image, stack, forward, softmax, top-5), and our predictor in
+  the fastest configuration that passes the bf16 agreement check (each candidate measured);
+* (b) our handler in a real TorchServe (service.serving), over REST;
+* (c) TorchServe's stock ``image_classifier`` handler on the same weights (an eager model
+  file + state_dict, TorchServe's convention), over REST. Its base class imports captum, which
+  is not a dependency of ours: ``make bench`` installs it into a directory used only by
+  that TorchServe (``--stock-pythonpath``).
+
+Concurrency 1 and 8: in process, batch 1 and batch 8; over REST, 1 and 8 client threads
+sending one JPEG per request. The load generator runs on the same 2 cores as the server.
+Also: trainer samples/s (service.training's train_one_epoch) against a minimal hand-written
+loop on the same model and data, and the time from a new version's archive being written to
+its first answer through service.serving.
+
+The table is written between the serving-bench markers of BENCHMARKS.md (the rest of the
+file is kept) and, raw, to <work-dir>/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from service.client import read_token  # noqa: E402
+from service.handlers.torchserve import warm_up_sizes  # noqa: E402
+from service.inference import Predictor, RuntimeOptions, check_precision  # noqa: E402
+from service.inference.fastpath import native_precisions  # noqa: E402
+from service.models import ModelSpec, build_model, image_eval_transform  # noqa: E402
+from service.modelstore import ModelBundle, ModelStore  # noqa: E402
+from service.modelstore.store import ServingOptions  # noqa: E402
+from service.serving.settings import ServeSettings  # noqa: E402
+from service.serving.store_scan import link_archive  # noqa: E402
+from service.serving.supervisor import Serving  # noqa: E402
+
+log = logging.getLogger("bench")
+START, END = "<!-- serving-bench:start -->", "<!-- serving-bench:end -->"
+MODEL = "resnet18"
+STOCK = "stock-resnet18"
+SPEC = {"family": "resnet", "num_classes": 1000, "config": {"arch": "resnet18", "pretrained": None},
+        "input": {"type": "image", "channels": 3, "size": 224, "resize": 256}}
+BATCH = 8
+#: TorchServe batching for (b) and (c): up to 8 requests, 2 ms to fill a batch.
+MAX_BATCH_DELAY_MS = 2
+
+
+# ---- inputs and weights -----------------------------------------------------------------
+def photo_jpegs(n: int, seed: int, size=(375, 500)) -> list[bytes]:
+    """``n`` JPEGs (quality 90) of one size: random crops, scales and flips of the two
+    photographs scikit-learn ships (china.jpg, flower.jpg). One size, as a camera sends."""
+    import sklearn.datasets as skd
+    import torchvision.transforms.v2.functional as F
+    from torchvision.io import decode_jpeg, encode_jpeg, read_file
+
+    photos = [decode_jpeg(read_file(str(Path(skd.__file__).parent / "images" / name)))
+              for name in ("china.jpg", "flower.jpg")]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        img = photos[i % 2]
+        _, H, W = img.shape
+        s = float(torch.empty(1).uniform_(0.35, 1.0, generator=g))
+        h, w = int(H * s), int(min(W, H * s * size[1] / size[0]))
+        y = int(torch.randint(0, H - h + 1, (1,), generator=g))
+        x = int(torch.randint(0, W - w + 1, (1,), generator=g))
+        crop = F.resize(img[:, y:y + h, x:x + w], list(size), antialias=True)
+        if (i // 2) % 2:
+            crop = crop.flip(-1)
+        out.append(encode_jpeg(crop.contiguous(), quality=90).numpy().tobytes())
+    return out
+
+
+def resnet18_bundle(seed: int = 0) -> ModelBundle:
+    """ResNet-18, 1000 classes, seeded random initialisation (no trained weights are
+    available offline); the same tensors go to every path."""
+    torch.manual_seed(seed)
+    spec = ModelSpec.from_dict(SPEC)
+    model = build_model(spec).eval()
+    return ModelBundle(spec, model.state_dict(), [f"class-{i}" for i in range(1000)])
+
+
+# ---- statistics -------------------------------------------------------------------------
+def summary(latencies_s: list[float], images: int, wall_s: float) -> dict:
+    ms = np.asarray(latencies_s) * 1000.0
+    return {"img_s": images / wall_s, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "n": len(latencies_s), "wall_s": wall_s}
+
+
+def timed_loop(fn, batches: list, min_iters: int, max_s: float, warm: int = 2) -> dict:
+    """Call ``fn(batch)`` over ``batches`` round robin; latency per call, images per second."""
+    for i in range(warm):
+        fn(batches[i % len(batches)])
+    lat, images, start = [], 0, time.perf_counter()
+    i = 0
+    while i < min_iters or (time.perf_counter() - start < max_s and i < 10 * min_iters):
+        batch = batches[i % len(batches)]
+        t = time.perf_counter()
+        fn(batch)
+        lat.append(time.perf_counter() - t)
+        images += len(batch)
+        i += 1
+        if time.perf_counter() - start > max_s and i >= min_iters // 2:
+            break
+    return summary(lat, images, time.perf_counter() - start)
+
+
+# ---- (a) in process ---------------------------------------------------------------------
+class PlainLoop:
+    """What a user writes: decode with torchvision.io, the eval transform per image, stack,
+    fp32 eager forward, softmax, top-5, tolist."""
+
+    def __init__(self, bundle: ModelBundle):
+        from service.models import load_model
+
+        self.model = load_model(bundle.spec, bundle.state_dict).eval()
+        self.transform = image_eval_transform(bundle.spec.input)
+
+    @torch.inference_mode()
+    def __call__(self, jpegs: list[bytes]):
+        from torchvision.io import ImageReadMode, decode_image
+
+        x = torch.stack([self.transform(decode_image(torch.frombuffer(bytearray(j), dtype=torch.uint8),
+                                                     ImageReadMode.RGB)) for j in jpegs])
+        probs = torch.softmax(self.model(x), dim=1)
+        values, indices = torch.topk(probs, 5, dim=1)
+        return values.tolist(), indices.tolist()
+
+
+def predictor_fn(predictor: Predictor):
+    def run(jpegs: list[bytes]):
+        result = predictor.predict([{"body": j} for j in jpegs])
+        assert all(isinstance(o, dict) for o in result.outputs), result.outputs
+        return result
+    return run
+
+
+def in_process(bundle, jpegs, checks, quick: bool, try_compile: bool = True) -> dict:
+    """(a): the plain loop, every candidate configuration, and the fastest passing one."""
+    b1 = [[j] for j in jpegs]
+    b8 = [jpegs[i:i + BATCH] for i in range(0, len(jpegs) - BATCH + 1, BATCH)]
+    out = {"plain": {}, "candidates": [], "fast": {}}
+    plain = PlainLoop(bundle)
+    out["plain"]["c1"] = timed_loop(plain, b1, 40 if quick else 120, 8 if quick else 20)
+    out["plain"]["c8"] = timed_loop(plain, b8, 8 if quick else 24, 8 if quick else 20)
+    log.info("(a) plain fp32 loop: %s", out["plain"])
+    allowed = ["fp32"] + [p for p, c in checks.items() if c["passed"] and p in native_precisions("cpu")]
+    candidates = [RuntimeOptions(p, cl) for p in allowed for cl in (False, True)]
+    screened = []
+    for rt in candidates:  # eager candidates: a short screen at batch 8
+        pred = Predictor(bundle, runtime=rt)
+        r = timed_loop(predictor_fn(pred), b8, 6 if quick else 10, 6 if quick else 10)
+        screened.append((r["img_s"], rt))
+        out["candidates"].append({**rt.to_dict(), "img_s_b8": r["img_s"], "compile_s": 0.0})
+        log.info("(a) candidate %s: %.1f img/s at batch 8", rt.to_dict(), r["img_s"])
+    best_ips, best_rt = max(screened, key=lambda t: t[0])
+    if not try_compile:
+        fast = Predictor(bundle, runtime=best_rt)
+        fast.warm_up([1, BATCH])
+        return _measure_fast(out, fast, best_rt, b1, b8, quick)
+    # Compile the best eager configuration (compiling every candidate would not fit the budget).
+    crt = RuntimeOptions(best_rt.precision, best_rt.channels_last, compile=True)
+    t = time.perf_counter()
+    cpred = Predictor(bundle, runtime=crt)
+    took = cpred.warm_up(warm_up_sizes(BATCH, compiled=True))  # what the TorchServe worker compiles
+    compile_s = time.perf_counter() - t
+    r = timed_loop(predictor_fn(cpred), b8, 6 if quick else 10, 6 if quick else 10)
+    out["candidates"].append({**crt.to_dict(), "img_s_b8": r["img_s"], "compile_s": compile_s,
+                              "compile_s_per_size": took})
+    log.info("(a) candidate %s: %.1f img/s at batch 8 after %.0f s of compiling", crt.to_dict(), r["img_s"],
+             compile_s)
+    if r["img_s"] > best_ips:
+        best_rt, fast = crt, cpred
+    else:
+        fast = Predictor(bundle, runtime=best_rt)
+        fast.warm_up([1, BATCH])
+    return _measure_fast(out, fast, best_rt, b1, b8, quick)
+
+
+def _measure_fast(out, fast, best_rt, b1, b8, quick) -> dict:
+    out["fast"]["runtime"] = best_rt.to_dict()
+    out["fast"]["c1"] = timed_loop(predictor_fn(fast), b1, 40 if quick else 120, 8 if quick else 20)
+    out["fast"]["c8"] = timed_loop(predictor_fn(fast), b8, 8 if quick else 24, 8 if quick else 20)
+    log.info("(a) fastest passing %s: %s", best_rt.to_dict(), out["fast"])
+    return out
+
+
+# ---- REST load --------------------------------------------------------------------------
+def rest_load(url: str, token: str, jpegs: list[bytes], concurrency: int, requests_n: int, max_s: float,
+              check=None) -> dict:
+    """``concurrency`` client threads, each posting one JPEG per request, ``requests_n`` in all
+    (or until ``max_s``); latency per request."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/jpeg"}
+    lock, lat, errors = threading.Lock(), [], []
+    counter = iter(range(10 ** 9))
+    stop_at = [0.0]
+
+    def worker():
+        session = requests.Session()
+        while True:
+            with lock:
+                i = next(counter)
+            if i >= requests_n or time.perf_counter() > stop_at[0]:
+                return
+            t = time.perf_counter()
+            r = session.post(url, data=jpegs[i % len(jpegs)], headers=headers, timeout=120)
+            dt = time.perf_counter() - t
+            if r.status_code != 200:
+                errors.append(f"{r.status_code} {r.text[:200]}")
+                continue
+            if check is not None:
+                check(r.json())
+            with lock:
+                lat.append(dt)
+
+    # warm-up: a few requests at the same concurrency
+    stop_at[0] = time.perf_counter() + 60
+    warm_n = requests_n
+    requests_n = 2 * concurrency
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: worker(), range(concurrency)))
+    lat.clear()
+    counter, requests_n = iter(range(10 ** 9)), warm_n
+    start = time.perf_counter()
+    stop_at[0] = start + max_s
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: worker(), range(concurrency)))
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
+    return summary(lat, len(lat), wall)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_settings(store: Path, state: Path, workers: int = 1) -> ServeSettings:
+    return ServeSettings(workers_per_model=workers,
+        model_store=store, state_dir=state, inference_port=free_port(), management_port=free_port(),
+        metrics_port=free_port(), grpc_inference_port=free_port(), grpc_management_port=free_port(),
+        ts_grpc_inference_port=free_port(), exporter_port=free_port(),
+        worker_port_base=random.randint(20000, 40000), startup_timeout_s=900)
+
+
+def rest_phase(settings: ServeSettings, name: str, jpegs: list[bytes], quick: bool, check) -> dict:
+    url = f"http://127.0.0.1:{settings.inference_port}/predictions/{name}"
+    token = read_token(settings.state_dir)
+    return {
+        "c1": rest_load(url, token, jpegs, 1, 40 if quick else 150, 10 if quick else 25, check),
+        "c8": rest_load(url, token, jpegs, 8, 80 if quick else 320, 10 if quick else 30, check),
+    }
+
+
+def ours_in_torchserve(work: Path, bundle, jpegs, runtime: dict, checks: dict, quick: bool, cache_dir: Path,
+                       workers: int = 1, new_versions: bool = True) -> dict:
+    """(b) with ``workers`` workers (each gets 2 // workers torch threads: service.serving's
+    rule); with ``new_versions``, then the time from a job's SUCCEEDED to the first answer."""
+    tag = f"ours-w{workers}"
+    store = ModelStore(work / f"store-{tag}")
+    precision = runtime["precision"]
+    options = ServingOptions(batch_size=BATCH, max_batch_delay_ms=MAX_BATCH_DELAY_MS, precision=precision,
+                             channels_last=runtime["channels_last"], compile=runtime["compile"],
+                             precision_check=checks.get(precision, {}).get("record") if precision != "fp32" else None)
+    store.write(MODEL, bundle, version=1, options=options)
+    settings = serve_settings(store.root, work / f"state-{tag}", workers)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # workers inherit it: (a)'s compiled graphs
+    from service.control.config import ControlConfig
+    from service.control.serve import ServingWithControl
+
+    shutil.rmtree(work / "control", ignore_errors=True)
+    control = ControlConfig(port=free_port(), db_path=work / "control" / "control.db", runs_dir=work / "control" / "runs",
+                            data_roots=(work,), max_concurrent_jobs=1, poll_s=0.1, deploy_timeout_s=300)
+    serving = ServingWithControl(settings, control)  # `modelctl serve`: TorchServe and the control API
+    t = time.perf_counter()
+    report = serving.start()
+    load_s = time.perf_counter() - t
+    try:
+        if not all(r.ready for r in report):
+            raise RuntimeError(f"our model did not load: {report}; see {serving.torchserve.log_path}")
+        worker_runtime = _logged_runtime(serving.torchserve.log_path)
+        out = {"workers": workers, "load_s": load_s, "worker_log": worker_runtime}
+
+        def check(answer):
+            assert answer["model"] == MODEL and len(answer["predictions"][0]["top_k"]) == 5
+
+        out.update(rest_phase(settings, MODEL, jpegs, quick, check))
+        log.info("(b) ours in TorchServe, %d worker(s): %s", workers, out)
+        if new_versions:
+            out["job"] = job_to_first_answer(serving, settings)
+            log.info("fine-tune job: %s", out["job"])
+            out["new_version"] = new_version_latency(serving, settings, store, jpegs[0])
+            log.info("new version: %s", out["new_version"])
+        return out
+    finally:
+        serving.stop()
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
+def _logged_runtime(log_path: Path) -> str:
+    text = log_path.read_text(errors="replace")
+    lines = [line for line in text.splitlines() if "loaded " in line and "warm-up" in line]
+    return lines[-1].split("- ", 1)[-1][:300] if lines else ""
+
+
+def job_to_first_answer(serving, settings: ServeSettings) -> dict:
+    """A real fine-tune job through the control API (a small CNN on builtin:digits, deploy
+    policy "deploy"): the time from its SUCCEEDED, as a watcher sees it, to the first answer
+    by the version it wrote. The deploy policy registers the new version and waits for its
+    workers to be READY before the job is SUCCEEDED, so that time is one request."""
+    from sklearn.datasets import load_digits
+    from torchvision.io import encode_png
+
+    from service._gen.modelctl.v1 import control_pb2 as pb
+    from service.control.client import ControlClient
+
+    spec = {"model": {"family": "cnn", "config": {"channels": [8, 16]},
+                      "input": {"type": "image", "channels": 1, "size": 8, "resize": None}},
+            "dataset": {"source": "builtin:digits", "train_size": 300, "val_size": 100},
+            "output": {"name": "bench-digits"}, "hyperparameters": {"epochs": 2, "batch_size": 32, "lr": 0.01}}
+    digit = torch.from_numpy(np.round(load_digits().images[0] * 255 / 16).astype(np.uint8)).unsqueeze(0)
+    png = encode_png(digit).numpy().tobytes()
+    client = ControlClient(serving.control.target)
+    t_create = time.perf_counter()
+    job = client.create_job(spec, deploy="deploy")
+    marks, final = {}, None
+    for update in client.watch(job.id, timeout_s=600):
+        state = pb.JobState.Name(update.job.state)
+        marks.setdefault(state, time.perf_counter())
+        final = update.job
+    t_succeeded = marks.get("JOB_STATE_SUCCEEDED")
+    if t_succeeded is None:
+        raise RuntimeError(f"the fine-tune job did not succeed: {final}")
+    token = read_token(settings.state_dir)
+    url = f"http://127.0.0.1:{settings.inference_port}/predictions/{final.output_model}"
+    tries = 0
+    while True:
+        tries += 1
+        r = requests.post(url, data=png, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        if r.status_code == 200 and r.json().get("version") == str(final.result_version):
+            break
+        time.sleep(0.01)
+    t_answer = time.perf_counter()
+    finished = final.finished_at.ToDatetime().timestamp()
+    started = final.started_at.ToDatetime().timestamp()
+    return {"succeeded_to_first_answer_s": t_answer - t_succeeded, "requests": tries,
+            "create_to_succeeded_s": t_succeeded - t_create, "job_run_s": finished - started,
+            "deploy_outcome": pb.DeployOutcome.Name(final.deploy_outcome), "version": final.result_version}
+
+
+def new_version_latency(serving: Serving, settings: ServeSettings, store: ModelStore, jpeg: bytes) -> dict:
+    """Archive written (what a job does just before it is SUCCEEDED) -> registered (worker
+    READY) -> default -> first answer by the new version. The new version is written as the
+    trainer writes one: default serving options (fp32 eager)."""
+    new = resnet18_bundle(seed=1)
+    t0 = time.perf_counter()
+    info = store.write(MODEL, new, version=2)
+    t_written = time.perf_counter()
+    url = link_archive(settings, MODEL, info.version)
+    serving.mgmt.register(url, initial_workers=1, synchronous=True, response_timeout_s=120)
+    t_registered = time.perf_counter()
+    serving.mgmt.set_default(MODEL, info.version)
+    t_default = time.perf_counter()
+    token = read_token(settings.state_dir)
+    predict = f"http://127.0.0.1:{settings.inference_port}/predictions/{MODEL}"
+    while True:
+        r = requests.post(predict, data=jpeg, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        if r.status_code == 200 and r.json().get("version") == str(info.version):
+            break
+        time.sleep(0.01)
+    t_answer = time.perf_counter()
+    return {"archive_write_s": t_written - t0, "register_ready_s": t_registered - t_written,
+            "set_default_s": t_default - t_registered, "first_answer_s": t_answer - t_default,
+            "written_to_first_answer_s": t_answer - t_written}
+
+
+# ---- (c) stock TorchServe ----------------------------------------------------------------
+STOCK_MODEL_FILE = '''"""ResNet-18 as TorchServe's eager-model convention wants it: one class in the file."""
+from torchvision.models.resnet import BasicBlock, ResNet
+
+
+class ResNet18(ResNet):
+    def __init__(self):
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=1000)
+'''
+
+
+def build_stock_archive(work: Path, bundle: ModelBundle, store: Path) -> Path:
+    src = work / "stock-src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    (src / "stock_resnet18.py").write_text(STOCK_MODEL_FILE)
+    torch.save({k: v.contiguous() for k, v in bundle.state_dict.items()}, src / "resnet18.pth")
+    (src / "index_to_name.json").write_text(json.dumps({str(i): name for i, name in enumerate(bundle.labels)}))
+    (src / "model-config.yaml").write_text(f"batchSize: {BATCH}\nmaxBatchDelay: {MAX_BATCH_DELAY_MS}\n"
+                                           "responseTimeout: 120\n")
+    out = store / STOCK
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    archiver = Path(sys.executable).parent / "torch-model-archiver"
+    subprocess.run([str(archiver), "--model-name", STOCK, "--version", "1",
+                    "--model-file", str(src / "stock_resnet18.py"), "--serialized-file", str(src / "resnet18.pth"),
+                    "--handler", "image_classifier", "--extra-files", str(src / "index_to_name.json"),
+                    "--config-file", str(src / "model-config.yaml"), "--export-path", str(out)], check=True)
+    (out / f"{STOCK}.mar").rename(out / "1.mar")
+    return out / "1.mar"
+
+
+def stock_in_torchserve(work: Path, bundle, jpegs, quick: bool, pythonpath: str | None, workers: int = 1) -> dict:
+    """(c) with ``workers`` workers. The stock handler leaves torch's threads alone (2 here);
+    with 2 workers, OMP_NUM_THREADS=1 gives it the same layout as ours (1 thread each)."""
+    tag = f"stock-w{workers}"
+    build_stock_archive(work, bundle, work / f"store-{tag}")
+    settings = serve_settings(work / f"store-{tag}", work / f"state-{tag}", workers)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "MPLBACKEND", "OMP_NUM_THREADS")}
+    if pythonpath:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, saved["PYTHONPATH"]]))
+    os.environ["MPLBACKEND"] = "Agg"
+    if workers > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    serving = Serving(settings)
+    try:
+        t = time.perf_counter()
+        report = serving.start()
+        load_s = time.perf_counter() - t
+        if not all(r.ready for r in report):
+            tail = serving.torchserve.log_tail(60)
+            reason = "captum is not importable" if "captum" in tail else "see the log"
+            return {"error": f"the stock handler did not load ({reason}): {report}", "log_tail": tail[-3000:]}
+
+        def check(answer):
+            assert isinstance(answer, dict) and len(answer) == 5, answer  # {label: probability}
+
+        out = {"workers": workers, "load_s": load_s}
+        out.update(rest_phase(settings, STOCK, jpegs, quick, check))
+        log.info("(c) stock image_classifier, %d worker(s): %s", workers, out)
+        return out
+    finally:
+        serving.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---- the trainer ----------------------------------------------------------------------------
+def trainer_vs_minimal(quick: bool) -> dict:
+    """train_one_epoch of service.training against a minimal loop: same model (ResNet-18,
+    10 classes, 3x32x32), same data (Fashion-MNIST, as the trainer's dataset prepares it), same
+    batches (one DataLoader, same seed), same optimiser (AdamW)."""
+    from service.training.datasets import ImageDataset, LoadContext, image_collate, load_fashion_mnist
+    from service.training.recipe import train_one_epoch
+
+    n = 1024 if quick else 3072
+    raw = load_fashion_mnist(LoadContext(None, "multiclass"))
+    spec = ModelSpec.from_dict({"family": "resnet", "num_classes": 10, "config": {"arch": "resnet18"},
+                                "input": {"type": "image", "channels": 3, "size": 32, "resize": None}})
+    data = ImageDataset(raw.x[:n], torch.as_tensor(raw.y[:n]), 3, image_eval_transform(spec.input))
+    # Materialise the batches once: both loops then time the training step, not the loader.
+    g = torch.Generator().manual_seed(0)
+    loader = list(torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, generator=g,
+                                              collate_fn=image_collate))
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(spec).train()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def minimal(model, opt):
+        criterion = torch.nn.CrossEntropyLoss()
+        start = time.perf_counter()
+        for (x,), y in loader:
+            loss = criterion(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - start
+
+    def trainer(model, opt):
+        result = train_one_epoch(model, torch.nn.CrossEntropyLoss(), opt, loader, torch.device("cpu"),
+                                 autocast=contextlib.nullcontext)
+        return result["seconds"]
+
+    # Warm up both once on a few batches, then alternate: minimal, trainer, minimal, trainer.
+    runs = {"minimal": [], "trainer": []}
+    for name, fn in (("minimal", minimal), ("trainer", trainer)) * 2:
+        model, opt = fresh()
+        runs[name].append(fn(model, opt))
+    best = {k: min(v) for k, v in runs.items()}
+    return {"samples": n, "minimal_samples_s": n / best["minimal"], "trainer_samples_s": n / best["trainer"],
+            "ratio": best["minimal"] / best["trainer"], "seconds": runs}
+
+
+# ---- the report ---------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, native "
+            f"{'/'.join(native_precisions('cpu'))}; torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def _row(label: str, r: dict | None) -> str:
+    if not r or "c1" not in r:
+        return f"| {label} | n/a | | | n/a | | |"
+    c1, c8 = r["c1"], r["c8"]
+    return (f"| {label} | {c1['img_s']:.1f} | {c1['p50_ms']:.1f} | {c1['p99_ms']:.1f} | "
+            f"{c8['img_s']:.1f} | {c8['p50_ms']:.1f} | {c8['p99_ms']:.1f} |")
+
+
+def render(res: dict) -> str:
+    a, b, c = res["a"], res.get("b"), res.get("c")
+    rt = a["fast"]["runtime"]
+    cfg = f"{rt['precision']}{', channels_last' if rt['channels_last'] else ''}{', compiled' if rt['compile'] else ''}"
+    lines = [START, "## Serving (`make bench`)", "",
+             f"One run of `make bench` ({res['seconds'] / 60:.1f} min), {res['date']}. Machine: {res['machine']}. "
+             f"Load average before the run: {res['load_before']}. The load generator shares the 2 cores with "
+             "the server (and with anything else running on the machine).", "",
+             f"ResNet-18 (1000 classes, seeded random weights), 224x224 crops of 375x500 JPEGs "
+             f"({res['inputs']} inputs, the same bytes on every path). Concurrency 1 / 8: in process, batch 1 / 8; "
+             f"over REST, 1 / 8 client threads with one JPEG per request, TorchServe batching up to {BATCH} "
+             f"with a {MAX_BATCH_DELAY_MS} ms batch delay. Latency per image in process is its batch's latency.",
+             "", "| path | c=1 img/s | c=1 p50 ms | c=1 p99 ms | c=8 img/s | c=8 p50 ms | c=8 p99 ms |",
+             "|---|---|---|---|---|---|---|",
+             _row("(a) in-process plain fp32 eager loop", a["plain"]),
+             _row(f"(a) in-process, our predictor, fastest passing: {cfg}", a["fast"]),
+             _row(f"(b) our handler in TorchServe, REST ({cfg}), 1 worker x 2 threads", b),
+             _row(f"(b) our handler in TorchServe, REST ({cfg}), 2 workers x 1 thread", res.get("b2")),
+             _row("(c) stock `image_classifier` in TorchServe, REST (fp32 eager), 1 worker x 2 threads", c),
+             _row("(c) stock `image_classifier` in TorchServe, REST (fp32 eager), 2 workers x 1 thread",
+                  res.get("c2")), ""]
+    for key in ("c", "c2"):
+        if res.get(key) and "error" in res[key]:
+            lines += [f"({key}) did not run: {res[key]['error']}", ""]
+    lines += ["Candidates of (a), screened at batch 8 (compile: only the best eager one, for the batch sizes the worker compiles: 1, 2, 4, 8):", "",
+              "| precision | channels_last | compile | img/s at batch 8 | compile s |", "|---|---|---|---|---|"]
+    for cand in a["candidates"]:
+        lines.append(f"| {cand['precision']} | {cand['channels_last']} | {cand['compile']} | "
+                     f"{cand['img_s_b8']:.1f} | {cand['compile_s']:.0f} |")
+    lines += ["", "Agreement checks (top-1 against fp32, held-out JPEG crops, recorded in the archive's lineage):", "",
+              "| precision | inputs | agreement | passed |", "|---|---|---|---|"]
+    for p, chk in res["checks"].items():
+        lines.append(f"| {p} | {chk['samples']} | {chk['agreement']:.2%} | {chk['passed']} |")
+    t = res["trainer"]
+    nv = (b or {}).get("new_version") or {}
+    lines += ["", "### Targets", "", "| target | measured | |", "|---|---|---|"]
+    for name, value, ok in targets(res):
+        lines.append(f"| {name} | {value} | {'-' if ok is None else 'met' if ok else '**missed**'} |")
+    lines += ["", f"Trainer: {t['trainer_samples_s']:.0f} samples/s with train_one_epoch, "
+              f"{t['minimal_samples_s']:.0f} with a minimal loop (ResNet-18 at 3x32x32, Fashion-MNIST, "
+              f"{t['samples']} samples, batch 64, AdamW; best of two epochs each)."]
+    job = (b or {}).get("job") or {}
+    if job:
+        lines += ["", f"Fine-tune job through the control API (CNN on builtin:digits, deploy policy `deploy`): "
+                  f"created to SUCCEEDED {job['create_to_succeeded_s']:.1f} s (trainer subprocess, 2 epochs, "
+                  f"archive, deployment with READY workers); SUCCEEDED to the first answer by version "
+                  f"{job['version']}: {job['succeeded_to_first_answer_s'] * 1000:.0f} ms "
+                  f"({job['requests']} request(s))."]
+    if nv:
+        lines += ["", f"ResNet-18 new version without the control API: archive written in {nv['archive_write_s']:.2f} s; then registered with a READY "
+                  f"worker after {nv['register_ready_s']:.2f} s, default after {nv['set_default_s']:.2f} s more, "
+                  f"first answer by it {nv['first_answer_s']:.2f} s later: "
+                  f"{nv['written_to_first_answer_s']:.2f} s from archive to first answer."]
+    loads = [f"{name} {res[k]['load_s']:.0f} s" for k, name in
+             (("b", "ours 1 worker"), ("b2", "ours 2 workers"), ("c", "stock 1 worker"), ("c2", "stock 2 workers"))
+             if res.get(k) and "load_s" in res[k]]
+    if loads:
+        lines += ["", f"TorchServe start to every worker READY (compilation from the on-disk cache included): "
+                  f"{', '.join(loads)}."]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _best(res: dict, keys: tuple[str, ...]) -> tuple[str, dict] | tuple[None, None]:
+    """The layout of ``keys`` with the most img/s at c=8."""
+    found = [(k, res[k]) for k in keys if res.get(k) and "c8" in res[k]]
+    return max(found, key=lambda kv: kv[1]["c8"]["img_s"]) if found else (None, None)
+
+
+def targets(res: dict) -> list[tuple[str, str, bool | None]]:
+    a, b = res["a"], res.get("b") or {}
+    bk, bb = _best(res, ("b", "b2"))
+    ck, cb = _best(res, ("c", "c2"))
+    layout = {"b": "1 worker", "b2": "2 workers", "c": "1 worker", "c2": "2 workers"}
+    out = []
+    if bb:
+        r = bb["c8"]["img_s"] / a["fast"]["c8"]["img_s"]
+        out.append((f"(b) ≥ 0.9 × fastest (a) at c=8 (ours, {layout[bk]})", f"{r:.2f}×", r >= 0.9))
+    if "c1" in b:
+        d = b["c1"]["p50_ms"] - a["fast"]["c1"]["p50_ms"]
+        out.append(("(b) latency overhead over (a) at c=1 ≤ 3 ms (p50, 1 worker)", f"{d:+.1f} ms", d <= 3.0))
+    if bb and cb:
+        r = bb["c8"]["img_s"] / cb["c8"]["img_s"]
+        out.append((f"(b)/(c) throughput ≥ 2.5 at c=8 (each at its best: ours {layout[bk]}, stock {layout[ck]})",
+                    f"{r:.2f}×", r >= 2.5))
+        p = bb["c8"]["p99_ms"] / cb["c8"]["p99_ms"]
+        out.append(("(b) p99 ≤ 0.4 × (c) p99 at c=8 (same layouts)", f"{p:.2f}×", p <= 0.4))
+    if "c1" in b and res.get("c") and "c1" in res["c"]:
+        p1 = b["c1"]["p99_ms"] / res["c"]["c1"]["p99_ms"]
+        out.append(("(b) p99 ≤ 0.4 × (c) p99 at c=1 (1 worker each)", f"{p1:.2f}×", p1 <= 0.4))
+    t = res["trainer"]["ratio"]
+    out.append(("trainer ≥ 0.95 × minimal loop", f"{t:.3f}×", t >= 0.95))
+    job = b.get("job")
+    if job:
+        s = job["succeeded_to_first_answer_s"]
+        out.append(("new version serving ≤ 5 s after the job's SUCCEEDED", f"{s:.2f} s", s <= 5.0))
+    nv = b.get("new_version")
+    if nv:
+        s = nv["written_to_first_answer_s"]
+        out.append(("(not a target) ResNet-18 archive written → first answer", f"{s:.2f} s", None))
+    return out
+
+
+def write_report(out: Path, section: str) -> None:
+    text = out.read_text() if out.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    out.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / ".modelctl" / "bench")
+    parser.add_argument("--stock-pythonpath", default=None,
+                        help="directory holding captum (and matplotlib) for the stock handler only")
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, not for the table)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["trainer", "b", "c", "compile"])
+    parser.add_argument("--held-out", type=int, default=200, help="inputs of the agreement check")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("service").setLevel(logging.WARNING)
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    work = args.work_dir
+    cache_dir = work / "inductor-cache"  # kept across runs, like a state dir's
+    for sub in work.glob("st*-*-w*"):  # stores and states of an earlier run
+        shutil.rmtree(sub, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+                 "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    jpegs = photo_jpegs(32 if args.quick else 64, seed=0)
+    held_out = photo_jpegs(args.held_out, seed=1)
+    res["inputs"] = len(jpegs)
+    bundle = resnet18_bundle()
+
+    res["trainer"] = trainer_vs_minimal(args.quick) if "trainer" not in args.skip else \
+        {"trainer_samples_s": 0, "minimal_samples_s": 0, "ratio": 0, "samples": 0}
+    log.info("trainer: %s", res["trainer"])
+
+    checks = {}
+    for precision in ("bf16",):
+        t = time.perf_counter()
+        check = check_precision(bundle, held_out, precision, channels_last=True)
+        checks[precision] = {**check.to_dict(), "record": check.to_dict(), "seconds": time.perf_counter() - t}
+        log.info("agreement check %s: %.2f%% (%s)", precision, 100 * check.agreement, check.passed)
+    res["checks"] = checks
+
+    res["a"] = in_process(bundle, jpegs, checks, args.quick, try_compile="compile" not in args.skip)
+    runtime = res["a"]["fast"]["runtime"]
+    if "b" not in args.skip:
+        res["b"] = ours_in_torchserve(work, bundle, jpegs, runtime, checks, args.quick, cache_dir, workers=1)
+        res["b2"] = ours_in_torchserve(work, bundle, jpegs, runtime, checks, args.quick, cache_dir, workers=2,
+                                       new_versions=False)
+    if "c" not in args.skip:
+        res["c"] = stock_in_torchserve(work, bundle, jpegs, args.quick, args.stock_pythonpath, workers=1)
+        res["c2"] = stock_in_torchserve(work, bundle, jpegs, args.quick, args.stock_pythonpath, workers=2)
+    res["seconds"] = time.perf_counter() - started
+    for chk in res["checks"].values():
+        chk.pop("record", None)
+    (work / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    section = render(res)
+    if not args.quick:
+        write_report(args.out, section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
