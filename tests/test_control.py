@@ -600,3 +600,34 @@ def test_deploy_if_better_compares_in_the_metrics_direction(mode, new, old, depl
     assert not deploy_policies.DEPLOY_POLICIES["deploy-if-better"](unknown).deploy
     orphan = deploy_policies.RunFacts("m", 1, "metric", mode, new, None, None)
     assert deploy_policies.DEPLOY_POLICIES["deploy-if-better"](orphan).deploy
+
+
+# ---- job metrics on the instance's Prometheus endpoint -------------------------------------------------
+def scrape(served) -> dict:
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{served.settings.exporter_port}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_job_metrics_change_as_a_real_job_runs(served, parent):
+    before = scrape(served)
+    succeeded = ("modelctl_finetune_jobs", (("state", "SUCCEEDED"),))
+    durations = ("modelctl_finetune_job_duration_seconds_count", ())
+    spec = {"base": f"{PARENT}:1", "dataset": DIGITS, "output": {"name": PARENT},
+            "hyperparameters": {"epochs": 6, "batch_size": 16, "lr": 0.001}}
+    job = served.client.create_job(spec, deploy="none")
+    loss_key = ("modelctl_finetune_epoch_loss", (("job_id", job.id), ("model", PARENT)))
+    metric_key = ("modelctl_finetune_epoch_metric", (("job_id", job.id), ("model", PARENT)))
+    during = wait_for(lambda: (lambda s: s if loss_key in s else None)(scrape(served)), 240,
+                      "the running job's epoch loss on /metrics", poll=0.2)
+    assert during[("modelctl_finetune_jobs", (("state", "RUNNING"),))] >= 1
+    assert during[loss_key] > 0 and 0 <= during[metric_key] <= 1
+    final = served.client.wait(job.id, timeout_s=300)
+    assert final.state == pb.JOB_STATE_SUCCEEDED
+    after = scrape(served)
+    assert after[succeeded] == before[succeeded] + 1
+    assert after[durations] == before[durations] + 1
+    assert loss_key not in after  # only running jobs report an epoch loss

@@ -15,10 +15,14 @@ import logging
 from service.control.config import ControlConfig
 from service.control.plane import ControlPlane
 from service.control.server import ControlService
+from service.control.store import TRANSITIONS
 from service.errors import Unavailable
+from service.metrics.jobs import JobMetricsCollector
 from service.serving.supervisor import Serving
 
 log = logging.getLogger(__name__)
+
+STATES = tuple(TRANSITIONS)
 
 
 class ServingWithControl(Serving):
@@ -39,9 +43,14 @@ class ServingWithControl(Serving):
         return super().start()  # ends in wait_ready, which starts the control service
 
     def _after_workers_settled(self) -> None:
-        """The job scheduler starts once the store's versions are READY (or settled)."""
+        """The job scheduler starts once the store's versions are READY (or settled);
+        its job metrics join the instance's Prometheus endpoint."""
         if not self.control.plane._started:
             self.control.start()
+            if self.exporter is not None:
+                jobs = self.control.plane.jobs
+                self.exporter.registry.register(
+                    JobMetricsCollector(lambda: jobs.list(limit=1_000_000), STATES))
 
     def stop(self) -> None:
         try:
