@@ -361,3 +361,408 @@ def test_image_serves_a_prediction(image, tmp_path):
         podman("rm", "--force", name, check=False)
     assert stop.returncode == 0, stop.stderr
     assert "stopping" in logs or "SIGTERM" in logs, logs[-3000:]
+
+
+# ---- a real kube-apiserver + etcd on 127.0.0.1 (scripts/k8s/) ------------------------------
+#: Kinds the v1.20 apiserver here does not serve, left out of its dry run (each is checked
+#: by kubernetes-validate above): autoscaling/v2 (1.23), policy/v1 PodDisruptionBudget
+#: (1.21), and the ServiceMonitor CRD (Prometheus Operator, not installed).
+NOT_IN_V1_20 = {("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"),
+                ("monitoring.coreos.com/v1", "ServiceMonitor")}
+NAMESPACE = "modelctl"
+CONTROL_SA = f"system:serviceaccount:{NAMESPACE}:modelctl-control"
+
+
+def _local_apiserver_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_apiserver", ROOT / "scripts" / "k8s" / "local_apiserver.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def apiserver(tmp_path_factory):
+    """etcd + kube-apiserver v1.20 (built once from Debian's source package, then cached)."""
+    import time
+
+    started = time.monotonic()
+    api = _local_apiserver_module().LocalApiServer(tmp_path_factory.mktemp("apiserver"))
+    api.start()
+    print(f"\nkube-apiserver ready after {time.monotonic() - started:.0f}s at {api.url}")
+    try:
+        yield api
+    finally:
+        pids = api.pids
+        api.stop()
+        for pid in pids:
+            assert not _alive(pid), f"process {pid} left running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kubectl(api, *args, input=None, check=True):
+    proc = subprocess.run([tool("kubectl"), "--kubeconfig", str(api.kubeconfig), *args], input=input,
+                          capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def for_v1_20(overlay: str) -> list[dict]:
+    """The overlay as v1.20 can take it: without the kinds it lacks, and with each gRPC probe
+    (1.24+; v1.20 sees a probe without a handler) swapped for the equivalent exec probe of
+    the image's health check. Everything else is sent as rendered."""
+    docs = [d for d in docs_of(kustomize(overlay)) if (d["apiVersion"], d["kind"]) not in NOT_IN_V1_20]
+    for d in docs:
+        if d["kind"] == "Deployment":
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                    if "grpc" in c.get(probe, {}):
+                        c[probe].pop("grpc")
+                        c[probe]["exec"] = {"command": ["python", "/usr/local/bin/modelctl-healthcheck"]}
+    return docs
+
+
+@pytest.fixture(scope="module")
+def deployed(apiserver):
+    """The cpu overlay applied for real (as v1.20 takes it): namespace, RBAC, ..."""
+    # kubectl's client-side schema check would use v1.20's: the schema checks against 1.27
+    # and 1.37 above cover that; the server still validates every object.
+    kubectl(apiserver, "apply", "--validate=false", "-f", "-", input=yaml.safe_dump_all(for_v1_20("cpu")))
+    return apiserver
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_manifests_pass_a_server_side_dry_run(apiserver, overlay):
+    kubectl(apiserver, "create", "namespace", NAMESPACE, check=False)  # so namespaced objects resolve
+    docs = for_v1_20(overlay)
+    out = kubectl(apiserver, "apply", "--dry-run=server", "--validate=false", "-f", "-",
+                  input=yaml.safe_dump_all(docs)).stdout
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == len(docs) and all(line.endswith("(server dry run)") for line in lines), out
+    # The server really judges: an invalid object is refused.
+    bad = [d for d in docs if d["kind"] == "Deployment"][0]
+    bad = {**bad, "spec": {**bad["spec"], "replicas": -1}}
+    proc = kubectl(apiserver, "apply", "--dry-run=server", "--validate=false", "-f", "-",
+                   input=yaml.safe_dump(bad), check=False)
+    assert proc.returncode != 0 and "replicas" in proc.stderr
+
+
+def test_control_role_allows_the_runner_and_nothing_more(deployed):
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = deployed.api_client(impersonate=CONTROL_SA)
+    batch, core, apps = client.BatchV1Api(api), client.CoreV1Api(api), client.AppsV1Api(api)
+    batch.list_namespaced_job(NAMESPACE)
+    core.list_namespaced_pod(NAMESPACE)
+    core.list_namespaced_service(NAMESPACE)
+    forbidden = [
+        lambda: core.list_namespaced_secret(NAMESPACE),
+        lambda: core.delete_collection_namespaced_pod(NAMESPACE),
+        lambda: apps.list_namespaced_deployment(NAMESPACE),
+        lambda: batch.list_namespaced_job("default"),
+        lambda: core.create_namespaced_pod(NAMESPACE, {"metadata": {"name": "x"}, "spec": {
+            "containers": [{"name": "x", "image": "x"}]}}),
+    ]
+    for call in forbidden:
+        with pytest.raises(ApiException) as err:
+            call()
+        assert err.value.status == 403
+
+
+# ---- the Kubernetes runner, with the scheduler and job store of the control service ---------
+def _runner_settings(**kw):
+    from service.control.k8s_runner import K8sSettings, Mount
+
+    base = dict(image="registry.example.com/modelctl:test", namespace=NAMESPACE, volume_claim="modelctl-store",
+                mounts=(Mount("store", "/models"), Mount("runs", "/runs"), Mount("data", "/data", True)),
+                service_account="modelctl-finetune", cpu_request="1", memory_request="2Gi",
+                model_store="/models", data_roots=("/data",), grace_s=5)
+    base.update(kw)
+    return K8sSettings(**base)
+
+
+class Cluster:
+    """The test's side of the cluster (admin): plays the Job controller and the kubelet."""
+
+    def __init__(self, api):
+        from kubernetes import client
+
+        self.admin = api.api_client()
+        self.batch, self.core = client.BatchV1Api(self.admin), client.CoreV1Api(self.admin)
+
+    def job(self, name):
+        import json
+
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return json.loads(self.batch.read_namespaced_job(name, NAMESPACE, _preload_content=False).data)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def set_status(self, name, **status):
+        self.batch.patch_namespaced_job_status(name, NAMESPACE, {"status": status})
+
+    def condition(self, name, kind, reason=""):
+        import datetime as dt
+
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.set_status(name, conditions=[{"type": kind, "status": "True", "reason": reason or kind,
+                                           "lastProbeTime": now, "lastTransitionTime": now}],
+                        startTime=now, **({"completionTime": now} if kind == "Complete" else {}),
+                        **({"succeeded": 1} if kind == "Complete" else {"failed": 1}))
+
+    def failed_pod(self, job_name, exit_code, index=0):
+        """A pod of the Job whose trainer ended with ``exit_code`` (what a kubelet reports)."""
+        pod = f"{job_name}-{index}-pod"
+        self.core.create_namespaced_pod(NAMESPACE, {
+            "metadata": {"name": pod, "labels": {"modelctl.dev/run": job_name, "job-name": job_name},
+                         "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "x"}]}})
+        self.core.patch_namespaced_pod_status(pod, NAMESPACE, {"status": {"phase": "Failed", "containerStatuses": [{
+            "name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+            "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]}})
+
+    def finish_foreground_deletion(self, name):
+        """What the garbage collector does once the pods are gone: drop the finalizer."""
+        self.batch.patch_namespaced_job(name, NAMESPACE, {"metadata": {"finalizers": None}})
+
+
+@pytest.fixture
+def control(deployed, tmp_path):
+    """A job store and scheduler with the Kubernetes runner acting as the control service's
+    service account (impersonated: RBAC checks every call against the Role of k8s/)."""
+    from service.control.k8s_runner import KubernetesRunner
+    from service.control.scheduler import Scheduler
+    from service.control.store import JobStore
+
+    jobs = JobStore(tmp_path / "control.db")
+    runner = KubernetesRunner(_runner_settings(), api_client=deployed.api_client(impersonate=CONTROL_SA))
+    finished = []
+
+    def on_result(job, result):
+        finished.append((job.id, result))
+        return {"result_version": result["version"]}
+
+    scheduler = Scheduler(jobs, {"kubernetes": runner}, on_result, max_concurrent_jobs=4, cancel_grace_s=2,
+                          max_attempts=3, poll_s=0.05)
+
+    class Control:
+        pass
+
+    c = Control()
+    c.jobs, c.runner, c.scheduler, c.finished, c.cluster, c.tmp = jobs, runner, scheduler, finished, \
+        Cluster(deployed), tmp_path
+    try:
+        yield c
+    finally:
+        runner.close()
+        scheduler._pool.shutdown(wait=True)
+        jobs.close()
+
+
+def _new_job(c, name, nproc=1, device="auto"):
+    spec = {"model": {"family": "cnn"}, "dataset": "builtin:digits", "output": {"name": name},
+            "hyperparameters": {"nproc": nproc, "device": device}}
+    run_dir = c.tmp / "runs" / name
+    run_dir.mkdir(parents=True)
+    return c.jobs.create_job(spec=spec, output_model=name, base=None, runner="kubernetes", run_dir=run_dir,
+                             log_path=run_dir / "train.log", deploy_policy="none")
+
+
+def _until(c, job_id, predicate, timeout_s=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        c.scheduler.tick()
+        job = c.jobs.get(job_id)
+        if predicate(job):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} stuck: {job.state} {job.error}"
+        time.sleep(0.05)
+
+
+def test_runner_runs_a_job_to_success(control):
+    import json
+
+    from service.control.k8s_runner import job_name, run_key
+
+    c = control
+    job = _new_job(c, "k8s-ok")
+    c.scheduler.tick()
+    job = c.jobs.get(job.id)
+    assert job.state == "RUNNING" and job.pid == run_key(job.id, 1)
+    name = job_name(job.id, 1)
+    obj = c.cluster.job(name)
+    labels = obj["metadata"]["labels"]
+    assert labels["modelctl.dev/job-id"] == job.id and labels["modelctl.dev/attempt"] == "1"
+    assert labels["app.kubernetes.io/component"] == "finetune"  # the finetune NetworkPolicy selects it
+    pod = obj["spec"]["template"]["spec"]
+    (trainer,) = pod["containers"]
+    assert trainer["image"] == "registry.example.com/modelctl:test"
+    assert trainer["command"] == ["python", "-m", "service.training", "run", f"{job.run_dir}/spec.json",
+                                  "--run-dir", job.run_dir, "--store", "/models", "--data-root", "/data"]
+    assert obj["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == "modelctl-finetune" and pod["automountServiceAccountToken"] is False
+    assert {"name": "shared", "persistentVolumeClaim": {"claimName": "modelctl-store"}} in pod["volumes"]
+    assert {"name": "shared", "mountPath": "/runs", "subPath": "runs"} in trainer["volumeMounts"]
+    assert trainer["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
+    # The runner follows Jobs through its watch.
+    _until(c, job.id, lambda j: name in c.runner._cache)
+    c.cluster.set_status(name, active=1)
+    _until(c, job.id, lambda j: c.runner.phase(c.scheduler._handles[j.id])[0] == "running")
+    assert c.jobs.get(job.id).state == "RUNNING"
+    # The trainer wrote its archive and result.json; the Job completes.
+    (c.tmp / "runs" / "k8s-ok" / "result.json").write_text(json.dumps({"name": "k8s-ok", "version": 1}))
+    c.cluster.condition(name, "Complete")
+    job = _until(c, job.id, lambda j: j.state == "SUCCEEDED")
+    assert job.result_version == 1 and job.exit_code == 0
+    assert c.cluster.job(name) is None  # reaped
+    assert f"Kubernetes Job {NAMESPACE}/{name}" in (c.tmp / "runs" / "k8s-ok" / "train.log").read_text()
+
+
+def test_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(control):
+    from service.control.k8s_runner import job_name
+
+    c = control
+    failing, evicted = _new_job(c, "k8s-fail"), _new_job(c, "k8s-evicted")
+    c.scheduler.tick()
+    # The trainer exits 1: FAILED with its status.
+    c.cluster.failed_pod(job_name(failing.id, 1), exit_code=1)
+    c.cluster.condition(job_name(failing.id, 1), "Failed", "BackoffLimitExceeded")
+    job = _until(c, failing.id, lambda j: j.state == "FAILED")
+    assert job.exit_code == 1 and "exit status 1" in job.error
+    log_text = (c.tmp / "runs" / "k8s-fail" / "train.log").read_text()
+    assert f"---- pod {job_name(failing.id, 1)}-0-pod" in log_text  # logs copied (no kubelet: none)
+    # No pod status (evicted, node lost): an interruption; attempt 2 is a new Job.
+    c.cluster.condition(job_name(evicted.id, 1), "Failed", "BackoffLimitExceeded")
+    job = _until(c, evicted.id, lambda j: j.attempts == 2)
+    assert job.state == "RUNNING" and c.cluster.job(job_name(evicted.id, 2)) is not None
+    assert c.cluster.job(job_name(evicted.id, 1)) is None
+    # A restarted control service finds the running attempt again by its run key.
+    from service.control.k8s_runner import KubernetesRunner
+
+    fresh = KubernetesRunner(c.runner.settings, api_client=c.runner._api_client)
+    handle = fresh.adopt(job.pid, job.proc_started)
+    assert handle is not None and handle.name == job_name(evicted.id, 2) and fresh.poll(handle) == (True, None)
+    assert fresh.adopt(12345, None) is None
+    fresh.close()
+
+
+def test_runner_cancel_deletes_the_job_in_the_foreground(control):
+    from service.control.k8s_runner import job_name
+
+    c = control
+    job = _new_job(c, "k8s-cancel")
+    c.scheduler.tick()
+    name = job_name(job.id, 1)
+    c.jobs.update(job.id, cancel_requested=__import__("time").time())
+    c.scheduler.tick()
+    obj = c.cluster.job(name)
+    # Foreground: the Job stays, marked, until its pods are gone (the garbage collector's part).
+    assert obj["metadata"].get("deletionTimestamp") and "foregroundDeletion" in obj["metadata"]["finalizers"]
+    c.scheduler.tick()
+    assert c.jobs.get(job.id).state == "RUNNING"
+    c.cluster.finish_foreground_deletion(name)
+    job = _until(c, job.id, lambda j: j.state == "CANCELLED")
+    assert c.cluster.job(name) is None
+
+
+def test_runner_spreads_a_multi_node_run_over_an_indexed_job(control):
+    import dataclasses
+
+    from service.control.k8s_runner import build_job, job_name
+
+    c = control
+    c.runner.settings = dataclasses.replace(c.runner.settings, gpus_per_pod=2)
+    job = _new_job(c, "k8s-ddp", nproc=4)
+    body, service = build_job(job, 1, c.runner.settings)
+    name = job_name(job.id, 1)
+    assert body["spec"]["completionMode"] == "Indexed"
+    c.scheduler.tick()
+    obj = c.cluster.job(name)
+    spec, pod = obj["spec"], obj["spec"]["template"]["spec"]
+    # v1.20 drops completionMode (Indexed Jobs are alpha in 1.21); the rest arrives.
+    assert spec["completions"] == 2 and spec["parallelism"] == 2 and pod["subdomain"] == name
+    (trainer,) = pod["containers"]
+    assert trainer["command"][:9] == ["python", "-m", "torch.distributed.run", "--nnodes=2",
+                                      "--node-rank=$(JOB_COMPLETION_INDEX)", "--nproc-per-node=2",
+                                      f"--master-addr={name}-0.{name}", "--master-port=29500", "-m"]
+    assert trainer["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    svc = c.cluster.core.read_namespaced_service(name, NAMESPACE)
+    assert svc.spec.cluster_ip == "None" and svc.spec.selector == {"modelctl.dev/run": name}
+    # A rank that fails fails the run with its status.
+    c.cluster.failed_pod(name, exit_code=0, index=0)
+    c.cluster.failed_pod(name, exit_code=3, index=1)
+    c.cluster.condition(name, "Failed")
+    job = _until(c, job.id, lambda j: j.state == "FAILED")
+    assert job.exit_code == 3
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as err:
+        c.cluster.core.read_namespaced_service(name, NAMESPACE)
+    assert err.value.status == 404  # reaped with its Job
+
+
+def test_runner_jobs_pass_kubernetes_validate_strict(tmp_path):
+    """The Jobs and Services the runner creates, against the 1.37 schema (Indexed included)."""
+    from types import SimpleNamespace
+
+    from service.control.k8s_runner import build_job
+
+    docs = []
+    for nproc, gpus in ((1, 0), (4, 2), (4, 0)):
+        settings = _runner_settings(gpus_per_pod=gpus, procs_per_pod=2 if not gpus else 0)
+        job = SimpleNamespace(id="job-0123456789ab", attempts=1, run_dir=str(tmp_path), output_model="m",
+                              spec={"hyperparameters": {"nproc": nproc}})
+        body, service = build_job(job, 1, settings)
+        docs += [body] + ([service] if service else [])
+    assert len(docs) == 5
+    proc = subprocess.run([tool("kubernetes-validate"), "--strict", "-"], input=yaml.safe_dump_all(docs),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("passed") == 5, proc.stdout + proc.stderr
+
+
+def test_runner_settings_and_registration(tmp_path):
+    from service.control.config import ControlConfig
+    from service.control.k8s_runner import K8sSettings, Mount, layout
+
+    config = ControlConfig(model_store="/models", runs_dir="/runs", data_roots=("/data",), cancel_grace_s=15)
+    s = K8sSettings.from_env(config, {"MODELCTL_K8S_IMAGE": "img", "MODELCTL_K8S_NAMESPACE": "ns",
+                                      "MODELCTL_K8S_GPUS_PER_POD": "4"})
+    assert (s.image, s.namespace, s.gpus_per_pod, s.grace_s) == ("img", "ns", 4, 15)
+    assert s.mounts == (Mount("store", "/models"), Mount("runs", "/runs"), Mount("data", "/data", True))
+    assert K8sSettings.from_env(config, {"MODELCTL_K8S_MOUNTS": "a:/x:ro,b:/y"}).mounts == (
+        Mount("a", "/x", True), Mount("b", "/y"))
+    assert layout(8, "auto", s) == (2, 4, 4) and layout(8, "cpu", s) == (1, 8, 0)
+    assert layout(2, "auto", s) == (1, 2, 2)
+    from service.errors import ServiceError
+
+    with pytest.raises(ServiceError, match="multiple of the 4"):
+        layout(6, "auto", s)
+    with pytest.raises(ServiceError, match="MODELCTL_K8S_MOUNTS"):
+        K8sSettings.from_env(config, {"MODELCTL_K8S_MOUNTS": "nope"})
+    # The registry offers the runner where an image is configured (the control Deployment's
+    # ConfigMap sets MODELCTL_K8S_IMAGE).
+    code = "import service.control.runner as r; print(sorted(r.RUNNERS))"
+    env = {k: v for k, v in os.environ.items() if k != "MODELCTL_K8S_IMAGE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert out.strip() == "['local']"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MODELCTL_K8S_IMAGE": "img"},
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "['kubernetes', 'local']"
