@@ -150,4 +150,5 @@ def local_runner(config) -> LocalRunner:
 #: Runner name -> factory taking the ControlConfig.
 RUNNERS: dict[str, Callable] = {
     "local": local_runner,
+    **({"kubernetes": lambda config: __import__("service.control.k8s_runner", fromlist=["_"]).kubernetes_runner(config)} if os.environ.get("MODELCTL_K8S_IMAGE") else {}),  # noqa: E501 - service/control/k8s_runner.py; offered where an image is configured
 }
