@@ -79,7 +79,7 @@ def cmd_serve(args) -> int:
 def cmd_demo(args) -> int:
     from service.demo import run_demo
 
-    return run_demo(_settings(args))
+    return run_demo(_settings(args), _control_config(args))
 
 
 def cmd_models_archive(args) -> int:
@@ -234,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_flags(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="build three archives, serve them, predict over REST and gRPC")
+    p = sub.add_parser("demo", help="serve three archives, fine-tune two through the control API, "
+                                     "deploy if better, predict held-out digits over REST and gRPC")
     _add_serve_flags(p)
+    _add_control_flags(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("predict", help="ask a served model for its top-k labels")

@@ -1,10 +1,18 @@
-"""``make demo``: build one ResNet-18, one CNN and one LSTM archive, serve them, and ask
-each for a top-k answer over REST and over gRPC, on real held-out digits."""
+"""``make demo``: the whole job on the embedded default.
+
+It builds one ResNet-18, one CNN and one LSTM archive, serves them with the control service
+beside TorchServe, and asks each for a top-k answer over REST and gRPC. Then, through the
+gRPC control API, it fine-tunes the CNN on ``builtin:digits`` and the LSTM on
+``builtin:digits-seq``, showing the events, and deploys each new version only if it is
+better. Last, it predicts held-out digits over REST and gRPC and prints the served
+version's held-out accuracy next to the parent's.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import torch
 from torchvision.io import encode_png
@@ -17,6 +25,7 @@ from service.modelstore import ModelBundle, ModelStore
 logger = logging.getLogger(__name__)
 
 DIGIT_LABELS = [str(i) for i in range(10)]
+VAL_SPLIT, SEED = 0.2, 0
 
 DEMO_SPECS = {
     "demo-resnet18": {
@@ -37,11 +46,13 @@ DEMO_SPECS = {
 }
 
 
-def digits_samples(n: int = 3):
-    """The last ``n`` scikit-learn digits (8x8, 0..16) with their labels."""
+def digits_samples(n: int | None = 3):
+    """The last ``n`` scikit-learn digits (8x8, 0..16) with their labels; all for None."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    if n is None:
+        return digits.images, digits.target
     return digits.images[-n:], digits.target[-n:]
 
 
@@ -77,32 +88,94 @@ def _summary(answer: dict) -> str:
     return ", ".join(f"{p['label']} ({p['probability']:.3f})" for p in first)
 
 
-def run_demo(settings) -> int:
-    from service.serving.supervisor import Serving
+#: The two fine-tunes of the demo, through the control API, on the built-in digits.
+FINETUNES = {
+    "demo-cnn": {"dataset": "builtin:digits",
+                 "hyperparameters": {"epochs": 12, "lr": 0.01, "batch_size": 32, "val_split": VAL_SPLIT,
+                                     "seed": SEED}},
+    "demo-lstm": {"dataset": "builtin:digits-seq",
+                  "hyperparameters": {"epochs": 25, "lr": 0.01, "batch_size": 32, "val_split": VAL_SPLIT,
+                                      "seed": SEED}},
+}
+
+
+def held_out_digits():
+    """The digits the fine-tunes never trained on: the trainer's own seeded validation split."""
+    from service.training.datasets import _split
+
+    images, targets = digits_samples(None)
+    _, val_idx = _split(len(targets), targets, VAL_SPLIT, SEED, "multiclass")
+    return images[val_idx], targets[val_idx]
+
+
+def _inputs(name: str, images) -> dict[str, bytes]:
+    if name == "demo-lstm":
+        return {"body": json.dumps({"inputs": [(img / 16.0).tolist() for img in images], "k": 1}).encode()}
+    return {f"d{i}": digit_png(img) for i, img in enumerate(images)}
+
+
+def served_accuracy(predict, name: str, version, images, targets, chunk: int = 32) -> float:
+    """Top-1 accuracy of a served version over REST, ``chunk`` digits per request."""
+    correct = 0
+    for start in range(0, len(targets), chunk):
+        batch = images[start : start + chunk]
+        answer = predict.rest(name, _inputs(name, batch), version=version, k=1)
+        preds = answer["predictions"]
+        if name != "demo-lstm":
+            preds = sorted(preds, key=lambda p: int(p["input"][1:]))
+        labels = [int(p["top_k"][0]["label"]) for p in preds]
+        correct += sum(int(a == b) for a, b in zip(labels, targets[start : start + chunk]))
+    return correct / len(targets)
+
+
+def run_demo(settings, control) -> int:
+    from service.control import display
+    from service.control.client import ControlClient
+    from service.control.serve import ServingWithControl
 
     store = ModelStore(settings.model_store)
     ensure_archives(store)
-    images, targets = digits_samples(1)
-    png = digit_png(images[0])
-    sequence = json.dumps({"inputs": (images[0] / 16.0).tolist(), "k": 3}).encode()
-    with Serving(settings) as serving:
-        report = serving.report  # start() waited for every worker
-        not_ready = [f"{m.name}:{m.version}" for m in report if not m.ready]
+    parents = {name: store.versions(name)[-1] for name in FINETUNES}
+    with ServingWithControl(settings, control) as serving:
+        not_ready = [f"{m.name}:{m.version}" for m in serving.report if not m.ready]
         if not_ready:
             logger.error("models not ready: %s", ", ".join(not_ready))
             return 1
-        client = PredictionClient(
+        predict = PredictionClient(
             rest_url=f"http://{settings.host}:{settings.inference_port}",
             grpc_target=f"{settings.host}:{settings.grpc_inference_port}",
             token=read_token(settings.state_dir),
         )
-        print(f"\nheld-out digit: true label {targets[0]}")
+        images, targets = digits_samples(1)
+        png = digit_png(images[0])
+        print(f"\n== the served base models, on a digit whose label is {targets[0]} ==")
         for name in DEMO_SPECS:
-            inputs = {"body": sequence} if name == "demo-lstm" else {"digit.png": png}
-            k = None if name == "demo-lstm" else 3
-            rest = client.rest(name, inputs, k=k)
-            grpc_answer = client.grpc(name, inputs, k=k)
-            print(f"{name:15} REST top-3: {_summary(rest)}")
-            print(f"{'':15} gRPC top-3: {_summary(grpc_answer)}")
-        print("\n(the CNN and LSTM are untrained here: `modelctl finetune` makes them useful)")
+            inputs = _inputs(name, images) if name == "demo-lstm" else {"digit.png": png}
+            print(f"{name:15} REST top-3: {_summary(predict.rest(name, inputs, k=3))}")
+            print(f"{'':15} gRPC top-3: {_summary(predict.grpc(name, inputs, k=3))}")
+
+        with ControlClient(serving.control.target) as client:
+            jobs = {
+                name: client.create_job({"base": f"{name}:{parents[name]}", **ft, "output": {"name": name}},
+                                        deploy="deploy-if-better")
+                for name, ft in FINETUNES.items()
+            }
+            for name, job in jobs.items():
+                print(f"\n== fine-tuning {name} version {parents[name]} on {FINETUNES[name]['dataset']} "
+                      f"(job {job.id}, over gRPC) ==", flush=True)
+                failed = display.follow(client.watch(job.id), sys.stdout)
+                print(display.job_line(client.get_job(job.id)))
+                if failed:
+                    return 1
+
+        x_val, y_val = held_out_digits()
+        print(f"\n== held-out digits ({len(y_val)} the fine-tunes never trained on), over REST ==")
+        for name in FINETUNES:
+            default = predict.rest(name, _inputs(name, x_val[:1]), k=1)["version"]
+            acc = served_accuracy(predict, name, None, x_val, y_val)
+            parent_acc = served_accuracy(predict, name, parents[name], x_val, y_val)
+            print(f"{name:15} served version {default}: accuracy {acc:.3f}   "
+                  f"(parent version {parents[name]}: {parent_acc:.3f})")
+            answer = predict.grpc(name, _inputs(name, x_val[:1]), k=3)
+            print(f"{'':15} gRPC, a held-out {y_val[0]}: {_summary(answer)}")
     return 0
