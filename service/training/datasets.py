@@ -473,17 +473,35 @@ class ImageDataset(Dataset):
         return (self.transform(img),), self.targets[index]
 
 
-class SequenceDataset(Dataset):
-    """Float (T, F) or token-id (T,) sequences -> ((sequence,), target); see pad_collate."""
+class TokenDropout:
+    """Training augmentation of token ids (word dropout): each id becomes <unk> with
+    probability ``p``, so the model cannot lean on single words. Uses the torch RNG."""
 
-    def __init__(self, sequences: list[torch.Tensor], targets: torch.Tensor):
-        self.sequences, self.targets = sequences, targets
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.masked_fill(torch.rand(ids.shape) < self.p, UNK_ID)
+
+    def __repr__(self) -> str:
+        return f"TokenDropout({self.p})"
+
+
+class SequenceDataset(Dataset):
+    """Float (T, F) or token-id (T,) sequences -> ((sequence,), target); see pad_collate.
+    ``augment`` (training only) maps a sequence to a sequence of the same length."""
+
+    def __init__(self, sequences: list[torch.Tensor], targets: torch.Tensor, augment=None):
+        self.sequences, self.targets, self.augment = sequences, targets, augment
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int):
-        return (self.sequences[index],), self.targets[index]
+        seq = self.sequences[index]
+        if self.augment is not None:
+            seq = self.augment(seq)
+        return (seq,), self.targets[index]
 
 
 def image_collate(batch):
@@ -637,6 +655,9 @@ def prepare(raw: RawData, *, name: str, spec: ModelSpec, task: str, hp, train_si
     t_train = torch.as_tensor(y_train, dtype=target_dtype)
     t_val = torch.as_tensor(y_val, dtype=target_dtype)
     vocab = None
+    if hp.token_dropout > 0 and raw.kind not in (TOKENS, TEXT):
+        raise InvalidSpec("hyperparameters.token_dropout", f"applies to token sequences; {name} holds {raw.kind}",
+                          allowed=[0.0])
     if raw.kind in (IMAGES, IMAGE_FILES):
         transform = image_eval_transform(spec.input)
         mode = raw.augment if hp.augment == "auto" else hp.augment
@@ -652,7 +673,8 @@ def prepare(raw: RawData, *, name: str, spec: ModelSpec, task: str, hp, train_si
             x_train = _encode_texts(x_train, vocab, spec.input.max_length)
             x_val = _encode_texts(x_val, vocab, spec.input.max_length)
         dtype = torch.float32 if raw.kind == FEATURES else torch.long
-        train = SequenceDataset([torch.as_tensor(s, dtype=dtype) for s in x_train], t_train)
+        augment = TokenDropout(hp.token_dropout) if hp.token_dropout > 0 else None
+        train = SequenceDataset([torch.as_tensor(s, dtype=dtype) for s in x_train], t_train, augment)
         val = SequenceDataset([torch.as_tensor(s, dtype=dtype) for s in x_val], t_val)
         collate = pad_collate
     info = {"name": name, "sha256": sha, "kind": raw.kind, "split": split,

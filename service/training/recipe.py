@@ -271,6 +271,9 @@ class FineTuneRecipe:
     def setup(self) -> None:
         hp = self.hp
         self.dist = distributed.init(hp.device)
+        if hp.nproc > 1 and not self.dist.initialized:
+            raise FailedPrecondition(f"hyperparameters.nproc is {hp.nproc}: start the run with "
+                                     "`python -m service.training run` (it starts torchrun), not in-process")
         self.device = self.dist.device
         self.precision = resolve_precision(hp.precision, self.device)
         self._setup_run_dir()
@@ -536,8 +539,9 @@ class FineTuneRecipe:
         done = epoch if when == "after" else epoch - 1
         if self.dist.is_main:
             self.events.append("stopped", signal=name, epoch=done)
-            logger.warning("stopped by %s %s epoch %d: no archive written; the checkpoint holds epoch %d; "
-                           "start the run again with --run-dir %s to resume", name, when, epoch, done, self.run_dir)
+            held = f"the checkpoint holds epoch {done}" if done else "no epoch completed yet"
+            logger.warning("stopped by %s %s epoch %d: no archive written; %s; start the run again with "
+                           "--run-dir %s to resume", name, when, epoch, held, self.run_dir)
         return Outcome("stopped", self.run_dir, done, signum=signum)
 
     # ---- output ------------------------------------------------------------------------

@@ -83,7 +83,8 @@ class Policy:
 class Hyperparameters(Schema):
     """How to train. ``batch_size`` is per process. ``monitor`` picks what ReduceLROnPlateau,
     early stopping and the best checkpoint follow: the task's val metric, or the val loss.
-    ``keep``: which weights become the archive. ``precision``: "auto" = fp16 AMP on CUDA,
+    ``keep``: which weights become the archive. ``token_dropout``: word dropout for
+    token sequences (each id becomes <unk> with that probability). ``precision``: "auto" = fp16 AMP on CUDA,
     fp32 on CPU; "bf16" = bf16 autocast (CPU with native bf16, or CUDA)."""
 
     optimizer: str = field("adam", choices=tuple(OPTIMIZERS))
@@ -103,6 +104,7 @@ class Hyperparameters(Schema):
     nproc: int = field(1, ge=1)
     augment: str = field("auto", choices=AUGMENT_CHOICES)
     label_smoothing: float = field(0.0, ge=0, lt=1)
+    token_dropout: float = field(0.0, ge=0, lt=1)
     clip_grad_norm: float | None = field(None, gt=0)
     precision: str = field("auto", choices=PRECISIONS)
     device: str = field("auto", choices=("auto", "cpu", "cuda"))
