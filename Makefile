@@ -45,5 +45,11 @@ bench: setup
 		|| echo "bench: captum could not be installed; baseline (c) will report why it did not run"
 	$(PY) benchmarks/bench_serving.py --stock-pythonpath $(BENCH_PYDEPS)
 
+# Model quality of the fine-tuning recipe (issue 3): every run against its target; the
+# figures go into BENCHMARKS.md. Takes about half an hour on 2 CPU cores.
+.PHONY: eval
+eval: setup
+	$(PY) -m service.training.bench --out BENCHMARKS.md
+
 clean:
 	rm -rf service/_gen .modelctl .pytest_cache
