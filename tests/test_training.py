@@ -198,6 +198,18 @@ def test_fine_tune_a_stored_model_frozen_backbone_new_version_with_parent(tmp_pa
     head = [k for k in child.state_dict if k.startswith(prefix)]
     assert head and all(not torch.equal(child.state_dict[k], parent.state_dict[k]) for k in head)
     assert all(torch.equal(v, parent.state_dict[k]) for k, v in child.state_dict.items() if k not in head)
+    # the parent was evaluated on this run's validation set, for deploy-if-better
+    spec2 = make_spec(base="base-cnn:1", dataset=digits)
+    val = val_data(spec2, policy, parent.spec)
+    loader = torch.utils.data.DataLoader(val.val, batch_size=64, collate_fn=val.collate)
+    from service.training.recipe import evaluate
+    from service.training.tasks import TASKS
+
+    expected = evaluate(load_model(parent.spec, parent.state_dict), torch.nn.CrossEntropyLoss(), loader,
+                        torch.device("cpu"), TASKS["multiclass"])
+    metrics = child.lineage["metrics"]
+    assert metrics["parent_val_count"] == 60 == expected["count"]
+    assert metrics["parent_val_metric"] == pytest.approx(expected["metric"])
 
     # other labels: the head is replaced (new size), the backbone carried over
     fashion = {"source": "builtin:fashion-mnist", "train_size": 100, "val_size": 50}
@@ -206,6 +218,7 @@ def test_fine_tune_a_stored_model_frozen_backbone_new_version_with_parent(tmp_pa
     moved = read_archive(out.archive)
     assert moved.lineage["parent"] == "base-cnn:2" and moved.lineage["head"] == "replaced"
     assert moved.labels[0] == "T-shirt/top"
+    assert moved.lineage["metrics"]["parent_val_metric"] is None  # the parent cannot answer these labels
     assert torch.equal(moved.state_dict["0.weight"], child.state_dict["0.weight"])
 
 

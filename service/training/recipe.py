@@ -318,6 +318,20 @@ class FineTuneRecipe:
         torch.manual_seed(hp.seed + self.dist.rank)
         self._resume()
         self._setup_loaders()
+        self.parent_eval = self._evaluate_parent(base_bundle)
+
+    def _evaluate_parent(self, base: ModelBundle | None) -> dict | None:
+        """The parent's loss and metric on this run's validation set, with the same
+        evaluate(); what deploy-if-better compares against. None when the head was
+        replaced (other labels or task): the parent cannot answer this dataset."""
+        if base is None or self.head != "kept" or self.finished is not None:
+            return None
+        parent = load_model(self.model_spec, base.state_dict).to(self.device)
+        val = evaluate(parent, self.criterion, self.val_loader, self.device, self.task, self.dist.all_reduce_sum)
+        if self.dist.is_main:
+            logger.info("parent %s on this validation set: %s %.4f (%d examples)", self.parent,
+                        self.task.metric_name, val["metric"], val["count"])
+        return val
 
     def _setup_run_dir(self) -> None:
         run_file = self.run_dir / RUN_FILE
@@ -560,6 +574,9 @@ class FineTuneRecipe:
             "weights_epoch": chosen["epoch"],
             "epochs_run": epoch,
             "stopped_early": stopped_early,
+            "parent_val_metric": self.parent_eval["metric"] if self.parent_eval else None,
+            "parent_val_loss": self.parent_eval["loss"] if self.parent_eval else None,
+            "parent_val_count": self.parent_eval["count"] if self.parent_eval else None,
             "history": [{k: r[k] for k in ("epoch", "train_loss", "val_loss", "val_metric", "lr")}
                         for r in self.history],
         }
@@ -567,7 +584,8 @@ class FineTuneRecipe:
         if d.is_main:
             info = self._write_archive(weights, metrics)
             result = {"name": info.name, "version": info.version, "path": str(info.path), "epochs": epoch,
-                      "run_id": self.run_id, **{k: metrics[k] for k in ("metric", "val_metric", "val_loss")}}
+                      "run_id": self.run_id,
+                      **{k: metrics[k] for k in ("metric", "val_metric", "val_loss", "parent_val_metric")}}
             tmp = self.run_dir / f".{RESULT_FILE}.tmp"
             tmp.write_text(json.dumps(result, indent=2) + "\n")
             os.replace(tmp, self.run_dir / RESULT_FILE)
