@@ -6,6 +6,17 @@ checked by ``kubernetes-validate --strict`` against the schemas of Kubernetes 1.
 oldest release with GA gRPC probes) and of the newest release it ships. ServiceMonitor is a
 CRD (Prometheus Operator), for which kubernetes-validate has no schema: it is left out of
 that run and checked here instead, against the Service it selects.
+
+Two groups are slow on a fresh machine and quick afterwards (their results are cached under
+~/.cache/modelctl/, about 7 GB):
+
+* ``test_image_*``: the Dockerfile built with podman (scripts/container/build.sh) and run;
+  about 6 min the first time (debootstrap, then a full build), under a minute with cached
+  layers;
+* ``test_apiserver_*``: a real kube-apiserver v1.20 + etcd (scripts/k8s/); building the
+  apiserver from Debian's source package takes 10-12 min once, starting it about 2 s.
+
+``pytest tests/test_deploy.py -k "not image and not apiserver"`` leaves both out.
 """
 
 from __future__ import annotations
@@ -223,7 +234,7 @@ def test_dockerfile_is_hadolint_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_image_requirements_come_from_the_project_pins():
+def test_dockerfile_requirements_come_from_the_project_pins():
     script = ROOT / "scripts" / "container" / "requirements.py"
 
     def run(kind):
@@ -441,7 +452,7 @@ def deployed(apiserver):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_manifests_pass_a_server_side_dry_run(apiserver, overlay):
+def test_apiserver_dry_run_of_the_manifests(apiserver, overlay):
     kubectl(apiserver, "create", "namespace", NAMESPACE, check=False)  # so namespaced objects resolve
     docs = for_v1_20(overlay)
     out = kubectl(apiserver, "apply", "--dry-run=server", "--validate=false", "-f", "-",
@@ -456,7 +467,7 @@ def test_manifests_pass_a_server_side_dry_run(apiserver, overlay):
     assert proc.returncode != 0 and "replicas" in proc.stderr
 
 
-def test_control_role_allows_the_runner_and_nothing_more(deployed):
+def test_apiserver_control_role_allows_the_runner_and_nothing_more(deployed):
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -595,7 +606,7 @@ def _until(c, job_id, predicate, timeout_s=20.0):
         time.sleep(0.05)
 
 
-def test_runner_runs_a_job_to_success(control):
+def test_apiserver_runner_runs_a_job_to_success(control):
     import json
 
     from service.control.k8s_runner import job_name, run_key
@@ -634,7 +645,7 @@ def test_runner_runs_a_job_to_success(control):
     assert f"Kubernetes Job {NAMESPACE}/{name}" in (c.tmp / "runs" / "k8s-ok" / "train.log").read_text()
 
 
-def test_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(control):
+def test_apiserver_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(control):
     from service.control.k8s_runner import job_name
 
     c = control
@@ -662,7 +673,7 @@ def test_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(control):
     fresh.close()
 
 
-def test_runner_cancel_deletes_the_job_in_the_foreground(control):
+def test_apiserver_runner_cancel_deletes_the_job_in_the_foreground(control):
     from service.control.k8s_runner import job_name
 
     c = control
@@ -681,7 +692,7 @@ def test_runner_cancel_deletes_the_job_in_the_foreground(control):
     assert c.cluster.job(name) is None
 
 
-def test_runner_spreads_a_multi_node_run_over_an_indexed_job(control):
+def test_apiserver_runner_spreads_a_multi_node_run_over_an_indexed_job(control):
     import dataclasses
 
     from service.control.k8s_runner import build_job, job_name
@@ -766,3 +777,90 @@ def test_runner_settings_and_registration(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**env, "MODELCTL_K8S_IMAGE": "img"},
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "['kubernetes', 'local']"
+
+
+def test_apiserver_image_runs_the_control_service_that_creates_jobs(image, deployed, tmp_path):
+    """The control Deployment of k8s/ as a container: its image, command and ConfigMap, the
+    store volume's subdirectories as mounts, the cluster's API through a kubeconfig. A job
+    created through the control API becomes a Job of that image on the apiserver; cancel
+    deletes it."""
+    import time
+
+    from service._gen.modelctl.v1 import control_pb2 as pb
+    from service.control.client import ControlClient
+    from tests.helpers import free_port
+
+    docs = docs_of(kustomize("cpu"))
+    control = find(docs, "Deployment", "modelctl-control")
+    c = container(control, "control")
+    env = dict(find(docs, "ConfigMap", "modelctl-control")["data"])
+    port = free_port()
+    env.update(MODELCTL_CONTROL_PORT=str(port), MODELCTL_K8S_NAMESPACE=NAMESPACE,
+               MODELCTL_K8S_KUBECONFIG="/kube/config")
+    kube = tmp_path / "kube"
+    kube.mkdir()
+    (kube / "ca.crt").write_bytes(deployed.ca_cert.read_bytes())
+    (kube / "config").write_text(deployed.kubeconfig.read_text().replace(str(deployed.ca_cert), "/kube/ca.crt"))
+    mounts = []
+    for m in c["volumeMounts"]:
+        if m["mountPath"] == "/tmp":
+            continue
+        host = tmp_path / m["mountPath"].strip("/").replace("/", "_")
+        host.mkdir()
+        host.chmod(0o777)
+        mounts += ["--volume", f"{host}:{m['mountPath']}{':ro' if m.get('readOnly') else ''}"]
+    for path in [kube, *kube.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    assert c["command"][:2] == ["/usr/bin/tini", "--"]
+    name = f"modelctl-control-test-{os.getpid()}"
+    podman("run", "--detach", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,mode=1777",
+           "--volume", f"{kube}:/kube:ro", *mounts, *[f"--env={k}={v}" for k, v in env.items()],
+           "--entrypoint", c["command"][0], image, *c["command"][1:])
+    try:
+        with ControlClient(f"127.0.0.1:{port}", timeout_s=30) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.list_jobs()
+                    break
+                except Exception:  # noqa: BLE001 - not up yet
+                    assert podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true", \
+                        podman("logs", name, check=False).stderr[-4000:]
+                    assert time.monotonic() < deadline, podman("logs", name, check=False).stderr[-4000:]
+                    time.sleep(0.5)
+            spec = {"model": {"family": "cnn", "config": {"channels": [8, 16]},
+                              "input": {"type": "image", "channels": 1, "size": 8, "resize": None}},
+                    "dataset": {"source": "builtin:digits", "train_size": 300, "val_size": 100},
+                    "output": {"name": "k8s-e2e"}}
+            job = client.create_job(spec)
+            assert job.runner == "kubernetes"
+            cluster = Cluster(deployed)
+            deadline = time.monotonic() + 30
+            while not (jobs := cluster.batch.list_namespaced_job(
+                    NAMESPACE, label_selector=f"modelctl.dev/job-id={job.id}").items):
+                assert time.monotonic() < deadline, podman("logs", name, check=False).stderr[-4000:]
+                time.sleep(0.2)
+            (k8s_job,) = jobs
+            (trainer,) = k8s_job.spec.template.spec.containers
+            assert trainer.image == env["MODELCTL_K8S_IMAGE"] == c["image"]
+            assert trainer.command[:4] == ["python", "-m", "service.training", "run"]
+            assert {m.mount_path for m in trainer.volume_mounts} >= {"/models", "/runs", "/data"}
+            assert client.get_job(job.id).state == pb.JobState.Value("JOB_STATE_RUNNING")
+            # Cancel (the call waits for the end): the Job is deleted in the foreground; the
+            # test does what the garbage collector would once the pods are gone.
+            cancelled = client.stub.CancelFineTuneJob.future(pb.CancelFineTuneJobRequest(job_id=job.id),
+                                                             timeout=60)
+            deadline = time.monotonic() + 30
+            while not cluster.job(k8s_job.metadata.name)["metadata"].get("deletionTimestamp"):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            cluster.finish_foreground_deletion(k8s_job.metadata.name)
+            assert cancelled.result().state == pb.JobState.Value("JOB_STATE_CANCELLED")
+            assert cluster.job(k8s_job.metadata.name) is None
+    finally:
+        podman("stop", "--time", "20", name, check=False, timeout=60)
+        logs = podman("logs", name, check=False)
+        (ROOT / ".pytest_cache" / "control-container.log").write_text(logs.stdout + logs.stderr)
+        podman("rm", "--force", name, check=False)
+    assert "Traceback" not in logs.stdout + logs.stderr, logs.stderr[-4000:]
+

@@ -31,7 +31,7 @@ of :mod:`service.control.runner` (``start``, ``adopt``, ``poll``, ``signal``, ``
 * ``reap`` copies the pods' logs into the job's ``train.log`` (the scheduler reads the
   trainer's error line there) and deletes the Job and its Service.
 
-The handle's ``pid`` is the attempt's *run key* (a 48-bit number from the job id and the
+The handle's ``pid`` is the attempt's *run key* (a 31-bit number from the job id and the
 attempt, also a label of the Job), so a restarted control service finds the Job of a
 RUNNING job again (``adopt``).
 
@@ -182,8 +182,10 @@ def job_name(job_id: str, attempt: int) -> str:
 
 
 def run_key(job_id: str, attempt: int) -> int:
-    """The number standing for one attempt: the handle's ``pid`` and the Job's run-key label."""
-    return int(hashlib.sha256(f"{job_id}/{attempt}".encode()).hexdigest()[:12], 16)
+    """The number standing for one attempt: the handle's ``pid`` and the Job's run-key label.
+    31 bits, as the control API carries a pid as an int32; only the Jobs that exist at once
+    (they are deleted when their attempt ends) need to differ."""
+    return int(hashlib.sha256(f"{job_id}/{attempt}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF or 1
 
 
 class Layout(NamedTuple):
