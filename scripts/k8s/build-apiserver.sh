@@ -39,7 +39,7 @@ if [ ! -x "$bin" ]; then
     mkdir -p "$work/apt/lists/partial" "$work/apt/parts" "$work/src"
     echo "deb-src $mirror bookworm main" > "$work/apt/sources.list"
     aptopts=(-o "Dir::Etc::SourceList=$work/apt/sources.list" -o "Dir::Etc::SourceParts=$work/apt/parts"
-             -o "Dir::State::Lists=$work/apt/lists")
+             -o "Dir::State::Lists=$work/apt/lists" -o "APT::Sandbox::User=root")
     echo "build-apiserver.sh: fetching Debian's kubernetes source package" >&2
     apt-get "${aptopts[@]}" update -qq
     (cd "$work/src" && apt-get "${aptopts[@]}" source --download-only kubernetes >/dev/null)
