@@ -281,6 +281,9 @@ def test_old_archives_and_default_options_serve_fp32(tmp_path):
                        "compile": False, "precision_check": None}
     predictor = Predictor(ModelBundle.load(_unpack(info.path, tmp_path / "u")))
     assert predictor.runtime == RuntimeOptions() and not predictor.runtime_notes
+    # A compiled model gets longer than TorchServe's default 120 s to load.
+    assert "startupTimeout" not in ServingOptions().to_yaml()
+    assert "startupTimeout: 900" in ServingOptions(compile=True).to_yaml()
 
 
 # ---- torch.compile ---------------------------------------------------------------------

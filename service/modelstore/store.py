@@ -50,6 +50,8 @@ def validate_model_name(name: str) -> str:
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: Least top-1 agreement with fp32, on held-out data, that admits a reduced precision.
 MIN_AGREEMENT = 0.99
+#: Seconds TorchServe gives a worker of a compiled model to load (compile and warm up).
+COMPILE_STARTUP_TIMEOUT_S = 900
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,14 @@ class ServingOptions:
     def to_yaml(self) -> str:
         # TorchServe hands the ``handler`` section to the handler (context.model_yaml_config);
         # the worker reads the same options, and the check, from the archive's lineage.
+        # A compiled model compiles at load, one graph per batch size (minutes on a cold
+        # cache): TorchServe's default of 120 s to load a worker is too short for that.
+        startup = f"startupTimeout: {COMPILE_STARTUP_TIMEOUT_S}\n" if self.compile else ""
         return (
             f"batchSize: {self.batch_size}\n"
             f"maxBatchDelay: {self.max_batch_delay_ms}\n"
             f"responseTimeout: {self.response_timeout_s}\n"
+            f"{startup}"
             "handler:\n"
             f"  precision: {self.precision}\n"
             f"  channels_last: {str(self.channels_last).lower()}\n"
