@@ -36,7 +36,7 @@ DEMO_SPECS = {
     "demo-cnn": {
         "family": "cnn", "num_classes": 10,
         "config": {"channels": [16, 32], "batch_norm": True, "activation": "relu", "pool": "max", "dropout": 0.1},
-        "input": {"type": "image", "channels": 1, "size": 32, "resize": None, "mean": [0.5], "std": [0.5]},
+        "input": {"type": "image", "channels": 1, "size": 16, "resize": None, "mean": [0.5], "std": [0.5]},
     },
     "demo-lstm": {
         "family": "rnn", "num_classes": 10,
@@ -57,10 +57,10 @@ def digits_samples(n: int | None = 3):
 
 
 def digit_png(image) -> bytes:
-    """An 8x8 digit as a 32x32 grayscale PNG."""
-    pixels = torch.tensor(image * (255.0 / 16.0)).round().to(torch.uint8)
-    big = pixels.repeat_interleave(4, 0).repeat_interleave(4, 1).unsqueeze(0)
-    return encode_png(big).numpy().tobytes()
+    """An 8x8 digit as the 8x8 grayscale PNG a client would send: the model's own spec
+    resizes it, exactly as the trainer's evaluation did."""
+    pixels = torch.tensor(image * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(0)
+    return encode_png(pixels).numpy().tobytes()
 
 
 def ensure_archives(store: ModelStore) -> None:
@@ -91,7 +91,7 @@ def _summary(answer: dict) -> str:
 #: The two fine-tunes of the demo, through the control API, on the built-in digits.
 FINETUNES = {
     "demo-cnn": {"dataset": "builtin:digits",
-                 "hyperparameters": {"epochs": 12, "lr": 0.01, "batch_size": 32, "val_split": VAL_SPLIT,
+                 "hyperparameters": {"epochs": 15, "lr": 0.01, "batch_size": 32, "val_split": VAL_SPLIT,
                                      "seed": SEED}},
     "demo-lstm": {"dataset": "builtin:digits-seq",
                   "hyperparameters": {"epochs": 25, "lr": 0.01, "batch_size": 32, "val_split": VAL_SPLIT,
