@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
 import socket
+import zipfile
+from pathlib import Path
 
 import torch
 from torchvision.io import encode_jpeg, encode_png
@@ -67,3 +71,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def broken_archive_copy(good: Path, target: Path, **manifest_model) -> None:
+    """Copy an archive with weights that no longer fit its spec: its worker cannot load.
+
+    ``manifest_model`` overrides MANIFEST's model fields (modelName, modelVersion).
+    """
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(target, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "weights.pt":
+                buf = io.BytesIO()
+                torch.save({"nonsense": torch.zeros(1)}, buf)
+                data = buf.getvalue()
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"].update(manifest_model)
+                data = json.dumps(manifest).encode()
+            dst.writestr(item, data)

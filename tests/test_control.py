@@ -6,7 +6,6 @@ Run ``python scripts/build_protos.py`` first.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -15,7 +14,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import zipfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +39,7 @@ from service.errors import FailedPrecondition
 from service.models import ModelSpec, image_eval_transform, load_model
 from service.modelstore import ModelStore
 from service.serving.settings import ServeSettings
-from tests.helpers import free_port, make_bundle
+from tests.helpers import broken_archive_copy, free_port, make_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 CNN = {"family": "cnn", "config": {"channels": [8, 16]},
@@ -515,27 +513,11 @@ def test_a_run_the_trainer_refuses_is_failed_with_its_message(served, parent):
     assert served.store.versions("ctl-failed") == []
 
 
-def _broken_copy(good: Path, target: Path, version: int) -> None:
-    """``good`` as version ``version`` with weights that do not fit its spec: it cannot load."""
-    with zipfile.ZipFile(good) as src, zipfile.ZipFile(target, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == "weights.pt":
-                buf = io.BytesIO()
-                torch.save({"nonsense": torch.zeros(1)}, buf)
-                data = buf.getvalue()
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = str(version)
-                data = json.dumps(manifest).encode()
-            dst.writestr(item, data)
-
-
 def test_a_version_whose_workers_never_get_ready_is_not_made_default(served, parent):
     before = {v: m.is_default for v, m in defaults(served, PARENT).items()}
     default = next(v for v, is_default in before.items() if is_default)
     broken = max(before) + 1
-    _broken_copy(served.store.path(PARENT, 1), served.store.path(PARENT, broken), broken)
+    broken_archive_copy(served.store.path(PARENT, 1), served.store.path(PARENT, broken), modelVersion=str(broken))
     error = rpc_error(served.stub.DeployModel, pb.DeployModelRequest(name=PARENT, version=broken, timeout_s=60))
     assert_status(error, grpc.StatusCode.UNAVAILABLE, f"{PARENT} version {broken} is not ready",
                   "the default is unchanged")

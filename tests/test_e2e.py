@@ -6,10 +6,8 @@ real model store. Nothing is faked.
 
 from __future__ import annotations
 
-import io
 import json
 import random
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -24,26 +22,9 @@ from service.modelstore import ModelStore
 from service.modelstore.store import ServingOptions
 from service.serving.settings import ServeSettings
 from service.serving.supervisor import Serving
-from tests.helpers import TEXTS, free_port, make_bundle, random_image
+from tests.helpers import TEXTS, broken_archive_copy, free_port, make_bundle, random_image
 
 MODELS = {"resnet": "t-resnet", "mobilenet": "t-mobilenet", "cnn": "t-cnn", "lstm": "t-lstm", "gru-text": "t-text"}
-
-
-def _break_archive(good, target):
-    """Copy an archive with weights that no longer fit its spec: its worker cannot load."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(good) as src, zipfile.ZipFile(target, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == "weights.pt":
-                buf = io.BytesIO()
-                torch.save({"nonsense": torch.zeros(1)}, buf)
-                data = buf.getvalue()
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelName"] = "t-broken"
-                data = json.dumps(manifest).encode()
-            dst.writestr(item, data)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +38,7 @@ def served(tmp_path_factory):
     # A second, different version of the CNN: the latest must become the default.
     bundles["cnn-v2"] = make_bundle("cnn", seed=7)
     store.write(MODELS["cnn"], bundles["cnn-v2"], options=ServingOptions(batch_size=4, max_batch_delay_ms=50))
-    _break_archive(store.path(MODELS["cnn"], 1), store.root / "t-broken" / "1.mar")
+    broken_archive_copy(store.path(MODELS["cnn"], 1), store.root / "t-broken" / "1.mar", modelName="t-broken")
     settings = ServeSettings(
         model_store=store.root,
         state_dir=root / "state",
