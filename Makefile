@@ -32,6 +32,7 @@ demo: setup
 	$(VENV)/bin/modelctl demo
 
 test: setup
+	$(VENV)/bin/ruff check service tests benchmarks scripts
 	$(PY) -m pytest -q
 
 # Serving benchmark (not part of `make test`; ~15 min on 2 cores): writes BENCHMARKS.md.

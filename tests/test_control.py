@@ -6,6 +6,7 @@ Run ``python scripts/build_protos.py`` first.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
