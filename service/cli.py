@@ -70,6 +70,11 @@ def _settings(args):
 
 # ---- commands ----------------------------------------------------------------------
 def cmd_serve(args) -> int:
+    if args.no_control:  # a serving replica: the control service runs elsewhere
+        from service.serving.supervisor import Serving
+
+        Serving(_settings(args)).run_forever()
+        return 0
     from service.control.serve import ServingWithControl
 
     ServingWithControl(_settings(args), _control_config(args)).run_forever()
@@ -232,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start TorchServe, the gRPC gateway and the control API; serve every archive")
     _add_serve_flags(p)
     _add_control_flags(p)
+    p.add_argument("--no-control", action="store_true",
+                   help="serve only (a replica; the control service runs elsewhere and deploys through "
+                        "the model store's desired state)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="serve three archives, fine-tune two through the control API, "

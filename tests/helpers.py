@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import zipfile
 from pathlib import Path
@@ -76,10 +77,13 @@ def free_port() -> int:
 def broken_archive_copy(good: Path, target: Path, **manifest_model) -> None:
     """Copy an archive with weights that no longer fit its spec: its worker cannot load.
 
-    ``manifest_model`` overrides MANIFEST's model fields (modelName, modelVersion).
+    ``manifest_model`` overrides MANIFEST's model fields (modelName, modelVersion). The
+    copy appears at once (written beside, then renamed), as the model store's writes do:
+    serving replicas watch the store.
     """
     Path(target).parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(good) as src, zipfile.ZipFile(target, "w") as dst:
+    partial = Path(target).with_name(f".{Path(target).name}.partial")
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(partial, "w") as dst:
         for item in src.infolist():
             data = src.read(item)
             if item.filename == "weights.pt":
@@ -91,3 +95,4 @@ def broken_archive_copy(good: Path, target: Path, **manifest_model) -> None:
                 manifest["model"].update(manifest_model)
                 data = json.dumps(manifest).encode()
             dst.writestr(item, data)
+    os.replace(partial, target)

@@ -20,6 +20,8 @@ from service.errors import InvalidArgument
 #: The control API's port unless configured.
 DEFAULT_PORT = 50051
 
+#: Values of ``deploy_target``.
+DEPLOY_TARGETS = ("torchserve", "store")
 #: Environment variable of each field whose name is not simply ``MODELCTL_<FIELD>``.
 _ENV_NAMES = {"port": "MODELCTL_CONTROL_PORT", "host": "MODELCTL_CONTROL_HOST",
               "db_path": "MODELCTL_CONTROL_DB"}
@@ -52,6 +54,11 @@ class ControlConfig:
     deploy_workers: int = 0
     #: How often the scheduler looks at running jobs, and watchers at event files.
     poll_s: float = 0.2
+    #: What a deployment changes: "torchserve" registers the version in the TorchServe beside
+    #: this service, waits for READY workers, switches the default, then records the desired
+    #: state in the model store; "store" only records it, for serving replicas elsewhere
+    #: (Kubernetes) that converge on it (service/serving/converge.py).
+    deploy_target: str = "torchserve"
     #: Runner of jobs that do not name one.
     default_runner: str = "local"
     #: Threads of the gRPC server (each watcher holds one while it watches).
@@ -74,6 +81,9 @@ class ControlConfig:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
         if self.deploy_workers < 0:
             raise InvalidArgument(f"deploy_workers must be >= 0, got {self.deploy_workers}")
+        if self.deploy_target not in DEPLOY_TARGETS:
+            raise InvalidArgument(f"deploy_target must be one of {', '.join(DEPLOY_TARGETS)}, "
+                                  f"got {self.deploy_target!r}")
 
     @property
     def target(self) -> str:

@@ -4,17 +4,20 @@ A deployment (:meth:`Deployer.deploy`):
 
 1. checks the store holds the version (NotFound for an unknown model, FailedPrecondition
    for a missing version);
-2. registers it through :func:`service.serving.store_scan.link_archive` (never a
-   ``file://`` URL) with the requested workers, or rescales it if it is registered;
-3. waits until every worker is READY (:func:`service.serving.readiness.wait_until_ready`);
-   if they are not, it unregisters what it registered and raises Unavailable, leaving the
-   default as it was;
-4. only then makes it the default, and pushes it on the model's deployment history with
-   the default it replaced.
+2. with ``target="torchserve"`` (the TorchServe beside this service): registers it
+   through :func:`service.serving.store_scan.link_archive` (never a ``file://`` URL) with
+   the requested workers, or rescales it if it is registered; waits until every worker is
+   READY (:func:`service.serving.readiness.wait_until_ready`); if they are not, it
+   unregisters what it registered and raises Unavailable, leaving the default as it was;
+   then makes it the default;
+3. records the model's desired state in the model store (``deployment.json``), which every
+   serving replica converges on (:mod:`service.serving.converge`); with ``target="store"``
+   (replicas elsewhere, as on Kubernetes) this is all it does;
+4. pushes it on the model's deployment history with the default it replaced.
 
 :meth:`Deployer.rollback` pops the history: the default before the latest deployment is
-deployed the same way. :meth:`Deployer.reconcile` applies the recorded defaults to a
-TorchServe that started later (which makes the latest version default by itself).
+deployed the same way. :meth:`Deployer.reconcile` copies the history's defaults into the
+store for models that have no desired state there yet.
 
 Deploy policies are plain functions of a finished run's facts, in :data:`DEPLOY_POLICIES`.
 """
@@ -22,12 +25,12 @@ Deploy policies are plain functions of a finished run's facts, in :data:`DEPLOY_
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
 from service.errors import AlreadyExists, FailedPrecondition, NotFound, ServiceError, Unavailable
 from service.serving import readiness
+from service.serving.converge import ModelLocks
 from service.serving.store_scan import link_archive
 
 log = logging.getLogger(__name__)
@@ -102,19 +105,21 @@ class Deployer:
     """
 
     def __init__(self, settings, mgmt: Callable, jobs, model_store, *, timeout_s: float = 120.0,
-                 default_workers: int = 0):
+                 default_workers: int = 0, target: str = "torchserve", locks: ModelLocks | None = None):
         self.settings = settings
         self._mgmt = mgmt
         self.jobs = jobs
         self.model_store = model_store
         self.timeout_s = timeout_s
         self.default_workers = default_workers or settings.workers_per_model
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self.target = target
+        #: Shared with the converger of a TorchServe in this process (service.serving.converge).
+        self._lock = locks or ModelLocks()
 
-    def _lock(self, name: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(name, threading.Lock())
+    @property
+    def local(self) -> bool:
+        """Whether deployments switch a TorchServe here (else they only write the store)."""
+        return self.target == "torchserve"
 
     def mgmt(self):
         return self._mgmt()
@@ -134,13 +139,26 @@ class Deployer:
             raise FailedPrecondition(f"model {name!r} has no version {version} to {what} (versions: {versions})")
 
     def current_default(self, name: str) -> int | None:
-        """The version TorchServe answers ``/predictions/<name>`` with; None if unregistered."""
+        """The version TorchServe answers ``/predictions/<name>`` with; None if unregistered.
+        With ``target="store"``: the version the replicas serve as default."""
+        if not self.local:
+            return self.model_store.default_version(name)
         try:
             entries = self.mgmt().describe(name)
         except NotFound:
             return None
         value = str(entries[0].get("modelVersion", "")) if entries else ""
         return int(value) if value.isdigit() else None
+
+    def _previous(self, name: str, version: int) -> int | None:
+        """The default a deployment of ``version`` replaces. Deploying the version that is
+        default already (a replica may have made a model's first version default by itself)
+        replaces nothing new: what it replaced before, per the history, or None."""
+        current = self.current_default(name)
+        if current != version:
+            return current
+        top = self.jobs.top_deployment(name)
+        return top.previous_version if top is not None and top.version == version else None
 
     def serving_report(self) -> list[readiness.ModelReadiness]:
         return readiness.check(self.mgmt())
@@ -174,6 +192,13 @@ class Deployer:
         mgmt.set_default(name, version)
         return entry.ready_workers
 
+    def _switch(self, name: str, version: int, workers: int, timeout_s: float, reason: str) -> int:
+        """Make ``version`` the default here (when local) and in the store's desired state;
+        returns the READY workers here (0 when not local). Holds the model's lock."""
+        ready = self._activate(name, version, workers, timeout_s) if self.local else 0
+        self.model_store.set_desired(name, version, workers, reason)
+        return ready
+
     def deploy(self, name: str, version: int, workers: int = 0, *, timeout_s: float | None = None,
                job_id: str | None = None):
         """Deploy ``name`` ``version`` and make it the default; returns the Deployment."""
@@ -188,8 +213,9 @@ class Deployer:
                 # finishing a job again after a restart: it was deployed already
                 if self.current_default(name) == version:
                     return top
-            previous = self.current_default(name)
-            ready = self._activate(name, version, workers, self.timeout_s if timeout_s is None else timeout_s)
+            previous = self._previous(name, version)
+            ready = self._switch(name, version, workers, self.timeout_s if timeout_s is None else timeout_s,
+                                 f"deploy {job_id}" if job_id else "deploy")
             dep = self.jobs.push_deployment(model=name, version=version, previous_version=previous,
                                             workers=workers, ready_workers=ready, action="deploy", job_id=job_id)
         log.info("deployed %s version %d (%d/%d workers READY; previous default %s)", name, version, ready,
@@ -204,8 +230,8 @@ class Deployer:
         with self._lock(name):
             if version:
                 self._check_version(name, int(version), "roll back to")
-                previous = self.current_default(name)
-                ready = self._activate(name, int(version), workers, timeout_s)
+                previous = self._previous(name, int(version))
+                ready = self._switch(name, int(version), workers, timeout_s, "rollback")
                 dep = self.jobs.push_deployment(model=name, version=int(version), previous_version=previous,
                                                 workers=workers, ready_workers=ready, action="rollback")
             else:
@@ -216,24 +242,25 @@ class Deployer:
                     raise FailedPrecondition(f"{name} version {top.version} was deployed when the model had no "
                                              "default: there is no earlier default to roll back to")
                 self._check_version(name, top.previous_version, "roll back to")
-                ready = self._activate(name, top.previous_version, workers, timeout_s)
+                ready = self._switch(name, top.previous_version, workers, timeout_s, "rollback")
                 dep = self.jobs.pop_deployment(top.id, model=name, version=top.previous_version,
                                                workers=workers, ready_workers=ready)
         log.info("rolled %s back to version %d (from %s)", name, dep.version, dep.previous_version)
         return dep
 
     def reconcile(self) -> list[str]:
-        """Make TorchServe's defaults the recorded ones (after it restarted); returns the
-        models changed. Errors are logged, not raised."""
-        changed = []
+        """Record in the model store the defaults of the deployment history for models that
+        have no desired state there yet (deployed before the store kept it); the serving
+        replicas converge on them. Returns the models recorded. Errors are logged."""
+        recorded = []
         for name, dep in self.jobs.desired_defaults().items():
             try:
-                if self.current_default(name) == dep.version:
-                    continue
                 with self._lock(name):
-                    self._activate(name, dep.version, dep.workers, self.timeout_s)
-                changed.append(name)
-                log.info("restored the default of %s: version %d", name, dep.version)
+                    if self.model_store.desired(name) is not None:
+                        continue
+                    self.model_store.set_desired(name, dep.version, dep.workers, f"history of {dep.action}")
+                recorded.append(name)
+                log.info("recorded the default of %s, version %d, in the model store", name, dep.version)
             except ServiceError as exc:
-                log.warning("could not restore the default of %s (version %d): %s", name, dep.version, exc.message)
-        return changed
+                log.warning("could not record the default of %s (version %d): %s", name, dep.version, exc.message)
+        return recorded

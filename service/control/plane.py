@@ -94,14 +94,15 @@ class ControlPlane:
     """Jobs and deployments. ``serve_settings``: the ServeSettings of the TorchServe to deploy
     to; ``mgmt``: a callable returning its ManagementClient (Unavailable while none)."""
 
-    def __init__(self, config: ControlConfig, serve_settings, mgmt: Callable):
+    def __init__(self, config: ControlConfig, serve_settings, mgmt: Callable, *, locks=None):
         self.config = config.resolved(serve_settings)
         self.jobs = JobStore(self.config.db_path)
         self.models = ModelStore(self.config.model_store)
         self.runners = {name: factory(self.config) for name, factory in RUNNERS.items()}
         self.deployer = Deployer(serve_settings, mgmt, self.jobs, self.models,
                                  timeout_s=self.config.deploy_timeout_s,
-                                 default_workers=self.config.deploy_workers)
+                                 default_workers=self.config.deploy_workers,
+                                 target=self.config.deploy_target, locks=locks)
         self.scheduler = Scheduler(self.jobs, self.runners, self._on_result,
                                    max_concurrent_jobs=self.config.max_concurrent_jobs,
                                    cancel_grace_s=self.config.cancel_grace_s,

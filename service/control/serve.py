@@ -16,7 +16,6 @@ from service.control.config import ControlConfig
 from service.control.plane import ControlPlane
 from service.control.server import ControlService
 from service.control.store import TRANSITIONS
-from service.errors import Unavailable
 from service.metrics.jobs import JobMetricsCollector
 from service.serving.supervisor import Serving
 
@@ -28,12 +27,8 @@ STATES = tuple(TRANSITIONS)
 class ServingWithControl(Serving):
     def __init__(self, settings, control: ControlConfig):
         super().__init__(settings)
-        self.control = ControlService(control, ControlPlane(control, settings, self._management))
-
-    def _management(self):
-        if self.mgmt is None:
-            raise Unavailable("TorchServe is not running")
-        return self.mgmt
+        self.control = ControlService(control, ControlPlane(control, settings, self._require_mgmt,
+                                                            locks=self.model_locks))
 
     def endpoints(self) -> dict[str, str]:
         return {**super().endpoints(), "control": self.control.target}

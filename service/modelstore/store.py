@@ -28,6 +28,8 @@ from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, s
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 ARCHIVE_SUFFIX = ".mar"
+#: ``<root>/<name>/deployment.json``: the model's desired serving state, shared by replicas.
+DEPLOYMENT_FILE = "deployment.json"
 HANDLER_MODULE = "modelctl_handler"
 # The only code inside an archive: a shim naming our installed handler. Nothing the
 # user wrote is ever packed or executed.
@@ -148,12 +150,35 @@ class ArchiveInfo:
         return self.path.stat().st_size
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """How every serving replica should serve a model: ``version`` is the default, with
+    ``workers`` workers. Kept in ``<root>/<name>/deployment.json`` and written only by
+    deployments (the control service); replicas read it and converge to it. A model
+    without one serves its latest version."""
+
+    name: str
+    version: int
+    workers: int
+    updated_at: str = ""
+    #: What set it: "deploy", "rollback", or "deploy job-…".
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "workers": self.workers, "updated_at": self.updated_at,
+                "reason": self.reason}
 
 
 class ModelStore:
@@ -209,6 +234,54 @@ class ModelStore:
     def list(self) -> list[ArchiveInfo]:
         return [self.get(name, v) for name, versions in self.models().items() for v in versions]
 
+    # ---- desired serving state ------------------------------------------------------
+    def desired(self, name: str) -> DesiredState | None:
+        """The model's desired serving state; None when none was set (serve the latest).
+
+        A file that cannot be read as one (hand-edited, truncated) raises InvalidSpec
+        naming it: replicas keep what they serve rather than guess.
+        """
+        path = self.root / validate_model_name(name) / DEPLOYMENT_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise InvalidSpec(str(path), f"is not a deployment record: {exc}") from exc
+        data = data if isinstance(data, dict) else {}
+        version, workers = data.get("version"), data.get("workers", 0)
+        if not (isinstance(version, int) and version >= 1 and isinstance(workers, int) and workers >= 0):
+            raise InvalidSpec(str(path), "needs an integer version >= 1 and an integer workers >= 0")
+        return DesiredState(name, version, workers, str(data.get("updated_at", "")), str(data.get("reason", "")))
+
+    def default_version(self, name: str) -> int | None:
+        """The version replicas serve as default: the desired one when it exists in the
+        store, else the latest; None for a model without archives."""
+        versions = self.versions(name)
+        if not versions:
+            return None
+        desired = self.desired(name)
+        return desired.version if desired is not None and desired.version in versions else versions[-1]
+
+    def set_desired(self, name: str, version: int, workers: int, reason: str = "") -> DesiredState:
+        """Record ``version`` (which must exist) as the model's default, atomically."""
+        version, workers = int(version), int(workers)
+        if workers < 0:
+            raise InvalidSpec("workers", f"must be >= 0, got {workers}")
+        with self._locked(validate_model_name(name)) as model_dir:
+            versions = self._versions_in(model_dir)
+            if version not in versions:
+                raise NotFound(f"model {name!r} has no version {version} (versions: {versions})")
+            state = DesiredState(name, version, workers, _now(), reason)
+            self._write_desired(model_dir, state)
+        return state
+
+    @staticmethod
+    def _write_desired(model_dir: Path, state: DesiredState) -> None:
+        tmp = model_dir / f".{DEPLOYMENT_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, model_dir / DEPLOYMENT_FILE)
+
     # ---- writing -------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self, name: str):
@@ -227,10 +300,15 @@ class ModelStore:
         bundle: ModelBundle,
         version: int | None = None,
         options: ServingOptions | None = None,
+        *,
+        keep_default: bool = False,
     ) -> ArchiveInfo:
         """Write ``bundle`` as a new archive version and return it.
 
         ``version`` None takes the next free one. An existing version is refused.
+        ``keep_default``: the new version must not become the default by itself (a
+        fine-tuned version waits for its deployment): a model that has versions but no
+        desired state gets one naming its current latest version first, in the same lock.
         """
         validate_model_name(name)
         if version is not None and (not isinstance(version, int) or version < 1):
@@ -247,6 +325,9 @@ class ModelStore:
             final = model_dir / f"{version}{ARCHIVE_SUFFIX}"
             if final.exists():
                 raise AlreadyExists(f"model {name!r} version {version} exists; versions are immutable")
+            if keep_default and existing and not (model_dir / DEPLOYMENT_FILE).exists():
+                self._write_desired(model_dir, DesiredState(name, existing[-1], 0, _now(),
+                                                            f"kept when version {version} was written"))
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
             try:
                 lineage = self._lineage(name, version, bundle, options)

@@ -38,6 +38,8 @@ class ModelReadiness:
     reason: str
     #: Pids of the current workers (TorchServe gives a restarted worker a new pid).
     pids: tuple[int, ...] = ()
+    #: Workers it is meant to have (TorchServe's ``minWorkers``).
+    min_workers: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -60,7 +62,7 @@ def _assess(name: str, entry: dict, default_version: str | None) -> ModelReadine
             reason += f" (status: {', '.join(others)})"
     return ModelReadiness(name=name, version=version, is_default=version == default_version,
                           workers=len(workers), ready_workers=ready_workers, ready=ready,
-                          reason=reason,
+                          reason=reason, min_workers=int(entry.get("minWorkers") or 0),
                           pids=tuple(int(w["pid"]) for w in workers
                                      if isinstance(w.get("pid"), int) and w["pid"] > 0))
 

@@ -64,6 +64,8 @@ class ServeSettings:
     workers_per_model: int = 1
     #: How long ``Serving.start`` waits for every worker to be READY.
     startup_timeout_s: float = 120.0
+    #: Seconds between two looks at the model store's desired state (service/serving/converge.py).
+    sync_interval_s: float = 2.0
     #: Largest request and response TorchServe accepts (REST and gRPC).
     max_request_size_bytes: int = 16 * 1024 * 1024
     #: TorchServe's per-request timeout in a worker before it is restarted.
@@ -95,8 +97,9 @@ class ServeSettings:
                      "response_timeout_s", "token_expiration_min"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.startup_timeout_s <= 0:
-            raise InvalidArgument(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+        for name in ("startup_timeout_s", "sync_interval_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def archive_dir(self) -> Path:

@@ -48,29 +48,49 @@ def link_archive(settings, name: str, version: int) -> str:
     return link.name
 
 
-def register_store(mgmt, settings) -> list[tuple[str, int]]:
-    """Register every archive of the store; the latest version of each model is default.
+def _desired(store: ModelStore, name: str, versions: list[int], workers: int) -> tuple[int, int]:
+    """(default version, its workers) of ``name`` as the store says (see converge.py)."""
+    try:
+        desired = store.desired(name)
+    except ServiceError as exc:
+        log.error("%s; serving the latest version of %s", exc.message, name)
+        return versions[-1], workers
+    if desired is None:
+        return versions[-1], workers
+    if desired.version not in versions:
+        log.warning("the desired default of %s, version %d, is not in the store; serving the "
+                    "latest, %d", name, desired.version, versions[-1])
+        return versions[-1], workers
+    return desired.version, desired.workers or workers
 
-    Every version gets ``settings.workers_per_model`` workers (asynchronously: readiness
-    is checked separately). A version that is registered already is skipped (logged).
+
+def register_store(mgmt, settings) -> list[tuple[str, int]]:
+    """Register every archive of the store, each model's default as the store says.
+
+    The default is the model's desired version (``deployment.json``, written by
+    deployments) with its workers; a model without one defaults to its latest version.
+    Every other version gets ``settings.workers_per_model`` workers (asynchronously:
+    readiness is checked separately). A version that is registered already is skipped (logged).
     An archive TorchServe refuses (corrupt, MANIFEST name not the directory name) is
     logged as an error and left out, so one bad archive does not stop the others.
     Returns the ``(name, version)`` pairs that are registered, now or before.
     """
-    store = scan_model_store(settings.model_store)
+    model_store = ModelStore(settings.model_store)
+    store = model_store.models()
     registered: list[tuple[str, int]] = []
     for name, versions in store.items():
+        default, default_workers = _desired(model_store, name, versions, settings.workers_per_model)
         ok = []
         for version in versions:
+            workers = default_workers if version == default else settings.workers_per_model
             try:
                 url = link_archive(settings, name, version)
                 # Batch size and delay are not passed: each archive's own
                 # model-config.yaml sets them per model.
-                mgmt.register(url, initial_workers=settings.workers_per_model,
+                mgmt.register(url, initial_workers=workers,
                               response_timeout_s=settings.response_timeout_s,
                               synchronous=False)
-                log.info("registered %s version %s (%d workers)", name, version,
-                         settings.workers_per_model)
+                log.info("registered %s version %s (%d workers)", name, version, workers)
             except AlreadyExists:
                 log.info("%s version %s is registered already; skipped", name, version)
             except ServiceError as exc:
@@ -81,13 +101,17 @@ def register_store(mgmt, settings) -> list[tuple[str, int]]:
             ok.append(version)
             registered.append((name, version))
         if ok:
+            chosen = default if default in ok else ok[-1]
+            if chosen != default:
+                log.error("the default of %s, version %s, could not be registered; serving "
+                          "version %s meanwhile", name, default, chosen)
             try:
-                mgmt.set_default(name, ok[-1])
-                log.info("default version of %s: %s", name, ok[-1])
+                mgmt.set_default(name, chosen)
+                log.info("default version of %s: %s", name, chosen)
             except ServiceError as exc:
                 if isinstance(exc, Unavailable):
                     raise
-                log.error("cannot make version %s the default of %s: %s", ok[-1], name,
+                log.error("cannot make version %s the default of %s: %s", chosen, name,
                           exc.message)
     if not store:
         log.warning("model store %s holds no <name>/<version>.mar archives",

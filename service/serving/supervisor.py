@@ -5,7 +5,10 @@
 ``start()`` starts TorchServe, registers every archive of the model store (latest
 version default), starts the public gRPC gateway and waits (up to
 ``startup_timeout_s``) until every worker is READY; then it logs one INFO line naming
-the endpoints, or one WARNING naming the versions that are not ready. ``run_forever()``
+the endpoints, or one WARNING naming the versions that are not ready. From then on it
+converges on the model store's desired state every ``sync_interval_s``
+(:mod:`service.serving.converge`): new archives are registered and defaults follow the
+deployments, so every replica sharing the store serves the same versions. ``run_forever()``
 blocks until SIGINT/SIGTERM, renewing TorchServe's keys before they expire, and then
 stops everything.
 """
@@ -21,6 +24,7 @@ from datetime import datetime, timezone
 from service.errors import Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
 from service.serving import readiness
+from service.serving.converge import Converger, ConvergeThread, ModelLocks
 from service.serving.gateway import GatewayThread
 from service.serving.management import ManagementClient
 from service.serving.readiness import ModelReadiness
@@ -44,7 +48,16 @@ class Serving:
         self.registered: list[tuple[str, int]] = []
         self.expected: list[tuple[str, int]] = []
         self.report: list[ModelReadiness] = []
+        #: Per-model locks shared with whatever deploys through this instance.
+        self.model_locks = ModelLocks()
+        self.converger = Converger(settings, self._require_mgmt, self.model_locks)
+        self._converge_thread: ConvergeThread | None = None
         self._stop = threading.Event()
+
+    def _require_mgmt(self) -> ManagementClient:
+        if self.mgmt is None:
+            raise Unavailable("TorchServe is not running")
+        return self.mgmt
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -81,16 +94,17 @@ class Serving:
                 self.settings.host, self.settings.exporter_port, self.torchserve.metrics_dir,
                 collectors=[QueueDepthCollector(lambda: self.mgmt)])
             self.exporter.start()
-            return self.wait_ready()
+            report = self.wait_ready()
+            self._converge_thread = ConvergeThread(self.converger, self.settings.sync_interval_s)
+            self._converge_thread.start()
+            return report
         except BaseException:
             self.stop()
             raise
 
     def readiness(self) -> list[ModelReadiness]:
         """Current readiness of every registered version (for the health service)."""
-        if self.mgmt is None:
-            raise Unavailable("TorchServe is not running")
-        return readiness.check(self.mgmt)
+        return readiness.check(self._require_mgmt())
 
     def wait_ready(self, timeout_s: float | None = None) -> list[ModelReadiness]:
         """Wait until every archive of the store is ready; log the outcome once."""
@@ -113,6 +127,9 @@ class Serving:
     def stop(self) -> None:
         """Stop the gateway, then TorchServe (and every worker). Idempotent."""
         self._stop.set()
+        if self._converge_thread is not None:
+            self._converge_thread.stop()
+            self._converge_thread = None
         if self.exporter is not None:
             self.exporter.stop()
             self.exporter = None

@@ -625,7 +625,7 @@ class FineTuneRecipe:
         }
         bundle = ModelBundle(self.model_spec, {k: v.detach().cpu() for k, v in weights.items()},
                              list(self.data.labels), self.data.vocab, lineage)
-        return self.store.write(out.name, bundle, version=out.version)
+        return self.store.write(out.name, bundle, version=out.version, keep_default=True)
 
     def cleanup(self) -> None:
         self.dist.close()
