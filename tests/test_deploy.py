@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.control.config import ControlConfig
 from service.serving.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,6 +175,8 @@ def test_serving_probes_resources_and_settings(rendered):
     assert ports == {"rest": settings.inference_port, "grpc": settings.grpc_inference_port,
                      "ts-metrics": settings.metrics_port, "metrics": settings.exporter_port}
     assert c["envFrom"] == [{"configMapRef": {"name": "modelctl-serving"}}]
+    # Replicas serve only, and converge on the model store's desired state.
+    assert c["args"] == ["serve", "--no-control"] and settings.sync_interval_s > 0
     secret_refs = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})]
     assert secret_refs and all(r["name"] == "modelctl-api-tokens" for r in secret_refs)
 
@@ -192,6 +195,8 @@ def test_control_service_runs_jobs_with_least_privilege(rendered):
     assert c["image"].endswith("-cuda" if overlay == "gpu" else "-cpu")
     assert env["MODELCTL_K8S_GPUS_PER_POD"] == ("1" if overlay == "gpu" else "0")
     assert env["MODELCTL_DEFAULT_RUNNER"] == "kubernetes"
+    # No TorchServe beside it: deployments write the store's desired state for the replicas.
+    assert ControlConfig.from_env(environ=env).deploy_target == "store"
     role = find(docs, "Role", "modelctl-job-runner")
     rules = {(g, r): tuple(rule["verbs"]) for rule in role["rules"]
              for g in rule["apiGroups"] for r in rule["resources"]}
@@ -690,6 +695,35 @@ def test_apiserver_runner_cancel_deletes_the_job_in_the_foreground(control):
     c.cluster.finish_foreground_deletion(name)
     job = _until(c, job.id, lambda j: j.state == "CANCELLED")
     assert c.cluster.job(name) is None
+
+
+def test_apiserver_a_stopping_control_service_leaves_its_jobs_running(control):
+    """A control pod that is replaced (rollout, eviction) must not kill the training it
+    launched: the Job keeps running and the next service adopts it."""
+    from service.control.k8s_runner import KubernetesRunner, job_name
+    from service.control.scheduler import Scheduler
+
+    c = control
+    job = _new_job(c, "k8s-outlives")
+    c.scheduler.tick()
+    name = job_name(job.id, 1)
+    c.scheduler.stop(stop_jobs=True, timeout_s=1)
+    obj = c.cluster.job(name)
+    assert obj is not None and not obj["metadata"].get("deletionTimestamp"), "the Job was deleted"
+    job = c.jobs.get(job.id)
+    assert job.state == "RUNNING" and job.service_stops == 0
+    # The next control service adopts the running Job and follows it to the end.
+    fresh = KubernetesRunner(c.runner.settings, api_client=c.runner._api_client)
+    c.scheduler = Scheduler(c.jobs, {"kubernetes": fresh}, c.scheduler.on_result, max_concurrent_jobs=4,
+                            cancel_grace_s=2, max_attempts=3, poll_s=0.05)
+    c.scheduler.recover()
+    assert job.id in c.scheduler._handles
+    (c.tmp / "runs" / "k8s-outlives" / "result.json").write_text('{"name": "k8s-outlives", "version": 1}')
+    c.cluster.condition(name, "Complete")
+    job = _until(c, job.id, lambda j: j.state == "SUCCEEDED")
+    assert job.attempts == 1 and job.result_version == 1
+    fresh.close()
+    c.scheduler._pool.shutdown(wait=True)
 
 
 def test_apiserver_runner_spreads_a_multi_node_run_over_an_indexed_job(control):

@@ -364,6 +364,9 @@ class KubernetesRunner:
     """Fine-tune attempts as batch/v1 Jobs (see the module's docstring)."""
 
     name = NAME
+    #: Jobs run in the cluster, not in this process: a control service that stops (a
+    #: rollout, a rescheduled pod) leaves them running, and the next one adopts them.
+    outlives_service = True
 
     def __init__(self, settings: K8sSettings, api_client=None):
         self.settings = settings

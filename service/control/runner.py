@@ -64,6 +64,9 @@ class LocalRunner:
     """Trainer processes on this machine."""
 
     name = "local"
+    #: Trainers are children of this service: stopping it stops them (SIGTERM; the next
+    #: service resumes them from their checkpoints).
+    outlives_service = False
 
     def __init__(self, *, model_store: Path, data_roots=(), python: str | None = None,
                  env: dict[str, str] | None = None):

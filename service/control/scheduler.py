@@ -111,7 +111,9 @@ class Scheduler:
 
     def stop(self, *, stop_jobs: bool = True, timeout_s: float | None = None) -> None:
         """Stop scheduling. ``stop_jobs``: SIGTERM every running trainer (SIGKILL after the
-        grace period); their jobs stay RUNNING and are resumed by the next service."""
+        grace period); their jobs stay RUNNING and are resumed by the next service. Runs of
+        a runner whose runs outlive the service (Kubernetes Jobs) are left running: the next
+        service adopts them."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -121,7 +123,8 @@ class Scheduler:
         if not stop_jobs:
             return
         with self._lock:
-            handles = dict(self._handles)
+            handles = {job_id: handle for job_id, handle in self._handles.items()
+                       if not getattr(self._runner_of(job_id), "outlives_service", False)}
         for job_id, handle in handles.items():
             job = self.jobs.get(job_id)
             if not job.cancel_requested:  # resumed by the next service, not counted as a failure
