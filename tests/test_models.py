@@ -197,7 +197,7 @@ INVALID = [
     (_with("cnn", config__batch_norm="yes"), "config.batch_norm", ["boolean"]),
     (_with("gru-tokens", config__hidden_size=True), "config.hidden_size", ["integer"]),
     (_with("gru-tokens", config__hidden_size=12.5), "config.hidden_size", ["integer"]),
-    (_with("gru-tokens", config__pooling="max"), "config.pooling", ["last, mean"]),
+    (_with("gru-tokens", config__pooling="attention"), "config.pooling", ["last, mean, max"]),
     (_with("gru-tokens", config__input_size=4), "config.input_size", ["config.vocab_size"]),
     (_with("lstm-features", config__input_size=None), "config.input_size", ["config.vocab_size"]),
     (_with("gru-tokens", input__max_length=0), "input.max_length", [">= 1"]),
@@ -393,6 +393,8 @@ RNN_CASES = [
     ("tokens", "lstm", "mean", False, 2),
     ("tokens", "gru", "last", True, 1),
     ("tokens", "rnn", "mean", True, 1),
+    ("features", "gru", "max", True, 1),
+    ("tokens", "lstm", "max", False, 2),
 ]
 
 
@@ -433,12 +435,15 @@ def test_rnn_pooling_changes_the_output(kind):
     base = {"family": "rnn", "num_classes": 2, "config": {"cell": "gru", "hidden_size": 8, **size}}
     last = ModelSpec.from_dict(base)
     mean = ModelSpec.from_dict({**base, "config": {**base["config"], "pooling": "mean"}})
+    top = ModelSpec.from_dict({**base, "config": {**base["config"], "pooling": "max"}})
     state = build_model(last).state_dict()
     x = torch.randn(2, 6, 5) if kind == "features" else torch.randint(1, 30, (2, 6))
     lengths = torch.tensor([6, 3])
     with torch.no_grad():
         out_last, out_mean = load_model(last, state)(x, lengths), load_model(mean, state)(x, lengths)
+        out_max = load_model(top, state)(x, lengths)
     assert not torch.allclose(out_last, out_mean)
+    assert not torch.allclose(out_max, out_mean) and not torch.allclose(out_max, out_last)
 
 
 def test_rnn_last_pooling_is_the_final_hidden_state():

@@ -30,7 +30,7 @@ class RNNConfig(Schema):
     num_layers: int = field(1, ge=1)
     bidirectional: bool = False
     dropout: float = field(0.0, ge=0, lt=1)
-    pooling: str = field("last", choices=("last", "mean"))
+    pooling: str = field("last", choices=("last", "mean", "max"))
 
     def check(self, path: str) -> None:
         if (self.input_size is None) == (self.vocab_size is None):
@@ -80,9 +80,13 @@ class SequenceClassifier(nn.Module):
             h_n = hidden[0] if isinstance(hidden, tuple) else hidden  # LSTM: (h_n, c_n)
             directions = 2 if self.rnn.bidirectional else 1
             pooled = torch.cat(list(h_n[-directions:]), dim=1)
-        else:
+        elif self.pooling == "mean":
             padded, _ = pad_packed_sequence(output, batch_first=True, total_length=steps)
             pooled = padded.sum(dim=1) / lengths.to(padded.device, padded.dtype).unsqueeze(1)
+        else:  # max over each row's valid steps
+            padded, _ = pad_packed_sequence(output, batch_first=True, total_length=steps,
+                                            padding_value=float("-inf"))
+            pooled = padded.max(dim=1).values
         return self.fc(pooled)
 
 
