@@ -91,6 +91,11 @@ class PretrainedWeightsNotFound(FailedPrecondition):
         super().__init__(f"pretrained weights for {what} not found; looked in: {where}")
 
 
+class Internal(ServiceError):
+    """A failure of the service itself (a bug), reported for one request while the
+    others of its batch are still answered."""
+
+
 class ResourceExhausted(ServiceError):
     """Too many requests: a full queue. Callers should retry later."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from service.errors import InvalidInput, PayloadTooLarge, ServiceError
+from service.errors import Internal, InvalidInput, PayloadTooLarge, ServiceError
 from service.inference import decode
 from service.inference.fastpath import RuntimeOptions, configure_compile_cache, resolve_runtime
 from service.models import image_eval_transform, load_model
@@ -60,21 +61,33 @@ class BatchResult:
     items: int = 0
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def parse_k(value: Any, num_classes: int) -> int:
-    """The caller's k: an integer in [1, MAX_K], capped at the number of classes."""
+    """The caller's k: an integer in [1, MAX_K], capped at the number of classes.
+
+    As text (a header, a form field, a gRPC input), k is ASCII digits with an optional
+    leading minus sign, between optional ASCII blanks; nothing else counts as an integer."""
     if value is None:
         return min(DEFAULT_K, num_classes)
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("utf-8", "replace")
     if isinstance(value, str):
-        text = value.strip()
-        if not text.lstrip("-").isdigit():
-            raise InvalidInput(f"k must be an integer, got {value!r}")
+        text = value.strip(" \t\r\n")
+        digits = text[1:] if text.startswith("-") else text
+        if not (digits.isascii() and digits.isdigit()):
+            raise InvalidInput(f"k must be an integer, got {_shown(value)}")
+        if len(digits.lstrip("0")) > len(str(MAX_K)):  # far out of range: not converted
+            raise InvalidInput(f"k must be between 1 and {MAX_K}, got a {len(digits)}-digit number")
         value = int(text)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"k must be an integer, got {value!r}")
+        raise InvalidInput(f"k must be an integer, got {_shown(value)}")
     if not 1 <= value <= MAX_K:
-        raise InvalidInput(f"k must be between 1 and {MAX_K}, got {value}")
+        shown = value if abs(value) < 10**12 else f"an integer of {value.bit_length()} bits"
+        raise InvalidInput(f"k must be between 1 and {MAX_K}, got {shown}")
     return min(value, num_classes)
 
 
@@ -167,6 +180,8 @@ class Predictor:
         if not isinstance(payload, Mapping) or not payload:
             raise InvalidInput("empty request: send an image or a JSON body")
         k_value = payload.get(TOP_K_KEY, k)
+        if self.spec.modality == "image":
+            self._check_images(payload)
         items: list[torch.Tensor] = []
         names: list[tuple[str, int]] = []
         for key, value in payload.items():
@@ -188,13 +203,47 @@ class Predictor:
             raise InvalidInput("request holds no input besides 'k'")
         return ParsedRequest(items, names, parse_k(k_value, self.spec.num_classes))
 
+    def _check_images(self, payload: Mapping[str, Any]) -> None:
+        """Before any decoding: the request's image count, each image's declared size, and
+        the pixels of all of them together (one limit per request, so that many small
+        bombs cannot add up), and, where the spec resizes the shorter side, the size after
+        that resize (a 1,000,000 x 1 image is few pixels, but not once resized)."""
+        images = [(key, value) for key, value in payload.items() if key != TOP_K_KEY]
+        if len(images) > self.max_items_per_request:
+            raise PayloadTooLarge(f"request holds {len(images)} images; the limit is "
+                                  f"{self.max_items_per_request} per request")
+        resize = self.spec.input.resize
+        total = 0
+        for key, value in images:
+            if not isinstance(value, (bytes, bytearray)):
+                raise InvalidInput(f"input {key!r}: expected JPEG or PNG bytes, got {type(value).__name__}")
+            if not value:
+                raise InvalidInput(f"input {key!r}: empty image")
+            try:
+                width, height = decode.image_size(value)
+            except InvalidInput as exc:
+                raise InvalidInput(f"input {key!r}: {exc.message}") from exc
+            total += width * height
+            if resize is not None and min(width, height) > 0:
+                resized = resize * math.ceil(resize * max(width, height) / min(width, height))
+                if resized > self.max_pixels:
+                    raise PayloadTooLarge(
+                        f"input {key!r}: a {width}x{height} image resized to {resize} pixels on its "
+                        f"shorter side would have {resized} pixels; the limit is {self.max_pixels}")
+        if total > self.max_pixels:
+            raise PayloadTooLarge(f"the request's images have {total} pixels together; the limit is "
+                                  f"{self.max_pixels} per request")
+
     def _image(self, key: str, value: Any) -> torch.Tensor:
         """Decoded uint8 (C, H, W); the transform runs per batch in :meth:`preprocess`."""
         if not isinstance(value, (bytes, bytearray)):
             raise InvalidInput(
                 f"input {key!r}: expected JPEG or PNG bytes, got {type(value).__name__}"
             )
-        return decode.decode_image_bytes(value, self.spec.input.channels, self.max_pixels)
+        try:
+            return decode.decode_image_bytes(value, self.spec.input.channels, self.max_pixels)
+        except InvalidInput as exc:
+            raise type(exc)(f"input {key!r}: {exc.message}") from exc
 
     def _sequences(self, key: str, value: Any) -> tuple[list[torch.Tensor], Any]:
         body_k = None
@@ -217,10 +266,12 @@ class Predictor:
             value = value["inputs"]
         spec = self.spec
         if spec.sequence_kind == "features":
-            seqs = decode.feature_sequences(value, spec.config.input_size, spec.input.max_length)
+            seqs = decode.feature_sequences(value, spec.config.input_size, spec.input.max_length,
+                                            self.max_items_per_request)
         else:
             encode = self.vocab.encode if self.vocab is not None else None
-            seqs = decode.token_sequences(value, spec.config.vocab_size, spec.input.max_length, encode)
+            seqs = decode.token_sequences(value, spec.config.vocab_size, spec.input.max_length, encode,
+                                          self.max_items_per_request)
         return seqs, body_k
 
     # ---- running -------------------------------------------------------------------
@@ -310,6 +361,9 @@ class Predictor:
                 parsed.append((i, self.parse(payload, ks[i] if ks else None)))
             except ServiceError as exc:
                 outputs[i] = exc
+            except Exception as exc:  # a bug, not the caller's fault: this request alone fails
+                log.exception("request %d of %d: unexpected error while reading it", i + 1, len(payloads))
+                outputs[i] = Internal(f"internal error while reading the request ({type(exc).__name__})")
         items = [item for _, req in parsed for item in req.items]
         timings = {"preprocess": time.perf_counter() - t0, "inference": 0.0, "postprocess": 0.0}
         if items:
