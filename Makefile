@@ -52,5 +52,12 @@ bench: setup
 eval: setup
 	$(PY) -m service.training.bench --out BENCHMARKS.md
 
+# Bad-input fuzzing (issue 7): ~1000 generated bad payloads against a real TorchServe over
+# REST and gRPC (the campaign of tests/test_fuzz.py); its figures go into BENCHMARKS.md.
+# About a minute on 2 cores.
+.PHONY: fuzz
+fuzz: setup
+	$(PY) benchmarks/fuzz_report.py --out BENCHMARKS.md
+
 clean:
 	rm -rf service/_gen .modelctl .pytest_cache
