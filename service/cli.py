@@ -88,15 +88,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_models_archive(args) -> int:
-    import torch
-
     from service.models import ModelSpec, Vocabulary, build_model
     from service.modelstore import ModelBundle, ModelStore
+    from service.modelstore.bundle import read_weights
     from service.modelstore.store import ServingOptions
 
     spec = ModelSpec.from_dict(json.loads(Path(args.spec).read_text()))
     if args.weights:
-        state_dict = torch.load(args.weights, map_location="cpu", weights_only=True)
+        state_dict = read_weights(Path(args.weights))  # weights_only: pickled code is refused
     else:
         state_dict = build_model(spec).state_dict()  # random, or the spec's pretrained weights
     if args.labels:

@@ -74,10 +74,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def broken_archive_copy(good: Path, target: Path, **manifest_model) -> None:
+def broken_archive_copy(good: Path, target: Path, weights: bytes | None = None, **manifest_model) -> None:
     """Copy an archive with weights that no longer fit its spec: its worker cannot load.
 
-    ``manifest_model`` overrides MANIFEST's model fields (modelName, modelVersion). The
+    ``weights``: the bytes of the copy's weights.pt (default: a state_dict of parameters
+    the spec does not have). ``manifest_model`` overrides MANIFEST's model fields (modelName, modelVersion). The
     copy appears at once (written beside, then renamed), as the model store's writes do:
     serving replicas watch the store.
     """
@@ -86,7 +87,9 @@ def broken_archive_copy(good: Path, target: Path, **manifest_model) -> None:
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(partial, "w") as dst:
         for item in src.infolist():
             data = src.read(item)
-            if item.filename == "weights.pt":
+            if item.filename == "weights.pt" and weights is not None:
+                data = weights
+            elif item.filename == "weights.pt":
                 buf = io.BytesIO()
                 torch.save({"nonsense": torch.zeros(1)}, buf)
                 data = buf.getvalue()

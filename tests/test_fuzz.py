@@ -191,3 +191,62 @@ def test_png_limits_are_checked_before_libpng_sees_them():
         decode.decode_image_bytes(good[:ihdr_end] + idat[:-1] + bytes([idat[-1] ^ 1]) + good[-12:], 1)
     with pytest.raises(InvalidInput, match="no IEND"):
         decode.decode_image_bytes(good[:-12], 1)
+
+
+# ---- weights that need pickled code: refused where the worker loads them ----------------
+class _Payload:
+    """Pickles as a call to os.system: if anything unpickled it with code allowed, the
+    marker file would appear."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_archive_whose_weights_need_pickled_code_is_refused_by_the_real_worker(server, tmp_path):
+    from service.errors import AlreadyExists
+    from service.modelstore import ModelStore
+    from service.serving import readiness
+    from service.serving.store_scan import link_archive
+    from tests.helpers import broken_archive_copy
+
+    marker = tmp_path / "pickled-code-ran"
+    buf = io.BytesIO()
+    torch.save({"rnn.weight_ih_l0": torch.zeros(32, 4), "payload": _Payload(marker)}, buf)
+    store = ModelStore(server.settings.model_store)
+    name = "fuzz-pickled"
+    broken_archive_copy(store.path(SEQ_MODEL, 1), store.root / name / "1.mar", weights=buf.getvalue(),
+                        modelName=name)
+    mgmt = server.serving.mgmt
+    try:
+        # the replica registers new archives of the store by itself; where it does not
+        # (yet), register it as it would
+        deadline = time.monotonic() + 10
+        while (name, "1") not in {r.key for r in readiness.check(mgmt)}:
+            if time.monotonic() > deadline:
+                try:
+                    mgmt.register(link_archive(server.settings, name, 1), initial_workers=1,
+                                  response_timeout_s=server.settings.response_timeout_s, synchronous=False)
+                except AlreadyExists:
+                    pass
+                break
+            time.sleep(0.5)
+        report = readiness.wait_until_ready(mgmt, [(name, 1)], timeout_s=90)
+        entry = next(r for r in report if r.key == (name, "1"))
+        assert not entry.ready and "crash-looping" in entry.reason, entry
+        logs = server.settings.state_dir / "logs"
+        text = "".join(p.read_text(errors="replace") for p in logs.glob("*.log"))
+        assert "weights.pt needs pickled code to load (posix.system)" in text
+        assert not marker.exists()
+        # the other models keep serving
+        assert fuzzing.Sender(server, 30).valid_requests() == []
+    finally:
+        (store.root / name / "1.mar").unlink(missing_ok=True)  # so that it is not registered again
+        try:
+            mgmt.unregister(name, 1)
+        except Exception:  # noqa: BLE001 - not registered at all: nothing to undo
+            pass

@@ -2,13 +2,16 @@
 
 A bundle is a directory (and, inside an archive, a set of top-level files) holding the
 JSON spec, the ``state_dict`` and the label names, plus the vocabulary for text models.
-Nothing in it is pickled code: weights are read back with ``weights_only=True``.
+Nothing in it is pickled code: weights are read back with ``weights_only=True``
+(:func:`read_weights`), and a weights file that needs code to load is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,31 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
         if tensor.numel():
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def read_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The state_dict (parameter name -> tensor) in the file ``path``.
+
+    Read with ``torch.load(weights_only=True)``: a file that needs pickled code to load (a
+    pickled ``nn.Module``, an object of any class in the dict) is refused, and nothing of
+    it runs. Raises InvalidSpec("weights") naming the file and what it needed.
+    """
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        needs = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({needs.group(1)})" if needs else ""
+        raise InvalidSpec("weights", f"{path.name} needs pickled code to load{what}; only a state_dict "
+                          "of tensors is accepted (read with torch.load(weights_only=True))") from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # not a torch.save file, truncated
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidSpec("weights", f"cannot read {path.name}: {first}") from exc
+    if not isinstance(data, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise InvalidSpec("weights", f"{path.name} holds a {type(data).__name__}, not a state_dict "
+                          "(parameter name -> tensor)")
+    return dict(data)
 
 
 @dataclass
@@ -99,5 +127,5 @@ class ModelBundle:
         vocab = Vocabulary.from_list(json.loads(vocab_path.read_text())) if vocab_path.exists() else None
         lineage_path = directory / LINEAGE_FILE
         lineage = json.loads(lineage_path.read_text()) if lineage_path.exists() else {}
-        state_dict = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        state_dict = read_weights(directory / WEIGHTS_FILE, map_location)
         return cls(spec=spec, state_dict=state_dict, labels=labels, vocab=vocab, lineage=lineage)
