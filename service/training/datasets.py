@@ -55,6 +55,10 @@ TOKENS = "tokens"            # list of int64 arrays (T_i,)
 TEXT = "text"                # list[str]
 
 
+#: Examples a dataset may hold (service.training.spec.MAX_EXAMPLES; a Policy may set another).
+MAX_EXAMPLES = 2_000_000
+
+
 @dataclass
 class LoadContext:
     """What a loader may use: the checked ``source`` path (None for built-ins), the run's
@@ -63,7 +67,7 @@ class LoadContext:
     source: Path | None
     task: str
     roots: tuple[Path, ...] = ()
-    max_examples: int = 2_000_000
+    max_examples: int = MAX_EXAMPLES
 
 
 @dataclass
@@ -251,7 +255,8 @@ def load_image_folder(ctx: LoadContext) -> RawData:
                 target.append(classes.index(name))
         total += len(files)
         if total > ctx.max_examples:
-            raise InvalidSpec(SOURCE_FIELD, f"more than {ctx.max_examples} examples (the limit)")
+            raise InvalidSpec(SOURCE_FIELD, f"more than {ctx.max_examples} examples; at most "
+                              f"{ctx.max_examples} are allowed (this service's limit)")
         found[split] = (files, np.asarray(target, dtype=np.int64))
     if not found["train"][0]:
         raise InvalidSpec(SOURCE_FIELD, f"{root} holds no {'/'.join(IMAGE_SUFFIXES)} files")
@@ -296,7 +301,8 @@ def load_jsonl(ctx: LoadContext) -> RawData:
             if not line.strip():
                 continue
             if number > ctx.max_examples:
-                raise InvalidSpec(SOURCE_FIELD, f"{path}: more than {ctx.max_examples} examples (the limit)")
+                raise InvalidSpec(SOURCE_FIELD, f"{path}: more than {ctx.max_examples} examples; at most "
+                                  f"{ctx.max_examples} are allowed (this service's limit)")
             where = f"{path.name} line {number}"
             try:
                 row = json.loads(line)
@@ -342,6 +348,23 @@ def _default_labels(y: np.ndarray, task: str) -> list[str]:
     return [str(i) for i in range(y.shape[1])]
 
 
+def _npz_rows(archive, key: str) -> int | None:
+    """Rows of the array ``key`` of an open .npz, from its .npy header: the array itself is
+    not read (a compressed member can hold far more than the file's size). None when the
+    header is not one numpy's public readers know; loading it then reports any error."""
+    fmt = np.lib.format
+    try:
+        with archive.zip.open(f"{key}.npy") as fh:
+            version = fmt.read_magic(fh)
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+            if read is None:
+                return None
+            shape = read(fh)[0]
+    except (KeyError, ValueError, OSError):
+        return None
+    return int(shape[0]) if shape else 0
+
+
 def load_npz(ctx: LoadContext) -> RawData:
     """Arrays ``x`` (N, T, F) float or (N, T) int token ids, ``y``, optional ``lengths``,
     ``label_names``, and an official split as ``x_val``/``y_val``/``lengths_val``."""
@@ -357,11 +380,17 @@ def load_npz(ctx: LoadContext) -> RawData:
         for suffix in ("", "_val"):
             if f"x{suffix}" not in archive:
                 continue
+            for key in (f"x{suffix}", f"y{suffix}"):
+                rows = _npz_rows(archive, key)
+                if rows is not None and rows > ctx.max_examples:
+                    raise InvalidSpec(SOURCE_FIELD, f"{path.name}: {key} has {rows} rows; at most "
+                                      f"{ctx.max_examples} examples are allowed (this service's limit)")
             x, y = archive[f"x{suffix}"], archive[f"y{suffix}"]
             if len(x) != len(y):
                 raise InvalidSpec(SOURCE_FIELD, f"{path.name}: x{suffix} has {len(x)} rows, y{suffix} {len(y)}")
             if len(x) > ctx.max_examples:
-                raise InvalidSpec(SOURCE_FIELD, f"{path.name}: more than {ctx.max_examples} examples (the limit)")
+                raise InvalidSpec(SOURCE_FIELD, f"{path.name}: more than {ctx.max_examples} examples; at most "
+                                  f"{ctx.max_examples} are allowed (this service's limit)")
             lengths = archive[f"lengths{suffix}"] if f"lengths{suffix}" in archive else np.full(len(x), x.shape[1])
             if np.issubdtype(x.dtype, np.integer) and x.ndim == 2:
                 kind, seqs = TOKENS, [x[i, : lengths[i]].astype(np.int64) for i in range(len(x))]
@@ -404,7 +433,8 @@ def load_raw(kind: str, name: str | None, ctx: LoadContext) -> RawData:
             raise NotFound(f"dataset {ctx.source} does not exist")
         raw = SOURCES[kind](ctx)
     if len(raw) > ctx.max_examples:
-        raise InvalidSpec(SOURCE_FIELD, f"{len(raw)} examples exceed the limit of {ctx.max_examples}")
+        raise InvalidSpec(SOURCE_FIELD, f"{len(raw)} examples; at most {ctx.max_examples} are allowed "
+                          "(this service's limit)")
     return raw
 
 

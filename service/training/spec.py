@@ -32,11 +32,26 @@ from service.errors import InvalidSpec, NotFound
 from service.models import ModelSpec
 from service.models._schema import Schema, check_keys, field
 from service.modelstore import validate_model_name
-from service.training.datasets import BUILTIN_PREFIX, BUILTINS
+from service.training.datasets import BUILTIN_PREFIX, BUILTINS, MAX_EXAMPLES
 from service.training.optim import OPTIMIZERS
 from service.training.tasks import TASKS
 
 DATA_ROOTS_ENV = "MODELCTL_DATA_ROOTS"
+
+# This service's bounds on a run spec: the defaults of Policy (an operator's Policy may
+# set others; a spec never can). A value outside is an InvalidSpec naming the field and
+# the allowed range.
+MAX_EPOCHS = 1000
+#: Examples per process and step.
+MAX_BATCH_SIZE = 8192
+#: Training processes of one run (torchrun's nproc_per_node x nodes).
+MAX_NPROC = 64
+#: DataLoader worker processes per training process.
+MAX_DATALOADER_WORKERS = 32
+# MAX_EXAMPLES (from service.training.datasets): examples a dataset, train_size and
+# val_size may hold.
+#: numpy and scikit-learn take 32-bit seeds only.
+MAX_SEED = 2**32 - 1
 AUGMENT_CHOICES = ("auto", "none", "crop", "crop_flip")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FILE_KINDS = {".npz": "npz", ".jsonl": "jsonl"}
@@ -48,10 +63,11 @@ class Policy:
     """Where datasets may be read from, and the bounds a run spec must stay within."""
 
     data_roots: tuple[Path, ...] = ()
-    max_epochs: int = 1000
-    max_batch_size: int = 8192
-    max_nproc: int = 64
-    max_examples: int = 2_000_000
+    max_epochs: int = MAX_EPOCHS
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_nproc: int = MAX_NPROC
+    max_workers: int = MAX_DATALOADER_WORKERS
+    max_examples: int = MAX_EXAMPLES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_roots", tuple(Path(r).resolve() for r in self.data_roots))
@@ -131,6 +147,11 @@ class OutputSpec(Schema):
 
     name: str | None = None
     version: int | None = field(None, ge=1)
+
+
+def _check_range(field_: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise InvalidSpec(field_, f"must be between {low} and {high} (this service's limit), got {value}")
 
 
 def _reraise(exc: InvalidSpec, prefix: str) -> InvalidSpec:
@@ -236,11 +257,10 @@ class RunSpec:
             check_keys(model, ["family", "num_classes", "task", "config", "input"], "model")
             model = json.loads(json.dumps(model))  # a plain, JSON-shaped copy
         hp = Hyperparameters.from_dict(data.get("hyperparameters") or {}, "hyperparameters")
-        for name, limit in (("epochs", policy.max_epochs), ("batch_size", policy.max_batch_size),
-                            ("nproc", policy.max_nproc)):
-            if getattr(hp, name) > limit:
-                raise InvalidSpec(f"hyperparameters.{name}", f"must be <= {limit} (this service's limit), "
-                                  f"got {getattr(hp, name)}")
+        for name, low, limit in (("epochs", 1, policy.max_epochs), ("batch_size", 1, policy.max_batch_size),
+                                 ("nproc", 1, policy.max_nproc), ("workers", 0, policy.max_workers),
+                                 ("seed", 0, MAX_SEED)):
+            _check_range(f"hyperparameters.{name}", getattr(hp, name), low, limit)
         raw_dataset = data.get("dataset")
         if isinstance(raw_dataset, str):
             raw_dataset = {"source": raw_dataset}
@@ -248,8 +268,8 @@ class RunSpec:
             raise InvalidSpec("dataset", "is required")
         dataset = DatasetSpec.from_dict(raw_dataset, "dataset")
         for name in ("train_size", "val_size"):
-            if (getattr(dataset, name) or 0) > policy.max_examples:
-                raise InvalidSpec(f"dataset.{name}", f"must be <= {policy.max_examples} (this service's limit)")
+            if getattr(dataset, name) is not None:
+                _check_range(f"dataset.{name}", getattr(dataset, name), 1, policy.max_examples)
         kind, path, dataset = cls._dataset(dataset, policy)
         output = OutputSpec.from_dict(data.get("output") or {}, "output")
         if output.name is None:
