@@ -274,6 +274,27 @@ def test_bf16_autocast_on_a_cpu_with_native_bf16(tmp_path, policy):
     assert out.metrics["val_metric"] > 0.2  # trained (chance is 0.1); evaluation itself runs in fp32
 
 
+def test_channels_last_training_writes_plain_weights_that_predict_like_the_checkpoint(tmp_path, policy):
+    spec = make_spec(dataset={"source": "builtin:digits", "train_size": 200, "val_size": 100},
+                     channels_last=True, epochs=2)
+    out = run(spec, tmp_path, policy)
+    assert out.archive.lineage["hyperparameters"]["channels_last"] is True
+    assert out.metrics["val_metric"] > 0.2
+    bundle = unpack(out.archive.path, tmp_path / "unpacked")
+    assert all(t.is_contiguous() for t in bundle.state_dict.values()), "NHWC strides leaked into the archive"
+    model, _ = checkpoint_model(tmp_path / "run")
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(load_model(bundle.spec, bundle.state_dict)(x), model(x), atol=1e-6)
+
+
+def test_channels_last_is_refused_for_a_sequence_model(tmp_path, policy):
+    spec = make_spec(model={"family": "rnn", "config": {"cell": "gru", "input_size": 8, "hidden_size": 8}},
+                     dataset={"source": "builtin:digits-seq", "train_size": 50, "val_size": 20}, channels_last=True)
+    with pytest.raises(InvalidSpec, match="hyperparameters.channels_last"):
+        run(spec, tmp_path, policy)
+
+
 # ---- invalid specs, missing data, data roots ---------------------------------------------
 @pytest.mark.parametrize("change,field,allowed", [
     ({"hyperparameters": {"optimizer": "rmsprop"}}, "hyperparameters.optimizer", "adamw"),

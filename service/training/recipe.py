@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import service
 from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec
-from service.models import FAMILIES, ModelSpec, build_model, load_model
+from service.models import FAMILIES, ImageInput, ModelSpec, build_model, load_model
 from service.modelstore import ArchiveInfo, ModelBundle, ModelStore
 from service.training import checkpoint as ckpt
 from service.training import distributed
@@ -93,22 +93,27 @@ class StopRequest:
 
 
 # ---- the two plain functions -------------------------------------------------------
-def _to(args: tuple, device: torch.device) -> tuple:
+def _to(args: tuple, device: torch.device, memory_format: torch.memory_format = torch.preserve_format) -> tuple:
     # lengths of packed sequences stay on the CPU (pack_padded_sequence wants them there)
-    return tuple(a if i > 0 else a.to(device, non_blocking=True) for i, a in enumerate(args))
+    first = args[0].to(device, non_blocking=True)
+    if first.dim() == 4 and memory_format is not torch.preserve_format:
+        first = first.contiguous(memory_format=memory_format)
+    return (first, *args[1:])
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader,
                     device: torch.device, *, autocast: Callable[[], contextlib.AbstractContextManager],
                     scaler: torch.amp.GradScaler | None = None, clip_grad_norm: float | None = None,
                     should_stop: Callable[[], bool] = lambda: False,
-                    progress: Callable[[int, int, float, int, float], None] | None = None) -> dict:
+                    progress: Callable[[int, int, float, int, float], None] | None = None,
+                    memory_format: torch.memory_format = torch.preserve_format) -> dict:
     """One pass over ``loader``. Returns loss_sum, count (examples), seconds and stopped
-    (``should_stop()`` became true after a batch: the epoch is incomplete)."""
+    (``should_stop()`` became true after a batch: the epoch is incomplete). Image batches
+    are laid out in ``memory_format``."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count, start, batches = 0, time.perf_counter(), len(loader)
     for i, (args, target) in enumerate(loader):
-        args, target = _to(args, device), target.to(device, non_blocking=True)
+        args, target = _to(args, device, memory_format), target.to(device, non_blocking=True)
         with autocast():
             output = model(*args)
         loss = criterion(output.float(), target)
@@ -138,13 +143,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, criterion: nn.Module, loader, device: torch.device, task: Task,
-             reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
+             reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+             memory_format: torch.memory_format = torch.preserve_format) -> dict:
     """Loss, metric and example count over ``loader`` in fp32, summed over processes by
     ``reduce`` (an all_reduce of sums and counts: each process passes its own shard)."""
     model.eval()
     sums = None
     for args, target in loader:
-        args, target = _to(args, device), target.to(device, non_blocking=True)
+        args, target = _to(args, device, memory_format), target.to(device, non_blocking=True)
         output = model(*args).float()
         n = len(target)
         batch = torch.cat([torch.tensor([float(criterion(output, target)) * n, float(n)], dtype=torch.float64),
@@ -303,6 +309,12 @@ class FineTuneRecipe:
         # model
         torch.manual_seed(hp.seed)
         self.model = self._build_model(base_bundle).to(self.device)
+        self.memory_format = torch.preserve_format
+        if hp.channels_last:
+            if not isinstance(self.model_spec.input, ImageInput):
+                raise InvalidSpec("hyperparameters.channels_last", "is for image models only")
+            self.memory_format = torch.channels_last
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.frozen = freeze_backbone(self.model) if hp.freeze_backbone else []
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp = self.model
@@ -479,11 +491,13 @@ class FineTuneRecipe:
             stats = train_one_epoch(
                 self.ddp, self.criterion, self.optimizer, self.train_loader, self.device, autocast=self._autocast,
                 scaler=self.scaler, clip_grad_norm=hp.clip_grad_norm,
-                should_stop=lambda: d.any(self.stop.requested), progress=self._progress(epoch))
+                should_stop=lambda: d.any(self.stop.requested), progress=self._progress(epoch),
+                memory_format=self.memory_format)
             if stats["stopped"]:
                 return self._stopped(epoch, "during")
             d.broadcast_buffers(self.model)
-            val = evaluate(self.model, self.criterion, self.val_loader, self.device, self.task, d.all_reduce_sum)
+            val = evaluate(self.model, self.criterion, self.val_loader, self.device, self.task, d.all_reduce_sum,
+                           memory_format=self.memory_format)
             train_sums = d.all_reduce_sum(torch.tensor([stats["loss_sum"], stats["count"]], dtype=torch.float64))
             seconds = max(d.gather(stats["seconds"]))
             samples = int(train_sums[1])
@@ -623,7 +637,7 @@ class FineTuneRecipe:
             "device": self.device.type,
             "precision": self.precision,
         }
-        bundle = ModelBundle(self.model_spec, {k: v.detach().cpu() for k, v in weights.items()},
+        bundle = ModelBundle(self.model_spec, {k: v.detach().cpu().contiguous() for k, v in weights.items()},
                              list(self.data.labels), self.data.vocab, lineage)
         return self.store.write(out.name, bundle, version=out.version, keep_default=True)
 

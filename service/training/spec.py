@@ -101,7 +101,8 @@ class Hyperparameters(Schema):
     early stopping and the best checkpoint follow: the task's val metric, or the val loss.
     ``keep``: which weights become the archive. ``token_dropout``: word dropout for
     token sequences (each id becomes <unk> with that probability). ``precision``: "auto" = fp16 AMP on CUDA,
-    fp32 on CPU; "bf16" = bf16 autocast (CPU with native bf16, or CUDA)."""
+    fp32 on CPU; "bf16" = bf16 autocast (CPU with native bf16, or CUDA). ``channels_last``: image
+    models train in the NHWC memory layout (faster convolutions with bf16 on CPU and on GPU)."""
 
     optimizer: str = field("adam", choices=tuple(OPTIMIZERS))
     lr: float = field(1e-3, gt=0)
@@ -125,6 +126,7 @@ class Hyperparameters(Schema):
     precision: str = field("auto", choices=PRECISIONS)
     device: str = field("auto", choices=("auto", "cpu", "cuda"))
     workers: int = field(0, ge=0)
+    channels_last: bool = False
 
     def check(self, path: str) -> None:
         if self.precision == "fp16" and self.device == "cpu":
