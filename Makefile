@@ -47,7 +47,7 @@ bench: setup
 	$(PY) benchmarks/bench_serving.py --stock-pythonpath $(BENCH_PYDEPS)
 
 # Model quality of the fine-tuning recipe (issue 3): every run against its target; the
-# figures go into BENCHMARKS.md. Takes about half an hour on 2 CPU cores.
+# figures go into BENCHMARKS.md. Takes about 20 minutes on 2 CPU cores.
 .PHONY: eval
 eval: setup
 	$(PY) -m service.training.bench --out BENCHMARKS.md
