@@ -67,8 +67,9 @@ STOCK = "stock-resnet18"
 SPEC = {"family": "resnet", "num_classes": 1000, "config": {"arch": "resnet18", "pretrained": None},
         "input": {"type": "image", "channels": 3, "size": 224, "resize": 256}}
 BATCH = 8
-#: TorchServe batching for (b) and (c): up to 8 requests, taking what is queued (no wait: see BENCHMARKS.md).
-MAX_BATCH_DELAY_MS = 0
+#: TorchServe batching for (b) and (c): up to 8 requests, waiting at most 1 ms for more. Not 0:
+#: TorchServe 0.12 then waits about 100 ms for every batch (measured; see BENCHMARKS.md).
+MAX_BATCH_DELAY_MS = 1
 
 
 # ---- inputs and weights -----------------------------------------------------------------

@@ -286,6 +286,15 @@ def test_old_archives_and_default_options_serve_fp32(tmp_path):
     assert "startupTimeout: 900" in ServingOptions(compile=True).to_yaml()
 
 
+def test_a_zero_batch_delay_is_refused_where_torchserve_would_stall():
+    # TorchServe 0.12 with maxBatchDelay 0 and batchSize > 1 waits about 100 ms per batch
+    # (measured side by side in BENCHMARKS.md); a batch of one never waits.
+    with pytest.raises(InvalidSpec, match="max_batch_delay_ms.*use 1 or more"):
+        ServingOptions(batch_size=8, max_batch_delay_ms=0)
+    assert "maxBatchDelay: 0" in ServingOptions(batch_size=1, max_batch_delay_ms=0).to_yaml()
+    assert "maxBatchDelay: 1" in ServingOptions(batch_size=8, max_batch_delay_ms=1).to_yaml()
+
+
 # ---- torch.compile ---------------------------------------------------------------------
 def test_compiled_channels_last_answers_match_eager_and_cache_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))

@@ -88,6 +88,10 @@ class ServingOptions:
                 raise InvalidSpec(key, "must be >= 1")
         if self.max_batch_delay_ms < 0:
             raise InvalidSpec("max_batch_delay_ms", "must be >= 0")
+        if self.max_batch_delay_ms == 0 and self.batch_size > 1:
+            # Measured side by side (BENCHMARKS.md): 128 ms at concurrency 1 against 30 ms with 2 ms.
+            raise InvalidSpec("max_batch_delay_ms", "0 with batch_size > 1 makes TorchServe 0.12 wait about "
+                                                    "100 ms for every batch; use 1 or more")
         if self.precision not in PRECISIONS:
             raise InvalidSpec("precision", f"unknown precision {self.precision!r}", allowed=PRECISIONS)
         for key in ("channels_last", "compile"):
