@@ -1,7 +1,5 @@
 #!/usr/bin/env bash
-# System packages the project needs that pip cannot provide: Java 17 for TorchServe, and
-# nginx, the authenticating proxy in front of TorchServe's REST inference API
-# (service/serving/proxy.py). Both from Debian's packages.
+# System packages the project needs that pip cannot provide: Java 17 for TorchServe.
 set -euo pipefail
 
 java_ok() {
@@ -11,25 +9,14 @@ java_ok() {
     [ "${v%%.*}" -ge 17 ] 2>/dev/null
 }
 
-nginx_ok() {
-    # Debian installs it in /usr/sbin, which a non-root PATH may lack.
-    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]
-}
-
-missing=()
-java_ok || missing+=(openjdk-17-jre-headless)
-nginx_ok || missing+=(nginx)
-if [ "${#missing[@]}" -eq 0 ]; then
+if java_ok; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
-    echo "modelctl needs ${missing[*]} (TorchServe: Java 17+; the REST proxy: nginx); install them as root" >&2
+    echo "TorchServe needs Java 17+: install openjdk-17-jre-headless (root is needed)" >&2
     exit 1
 fi
-echo "installing ${missing[*]} (apt)"
+echo "installing Java 17 for TorchServe (apt)"
 apt-get update -qq
-# --no-install-recommends: nginx only, no default site packages. The package's own service
-# is not used: modelctl runs nginx as a child process with its own generated config.
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
 java_ok
-nginx_ok
