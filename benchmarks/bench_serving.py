@@ -58,6 +58,7 @@ from service.modelstore import ModelBundle, ModelStore  # noqa: E402
 from service.modelstore.store import ServingOptions  # noqa: E402
 from service.serving.settings import ServeSettings  # noqa: E402
 from service.serving.store_scan import link_archive  # noqa: E402
+from service.report import replace_section  # noqa: E402
 from service.serving.supervisor import Serving  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -647,15 +648,6 @@ def targets(res: dict) -> list[tuple[str, str, bool | None]]:
     return out
 
 
-def write_report(out: Path, section: str) -> None:
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    out.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -710,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     section = render(res)
     if not args.quick:
-        write_report(args.out, section)
+        replace_section(args.out, START, END, section)
     print(section)
     return 0
 

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from service.report import replace_section  # noqa: E402
 from tests import fuzzing  # noqa: E402
 
 START, END = "<!-- fuzz:start -->", "<!-- fuzz:end -->"
@@ -115,15 +116,6 @@ def section(result: fuzzing.CampaignResult, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, text: str) -> None:
-    current = out.read_text() if out.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        current = current[: current.index(START)] + text + current[current.index(END) + len(END):]
-    else:
-        current = current.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(current)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -166,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                       "transport": o.case.transport, "model": o.case.model, "status": o.status,
                       "verdict": o.verdict, "message": o.message[:300], "seconds": round(o.seconds, 4)}
                      for o in result.outcomes]}, indent=1) + "\n")
-    write_report(args.out, section(result, meta))
+    replace_section(args.out, START, END, section(result, meta))
     log.info("wrote %s and %s", args.out, out_json)
     return 0 if not result.failures() and not result.restarts() else 1
 

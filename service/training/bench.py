@@ -28,6 +28,7 @@ import torch
 
 from service.modelstore import ModelStore
 from service.training.recipe import run_finetune
+from service.report import replace_section
 from service.training.spec import Policy, RunSpec
 
 START, END = "<!-- finetune-eval:start -->", "<!-- finetune-eval:end -->"
@@ -184,15 +185,6 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, section: str) -> None:
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    out.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.training.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
@@ -212,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_bench(name, BENCHES[name], args.work_dir, store, policy))
         print(json.dumps(results[-1]), flush=True)
     section = render(results)
-    write_report(args.out, section)
+    replace_section(args.out, START, END, section)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(section)
