@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# System packages the project needs that pip cannot provide: Java 17 for TorchServe.
+# System packages the project needs that pip cannot provide: Java 17 for TorchServe, and
+# nginx, the authenticating proxy in front of TorchServe's REST inference API
+# (service/serving/proxy.py). Both from Debian's packages.
 set -euo pipefail
 
 java_ok() {
@@ -9,14 +11,25 @@ java_ok() {
     [ "${v%%.*}" -ge 17 ] 2>/dev/null
 }
 
-if java_ok; then
+nginx_ok() {
+    # Debian installs it in /usr/sbin, which a non-root PATH may lack.
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]
+}
+
+missing=()
+java_ok || missing+=(openjdk-17-jre-headless)
+nginx_ok || missing+=(nginx)
+if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
-    echo "TorchServe needs Java 17+: install openjdk-17-jre-headless (root is needed)" >&2
+    echo "modelctl needs ${missing[*]} (TorchServe: Java 17+; the REST proxy: nginx); install them as root" >&2
     exit 1
 fi
-echo "installing Java 17 for TorchServe (apt)"
+echo "installing ${missing[*]} (apt)"
 apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+# --no-install-recommends: nginx only, no default site packages. The package's own service
+# is not used: modelctl runs nginx as a child process with its own generated config.
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 java_ok
+nginx_ok

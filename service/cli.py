@@ -53,12 +53,16 @@ def _control_config(args):
 def _add_target_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", default=None,
                         help="control API address [MODELCTL_CONTROL_TARGET, 127.0.0.1:$MODELCTL_CONTROL_PORT]")
+    parser.add_argument("--token", default=None,
+                        help="API token [MODELCTL_API_TOKEN_FILE, MODELCTL_API_TOKEN, $MODELCTL_STATE_DIR/api_token]")
+    parser.add_argument("--tls-ca", default=None,
+                        help="CA certificate (PEM) of a TLS control API [MODELCTL_CONTROL_TLS_CA]")
 
 
 def _control_client(args):
     from service.control.client import ControlClient
 
-    return ControlClient(args.control)
+    return ControlClient(args.control, token=args.token, tls_ca=args.tls_ca)
 
 
 def _settings(args):
@@ -255,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="raw text for a text model")
     p.add_argument("-k", type=int, default=None, help="number of labels (default 5)")
     p.add_argument("--grpc", action="store_true", help="use gRPC instead of REST")
-    p.add_argument("--token", default=None, help="inference token (default: the state dir's key file)")
+    p.add_argument("--token", default=None,
+                   help="API token [MODELCTL_API_TOKEN_FILE, MODELCTL_API_TOKEN, <state dir>/api_token]")
     _add_serve_flags(p)
     p.set_defaults(func=cmd_predict)
 

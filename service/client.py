@@ -1,6 +1,8 @@
-"""Clients for the prediction endpoints: REST (TorchServe) and gRPC (the gateway).
+"""Clients for the prediction endpoints: REST (the proxy before TorchServe) and gRPC (the
+gateway).
 
-Both speak TorchServe's own wire formats, so any TorchServe client works the same way.
+Both speak TorchServe's own wire formats, so any TorchServe client works the same way. Both
+want the operator's API token (service/auth.py) as ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -11,21 +13,47 @@ from pathlib import Path
 
 import requests
 
-from service.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from service.auth import TOKEN_ENV, TOKEN_FILE_ENV, find_token
+from service.errors import (
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
 
 KEY_FILE = "key_file.json"
 
 
-def read_token(state_dir: Path | str, kind: str = "inference") -> str:
-    """TorchServe's per-instance key (``inference`` or ``management``) from key_file.json."""
-    path = Path(state_dir) / KEY_FILE
-    try:
-        return json.loads(path.read_text())[kind]["key"]
-    except FileNotFoundError as exc:
-        raise Unavailable(f"no {KEY_FILE} in {state_dir}: is `modelctl serve` running there?") from exc
+def read_token(state_dir: Path | str | None = None, kind: str = "inference") -> str:
+    """The token a client sends.
+
+    ``inference`` (and ``api``, ``control``): the operator's API token, from
+    ``MODELCTL_API_TOKEN_FILE`` / ``MODELCTL_API_TOKEN``, else ``<state_dir>/api_token``
+    that ``modelctl serve`` generated. ``management``: TorchServe's own per-instance
+    management key from key_file.json (loopback only; it expires and is renewed).
+    """
+    if kind == "management":
+        path = Path(state_dir if state_dir is not None else ".modelctl") / KEY_FILE
+        try:
+            return json.loads(path.read_text())[kind]["key"]
+        except FileNotFoundError as exc:
+            raise Unavailable(f"no {KEY_FILE} in {path.parent}: is `modelctl serve` running "
+                              "there?") from exc
+    if kind not in ("inference", "api", "control"):
+        raise InvalidArgument(f"unknown token kind {kind!r}")
+    token = find_token(state_dir)
+    if token is None:
+        where = f"{state_dir}/api_token" if state_dir is not None else "the state dir"
+        raise Unavailable(f"no API token: set {TOKEN_FILE_ENV} or {TOKEN_ENV}, or start "
+                          f"`modelctl serve` once so that it generates {where}")
+    return token.value
 
 
-_STATUS_ERRORS = {400: InvalidArgument, 404: NotFound, 413: InvalidArgument, 503: Unavailable}
+_STATUS_ERRORS = {400: InvalidArgument, 401: Unauthenticated, 404: NotFound,
+                  413: PayloadTooLarge, 429: ResourceExhausted, 503: Unavailable}
 
 
 def _error_from_http(status: int, body: bytes) -> ServiceError:

@@ -154,7 +154,7 @@ def run_demo(settings, control) -> int:
             print(f"{name:15} REST top-3: {_summary(predict.rest(name, inputs, k=3))}")
             print(f"{'':15} gRPC top-3: {_summary(predict.grpc(name, inputs, k=3))}")
 
-        with ControlClient(serving.control.target) as client:
+        with ControlClient(serving.control.target, token=serving.api_token) as client:
             jobs = {
                 name: client.create_job({"base": f"{name}:{parents[name]}", **ft, "output": {"name": name}},
                                         deploy="deploy-if-better")

@@ -61,6 +61,13 @@ class InvalidSpec(InvalidArgument):
         super().__init__(text)
 
 
+class Unauthenticated(ServiceError):
+    """A call without the operator's API token, or with a wrong one."""
+
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
+
+
 class NotFound(ServiceError):
     """A model, version, job or file that does not exist."""
 

@@ -61,7 +61,7 @@ def served(tmp_path_factory):
         model_store=root / "store", state_dir=root / "state",
         inference_port=free_port(), management_port=free_port(), metrics_port=free_port(),
         grpc_inference_port=free_port(), grpc_management_port=free_port(),
-        ts_grpc_inference_port=free_port(), exporter_port=free_port(),
+        ts_grpc_inference_port=free_port(), exporter_port=free_port(), ts_inference_port=free_port(),
         worker_port_base=random.randint(20000, 40000), startup_timeout_s=90,
     )
     control = ControlConfig(port=0, db_path=root / "control.db", runs_dir=root / "runs", data_roots=(root,),
@@ -69,11 +69,13 @@ def served(tmp_path_factory):
     serving = ServingWithControl(settings, control)
     serving.start()
     target = serving.control.target
-    channel = grpc.insecure_channel(target)
+    token = serving.api_token  # generated into the state dir: the one token of this instance
+    channel = grpc.intercept_channel(grpc.insecure_channel(target), WithMetadata(token.metadata()))
     try:
         yield SimpleNamespace(
             root=root, settings=settings, serving=serving, plane=serving.control.plane, target=target,
-            stub=pb_grpc.ModelControlStub(channel), channel=channel, client=ControlClient(target),
+            token=token, stub=pb_grpc.ModelControlStub(channel), channel=channel,
+            client=ControlClient(target, token=token),
             store=ModelStore(settings.model_store),
             predict=PredictionClient(rest_url=f"http://127.0.0.1:{settings.inference_port}",
                                      grpc_target=f"127.0.0.1:{settings.grpc_inference_port}",
@@ -95,6 +97,22 @@ def parent(served):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+class WithMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """A raw stub's calls carry ``metadata`` (the API token), as ControlClient's do."""
+
+    def __init__(self, metadata):
+        self.metadata = tuple(metadata)
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         result = call(*args, **kwargs)
@@ -324,7 +342,7 @@ def test_sigkill_the_control_service_mid_job_restart_and_the_jobs_finish(served,
     pids: list[int] = []
     try:
         _wait_serving(proc, target, tmp_path / "first.log")
-        client = ControlClient(target)
+        client = ControlClient(target, token=served.token)  # the state dir's token: the same one
         # A: its trainer dies with the service (resumed from its checkpoint after the restart);
         # B: its trainer outlives the service (adopted by the next one).
         a = client.create_job({"model": CNN, "dataset": SOME_DIGITS, "output": {"name": "ctl-resumed"},
@@ -351,7 +369,7 @@ def test_sigkill_the_control_service_mid_job_restart_and_the_jobs_finish(served,
 
         proc = _start_control(served, tmp_path, port, "second.log")
         _wait_serving(proc, target, tmp_path / "second.log")
-        with ControlClient(target) as client:
+        with ControlClient(target, token=served.token) as client:
             a = client.wait(a.id, timeout_s=300)
             b = client.wait(b.id, timeout_s=300)
             assert len(client.list_jobs().jobs) == 2
@@ -481,8 +499,15 @@ def _cli(*argv) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def test_cli_finetune_and_models_commands(served, parent, tmp_path):
+def test_cli_finetune_and_models_commands(served, parent, tmp_path, monkeypatch):
     target = ("--control", served.target)
+    for var in ("MODELCTL_API_TOKEN", "MODELCTL_API_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MODELCTL_STATE_DIR", str(tmp_path / "elsewhere"))
+    rc, _, err = _cli("finetune", "list", *target)  # no token to be found: refused
+    assert rc == 2 and "missing bearer token" in err
+    # The CLI finds the token that `modelctl serve` generated in its state dir.
+    monkeypatch.setenv("MODELCTL_STATE_DIR", str(served.settings.state_dir))
     rc, out, _ = _cli("finetune", "watch", parent.job.id, *target)
     assert rc == 0 and out.index("epoch 1/3") < out.index("epoch 3/3") < out.index("state SUCCEEDED")
     rc, out, _ = _cli("finetune", "list", "--state", "succeeded", *target)

@@ -65,7 +65,7 @@ def _settings(root, name: str) -> ServeSettings:
     return ServeSettings(model_store=root / "store", state_dir=root / name, inference_port=free_port(),
                          management_port=free_port(), metrics_port=free_port(), grpc_inference_port=free_port(),
                          grpc_management_port=free_port(), ts_grpc_inference_port=free_port(),
-                         exporter_port=free_port(), worker_port_base=free_port(), startup_timeout_s=90,
+                         ts_inference_port=free_port(), exporter_port=free_port(), worker_port_base=free_port(), startup_timeout_s=90,
                          sync_interval_s=0.3)
 
 

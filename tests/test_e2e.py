@@ -48,6 +48,7 @@ def served(tmp_path_factory):
         grpc_inference_port=free_port(),
         grpc_management_port=free_port(),
         ts_grpc_inference_port=free_port(),
+        ts_inference_port=free_port(),
         exporter_port=free_port(),
         worker_port_base=random.randint(20000, 40000),
         startup_timeout_s=90,

@@ -26,6 +26,7 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from service.client import read_token
 from service.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from service.serving import readiness
 from service.serving.config import parse_properties, render_config_properties
@@ -123,11 +124,11 @@ def build_archive(store: Path, work: Path, name: str, version: int, handler_src:
 
 
 def settings_for(store: Path, state: Path, **kw) -> ServeSettings:
-    p = free_ports(8)
+    p = free_ports(9)
     return ServeSettings(model_store=store, state_dir=state, inference_port=p[0],
                          management_port=p[1], metrics_port=p[2], grpc_inference_port=p[3],
                          grpc_management_port=p[4], ts_grpc_inference_port=p[5],
-                         worker_port_base=p[6], exporter_port=p[7], **kw)
+                         worker_port_base=p[6], exporter_port=p[7], ts_inference_port=p[8], **kw)
 
 
 def alive(pid: int) -> bool:
@@ -175,7 +176,9 @@ def test_config_properties(tmp_path):
     text = render_config_properties(s)
     props = parse_properties(text)
     assert props["management_address"] == f"http://127.0.0.1:{s.management_port}"
-    assert props["inference_address"] == f"http://0.0.0.0:{s.inference_port}"
+    # TorchServe's REST inference is loopback only: the public port is the proxy's.
+    assert props["inference_address"] == f"http://127.0.0.1:{s.ts_inference_port}"
+    assert props["metrics_address"] == f"http://0.0.0.0:{s.metrics_port}"
     assert props["grpc_inference_address"] == "127.0.0.1"
     assert props["grpc_inference_port"] == str(s.ts_grpc_inference_port)
     assert props["grpc_management_address"] == "127.0.0.1"
@@ -274,7 +277,7 @@ def stub(serving):
 
 @pytest.fixture
 def md(serving):
-    return [("authorization", f"Bearer {serving.torchserve.tokens.inference}")]
+    return list(serving.api_token.metadata())  # the operator's token (generated in the state dir)
 
 
 def predict_request(model, payload, version=""):
@@ -294,16 +297,17 @@ def test_start_registers_store_with_latest_default(serving):
         (serving.settings.model_store / "echo" / "2.mar").resolve()
 
 
-def test_rest_predict_needs_the_inference_key(serving):
+def test_rest_predict_needs_the_api_token(serving):
     url = f"{serving.torchserve.inference_url}/predictions/echo"
-    key = serving.torchserve.tokens.inference
+    key = serving.api_token.value
+    assert key == (serving.settings.state_dir / "api_token").read_text().strip()
     r = requests.post(url, json={"x": 1}, headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["echo"] == {"x": 1} and r.json()["version"] == "2"
     r1 = requests.post(f"{url}/1", json={"x": 1}, headers={"Authorization": f"Bearer {key}"},
                        timeout=30)
     assert r1.status_code == 200 and r1.json()["version"] == "1"
-    assert requests.post(url, json={"x": 1}, timeout=30).status_code == 400  # no key
+    assert requests.post(url, json={"x": 1}, timeout=30).status_code == 401  # no token
 
 
 def test_workers_get_a_thread_budget(serving, stub, md):
@@ -338,17 +342,18 @@ def test_gateway_predictions_and_status_mapping(stub, md):
     assert json.loads(again.prediction)["version"] == "1"
 
 
-def test_gateway_passes_permission_denied_through(stub):
+def test_gateway_wants_the_api_token(stub):
     from google.protobuf import empty_pb2
 
     for call in (lambda md: stub.Predictions(predict_request("echo", {"a": 1}), metadata=md,
                                              timeout=30),
                  lambda md: stub.Ping(empty_pb2.Empty(), metadata=md, timeout=30)):
-        for md in ([("authorization", "Bearer wrong")], []):
+        for md, message in (([("authorization", "Bearer wrong-token-0123456789")], "invalid"),
+                            ([], "missing")):
             with pytest.raises(grpc.RpcError) as e:
                 call(md)
-            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert "Token Authorization failed" in e.value.details()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert e.value.details().startswith(f"{message} bearer token")
 
 
 def test_gateway_ping_and_stream(stub, md):
@@ -519,9 +524,12 @@ def test_stop_leaves_no_process(serving):
     workers = {w["pid"] for r in serving.mgmt.list_models()
                for e in serving.mgmt.describe(r["modelName"], "all") for w in e["workers"]}
     assert ts.pid in pids and ts.frontend_pid in pids and workers and workers <= pids
-    ports = [serving.settings.inference_port, serving.settings.management_port, serving.grpc_port]
+    ports = [serving.settings.inference_port, serving.settings.ts_inference_port,
+             serving.settings.management_port, serving.grpc_port]
+    nginx = {ts.proxy.pid, *ts.proxy.workers()}
+    assert len(nginx) == 2 and all(alive(p) for p in nginx)  # the REST proxy: master, worker
     serving.stop()
-    assert not [p for p in pids | workers if alive(p)]
+    assert not [p for p in pids | workers | nginx if alive(p)]
     assert not ts.running()
     for port in ports:  # everything is closed, the ports are free again
         with socket.socket() as s:
@@ -534,7 +542,7 @@ def test_run_forever_serves_until_sigterm(tmp_path):
     build_archive(store, tmp_path / "work", "echo", 1, ECHO_HANDLER)
     s = settings_for(store, tmp_path / "state")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    for name in ("model_store", "state_dir", "inference_port", "management_port",
+    for name in ("model_store", "state_dir", "inference_port", "ts_inference_port", "management_port",
                  "metrics_port", "grpc_inference_port", "grpc_management_port",
                  "ts_grpc_inference_port", "worker_port_base"):
         env[ServeSettings.env_var(name)] = str(getattr(s, name))
@@ -553,10 +561,9 @@ def test_run_forever_serves_until_sigterm(tmp_path):
                           or proc.poll() is not None, timeout_s=90, poll_s=0.3)
         assert proc.poll() is None, log_path.read_text()
         descendants = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
-        assert len(descendants) >= 3, descendants  # launcher, java, one worker
+        assert len(descendants) >= 5, descendants  # launcher, java, one worker, nginx x2
         r = requests.post(f"http://127.0.0.1:{s.inference_port}/predictions/echo", json={"v": 1},
-                          headers={"Authorization": "Bearer " + json.loads(
-                              (s.state_dir / "key_file.json").read_text())["inference"]["key"]},
+                          headers={"Authorization": "Bearer " + read_token(s.state_dir)},
                           timeout=30)
         assert r.status_code == 200 and r.json()["echo"] == {"v": 1}
         proc.send_signal(signal.SIGTERM)

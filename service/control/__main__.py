@@ -2,6 +2,10 @@
 
 ``modelctl serve`` starts it beside TorchServe; this entry point is for a TorchServe that
 runs already (its state dir holds key_file.json) and for tests that kill and restart it.
+
+Calls need the operator's API token (``MODELCTL_API_TOKEN_FILE``, ``MODELCTL_API_TOKEN``, or
+``<state dir>/api_token``, generated there when none is set); ``MODELCTL_CONTROL_TLS_CERT``
+and ``MODELCTL_CONTROL_TLS_KEY`` make the port TLS.
 """
 
 from __future__ import annotations

@@ -9,8 +9,14 @@
         control.deploy("digits-cnn", 3); control.rollback("digits-cnn")
 
 Replies are the ``modelctl.v1`` messages. A failed call raises the named error of
-:mod:`service.errors` that matches its status (NotFound, InvalidArgument, ...), with the
-server's message; ``exc.grpc_code`` keeps the status code.
+:mod:`service.errors` that matches its status (NotFound, InvalidArgument, Unauthenticated,
+...), with the server's message; ``exc.grpc_code`` keeps the status code.
+
+Every call carries the operator's API token (``token``; by default the one
+:func:`service.auth.find_token` finds: ``MODELCTL_API_TOKEN_FILE``, ``MODELCTL_API_TOKEN``,
+or ``<state dir>/api_token`` of a local ``modelctl serve``). ``tls_ca`` (default
+``$MODELCTL_CONTROL_TLS_CA``), a PEM file of the CA that signed the server's certificate,
+makes the channel TLS.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import grpc
 
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
+from service.auth import ApiToken, find_token, validate
 from service.control import messages
 from service.control.config import DEFAULT_PORT, ControlConfig
 from service.errors import (
@@ -33,6 +40,7 @@ from service.errors import (
     NotFound,
     ResourceExhausted,
     ServiceError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -44,9 +52,11 @@ _ERRORS = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 TARGET_ENV = "MODELCTL_CONTROL_TARGET"
+TLS_CA_ENV = "MODELCTL_CONTROL_TLS_CA"
 
 
 def default_target(environ=None) -> str:
@@ -69,10 +79,26 @@ def error_from_rpc(exc: grpc.RpcError, target: str = "") -> ServiceError:
 
 
 class ControlClient:
-    def __init__(self, target: str | None = None, *, timeout_s: float = 120.0):
+    def __init__(self, target: str | None = None, *, timeout_s: float = 120.0,
+                 token: ApiToken | str | None = None, tls_ca: str | Path | None = None):
         self.target = target or default_target()
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(self.target)
+        if isinstance(token, str):
+            token = ApiToken(validate(token, "the control API token"), "argument")
+        self.token = token if token is not None else find_token()
+        #: Sent with every call; none when no token was found (the server then says so).
+        self._metadata = self.token.metadata() if self.token is not None else ()
+        tls_ca = tls_ca if tls_ca is not None else (os.environ.get(TLS_CA_ENV) or None)
+        if tls_ca:
+            try:
+                root = Path(tls_ca).read_bytes()
+            except OSError as exc:
+                raise FailedPrecondition(f"control API CA certificate {tls_ca}: "
+                                         f"{exc.strerror or exc}") from None
+            credentials = grpc.ssl_channel_credentials(root_certificates=root)
+            self._channel = grpc.secure_channel(self.target, credentials)
+        else:
+            self._channel = grpc.insecure_channel(self.target)
         self.stub = pb_grpc.ModelControlStub(self._channel)
 
     def close(self) -> None:
@@ -86,7 +112,8 @@ class ControlClient:
 
     def _call(self, method: str, request, timeout_s: float | None = None):
         try:
-            return getattr(self.stub, method)(request, timeout=timeout_s or self.timeout_s)
+            return getattr(self.stub, method)(request, timeout=timeout_s or self.timeout_s,
+                                              metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.target) from None
 
@@ -124,7 +151,8 @@ class ControlClient:
               timeout_s: float | None = None) -> Iterator[pb.JobUpdate]:
         """The job's updates until it is final (``timeout_s``: none by default)."""
         stream = self.stub.WatchFineTuneJob(
-            pb.WatchFineTuneJobRequest(job_id=job_id, skip_history=skip_history), timeout=timeout_s)
+            pb.WatchFineTuneJobRequest(job_id=job_id, skip_history=skip_history), timeout=timeout_s,
+            metadata=self._metadata)
         try:
             yield from stream
         except grpc.RpcError as exc:

@@ -24,7 +24,8 @@ DEFAULT_PORT = 50051
 DEPLOY_TARGETS = ("torchserve", "store")
 #: Environment variable of each field whose name is not simply ``MODELCTL_<FIELD>``.
 _ENV_NAMES = {"port": "MODELCTL_CONTROL_PORT", "host": "MODELCTL_CONTROL_HOST",
-              "db_path": "MODELCTL_CONTROL_DB"}
+              "db_path": "MODELCTL_CONTROL_DB", "tls_cert": "MODELCTL_CONTROL_TLS_CERT",
+              "tls_key": "MODELCTL_CONTROL_TLS_KEY"}
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,16 @@ class ControlConfig:
     default_runner: str = "local"
     #: Threads of the gRPC server (each watcher holds one while it watches).
     max_workers: int = 32
+    #: PEM certificate (chain) and private key: the control API speaks TLS only. Both or
+    #: neither. (Clients name the CA with MODELCTL_CONTROL_TLS_CA.)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self):
-        for name in ("db_path", "runs_dir", "model_store"):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("TLS needs both MODELCTL_CONTROL_TLS_CERT and "
+                                  "MODELCTL_CONTROL_TLS_KEY (a certificate and its key)")
+        for name in ("db_path", "runs_dir", "model_store", "tls_cert", "tls_key"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value).expanduser().absolute())

@@ -85,7 +85,9 @@ class LocalRunner:
     def start(self, job) -> RunHandle:
         run_dir = Path(job.run_dir)
         cmd = self.command(run_dir)
-        env = dict(os.environ if self.env is None else self.env)
+        from service.auth import scrubbed_env
+
+        env = scrubbed_env(os.environ if self.env is None else self.env)  # never the API token
         env["PYTHONUNBUFFERED"] = "1"
         with open(job.log_path, "ab") as logf:
             stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

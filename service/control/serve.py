@@ -5,13 +5,15 @@ alone in front of a TorchServe that runs already (``python -m service.control``)
 API: its port is bound before TorchServe starts (a taken port fails at once), the job
 scheduler starts once the store's versions are READY, and one line says that everything
 is ready. Stopping stops the control service first (running trainers get SIGTERM and are
-resumed by the next start), then TorchServe.
+resumed by the next start), then TorchServe. One operator API token (service/auth.py)
+guards the control API and the inference APIs alike.
 """
 
 from __future__ import annotations
 
 import logging
 
+from service.auth import ApiToken, load_token
 from service.control.config import ControlConfig
 from service.control.plane import ControlPlane
 from service.control.server import ControlService
@@ -25,10 +27,12 @@ STATES = tuple(TRANSITIONS)
 
 
 class ServingWithControl(Serving):
-    def __init__(self, settings, control: ControlConfig):
-        super().__init__(settings)
+    def __init__(self, settings, control: ControlConfig, *, api_token: ApiToken | None = None):
+        api_token = api_token or load_token(settings.state_dir, create=True)
+        super().__init__(settings, api_token=api_token)
         self.control = ControlService(control, ControlPlane(control, settings, self._require_mgmt,
-                                                            locks=self.model_locks))
+                                                            locks=self.model_locks),
+                                      token=api_token)
 
     def endpoints(self) -> dict[str, str]:
         return {**super().endpoints(), "control": self.control.target}
@@ -65,6 +69,11 @@ def standalone_management(settings):
     return lambda: client
 
 
-def standalone_service(control: ControlConfig, settings) -> ControlService:
-    """The control service alone, deploying to the TorchServe of ``settings``."""
-    return ControlService(control, ControlPlane(control, settings, standalone_management(settings)))
+def standalone_service(control: ControlConfig, settings, *,
+                       api_token: ApiToken | None = None) -> ControlService:
+    """The control service alone, deploying to the TorchServe of ``settings``. Its token:
+    ``api_token``, else the environment's, else the one in the state dir (generated there
+    when missing)."""
+    token = api_token or load_token(settings.state_dir, create=True)
+    return ControlService(control, ControlPlane(control, settings, standalone_management(settings)),
+                          token=token)

@@ -2,7 +2,7 @@
 
 Two steps, so tests bind port 0 and call through a real channel::
 
-    server, port = create_server(config, plane)   # plane: a ControlPlane (the deps)
+    server, port = create_server(config, plane, token=api_token)   # plane: a ControlPlane
     server.start()
     ...
     stop_server(server)
@@ -14,6 +14,13 @@ The servicer only translates messages (:mod:`service.control.messages`) to and f
 into a status in one place, :class:`ErrorInterceptor`, through
 :func:`service.errors.grpc_status`: a named error keeps its message; anything else is
 INTERNAL with a generic message (and its traceback in the log).
+
+Every call of ``modelctl.v1.ModelControl`` needs the operator's API token in its metadata
+(``authorization: Bearer <token>``, :mod:`service.auth`); the same interceptor checks it
+first, so a missing or wrong token is :class:`~service.errors.Unauthenticated`
+(UNAUTHENTICATED) like any other named error. Health and reflection stay open for probes.
+With ``config.tls_cert`` and ``config.tls_key`` (``MODELCTL_CONTROL_TLS_CERT`` /
+``MODELCTL_CONTROL_TLS_KEY``) the port speaks TLS only.
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ from grpc_reflection.v1alpha import reflection
 
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
+from service.auth import ApiToken
 from service.control import messages
-from service.errors import ServiceError, Unavailable, grpc_status
+from service.errors import FailedPrecondition, ServiceError, Unavailable, grpc_status
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelControl"].full_name  # "modelctl.v1.ModelControl"
+#: Services answered without a token: probes and tools need them.
+OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME,
+                 "grpc.reflection.v1.ServerReflection")
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -50,38 +61,65 @@ def _abort(context, exc: BaseException, method: str) -> None:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """The one place where exceptions become gRPC statuses (unary and streaming calls)."""
+    """The one place where exceptions become gRPC statuses (unary and streaming calls).
+
+    With ``token``, a call of any service but the open ones (health, reflection) first
+    checks the operator's API token: Unauthenticated goes through the same mapping.
+    """
+
+    def __init__(self, token: ApiToken | None = None):
+        self.token = token
+
+    def _authenticate(self, method: str):
+        service = method.lstrip("/").split("/", 1)[0]
+        if self.token is None or service in OPEN_SERVICES:
+            return None
+        return self.token.check_metadata
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        auth = self._authenticate(method)
+        if auth is not None:
+            metadata = handler_call_details.invocation_metadata
+            check = lambda: auth(metadata)  # noqa: E731
+        else:
+            check = None
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, method),
+                _guard_unary(handler.unary_unary, method, check),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream, method),
+                _guard_stream(handler.unary_stream, method, check),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        return handler  # no client-streaming calls in this API
+        if check is not None:
+            # Client-streaming calls: only reflection has them, and it is open. Anything
+            # else would bypass the check, so it is refused.
+            raise RuntimeError(f"{method}: streaming requests are not guarded")
+        return handler
 
 
-def _guard_unary(behavior, method):
+def _guard_unary(behavior, method, check=None):
     def call(request, context):
         try:
+            if check is not None:
+                check()
             return behavior(request, context)
         except Exception as exc:  # noqa: BLE001 - the one mapping point
             _abort(context, exc, method)
     return call
 
 
-def _guard_stream(behavior, method):
+def _guard_stream(behavior, method, check=None):
     def call(request, context):
         try:
+            if check is not None:
+                check()
             yield from behavior(request, context)
         except Exception as exc:  # noqa: BLE001 - the one mapping point
             _abort(context, exc, method)
@@ -134,12 +172,28 @@ class ModelControlServicer(pb_grpc.ModelControlServicer):
 
 
 # ---- the server -----------------------------------------------------------------------------------
-def create_server(config, deps) -> tuple[grpc.Server, int]:
+def server_credentials(config) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``config.tls_cert`` / ``config.tls_key``; None without them."""
+    if config.tls_cert is None:
+        return None
+    try:
+        cert, key = config.tls_cert.read_bytes(), config.tls_key.read_bytes()
+    except OSError as exc:
+        raise FailedPrecondition(f"control API TLS: cannot read {exc.filename}: "
+                                 f"{exc.strerror or exc}") from None
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def create_server(config, deps, *, token: ApiToken) -> tuple[grpc.Server, int]:
     """A gRPC server for ``deps`` (a ControlPlane) bound to ``config.host:config.port``
-    (port 0: a free one), not started. Returns it with its port."""
+    (port 0: a free one), not started. Returns it with its port. Every ModelControl call
+    needs ``token``; TLS when the config names a certificate and key."""
+    if not isinstance(token, ApiToken):
+        raise TypeError("the control API needs the operator's ApiToken")
+    credentials = server_credentials(config)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="modelctl-grpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ErrorInterceptor(token)],
         options=[("grpc.so_reuseport", 0)],  # a busy port is an error, not a shared one
     )
     pb_grpc.add_ModelControlServicer_to_server(ModelControlServicer(deps), server)
@@ -150,7 +204,8 @@ def create_server(config, deps) -> tuple[grpc.Server, int]:
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise Unavailable(f"cannot bind the control API to {address}: {exc}") from None
     if not port:
@@ -170,9 +225,10 @@ def stop_server(server: grpc.Server, grace_s: float = 2.0) -> None:
 class ControlService:
     """The control API running: its plane (scheduler) and its gRPC server."""
 
-    def __init__(self, config, plane):
+    def __init__(self, config, plane, *, token: ApiToken):
         self.config = config
         self.plane = plane
+        self.token = token
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self._stop = threading.Event()
@@ -185,7 +241,7 @@ class ControlService:
     def bind(self) -> int:
         """Create the server and bind its port (fails early if the port is taken)."""
         if self.server is None:
-            self.server, self.port = create_server(self.config, self.plane)
+            self.server, self.port = create_server(self.config, self.plane, token=self.token)
         return self.port
 
     def start(self) -> "ControlService":
@@ -207,7 +263,9 @@ class ControlService:
 
     def describe(self) -> str:
         c = self.plane.config
-        return (f"control API on {self.target} (max {c.max_concurrent_jobs} concurrent job(s); "
+        tls = "TLS" if self.config.tls_cert is not None else "plaintext"
+        return (f"control API on {self.target} ({tls}, bearer token from {self.token.source}; "
+                f"max {c.max_concurrent_jobs} concurrent job(s); "
                 f"jobs {c.db_path}; runs {c.runs_dir})")
 
     def run_forever(self) -> None:

@@ -65,8 +65,10 @@ def render_config_properties(settings: ServeSettings) -> str:
     tmp = (s.state_dir / "tmp").as_posix()
     entries: list[tuple[str, str, str]] = [
         # (comment, key, value)
-        ("REST inference (/predictions, /ping): the public REST endpoint.",
-         "inference_address", _http(s.host, s.inference_port)),
+        (f"REST inference (/predictions, /ping): loopback only. The public REST endpoint "
+         f"({s.host}:{s.inference_port}) is nginx (service/serving/proxy.py), which checks "
+         "the operator's API token and forwards here with TorchServe's inference key.",
+         "inference_address", _http(LOOPBACK, s.ts_inference_port)),
         ("Management API: needed to register models and read worker status, but never "
          "exposed: loopback only.",
          "management_address", _http(LOOPBACK, s.management_port)),
@@ -92,7 +94,9 @@ def render_config_properties(settings: ServeSettings) -> str:
         ("Models are registered and scaled through the management API.",
          "enable_model_api", "true"),
         ("Every REST and gRPC call needs 'Authorization: Bearer <key>' from key_file.json "
-         "(explicit, so a changed default cannot silently open the APIs).",
+         "(explicit, so a changed default cannot silently open the APIs). Kept on behind "
+         "the proxy and the gateway: another local user or process cannot use the loopback "
+         "ports without the keys, which only the state dir's owner can read.",
          "disable_token_authorization", "false"),
         ("Minutes until the inference and management keys expire (TorchServe's default 60, "
          "explicit here); renewed with the API key.",

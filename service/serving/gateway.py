@@ -1,9 +1,14 @@
 """The public gRPC inference endpoint: TorchServe's own inference API, with real statuses.
 
 It serves ``org.pytorch.serve.grpc.inference.InferenceAPIsService`` (TorchServe's proto,
-so TorchServe gRPC clients work unchanged) and forwards every call, with the caller's
-metadata (``authorization`` included) and deadline, to TorchServe's own gRPC inference
-port on loopback. TorchServe answers there with the wrong status codes:
+so TorchServe gRPC clients work unchanged). Every call must carry the operator's API token
+(``authorization: Bearer <token>`` metadata, :mod:`service.auth`); without it, or with a
+wrong one, the call ends UNAUTHENTICATED before anything is forwarded. The gateway then
+forwards the call, with the caller's other metadata and deadline, to TorchServe's own gRPC
+inference port on loopback, with TorchServe's current inference key as ``authorization``
+(read from key_file.json, so renewed keys are used at once; a unary call that meets a key
+renewed in between is sent once more with the new key). TorchServe answers there with the
+wrong status codes:
 
 * an unknown model or version is INTERNAL ("Model not found: x\\norg.pytorch...
   ModelNotFoundException" / "...ModelVersionNotFoundException");
@@ -11,17 +16,18 @@ port on loopback. TorchServe answers there with the wrong status codes:
   error body) is OK, with the error body as the prediction.
 
 :func:`translate` is the one place where this is corrected, through the named errors of
-``service.errors`` and their ``grpc_status``. Everything else (PERMISSION_DENIED for a
-bad key, UNAVAILABLE when TorchServe is down, INTERNAL "Worker died.") passes through
-unchanged.
+``service.errors`` and their ``grpc_status``. Everything else (UNAVAILABLE when TorchServe
+is down, INTERNAL "Worker died.") passes through unchanged.
 
-Also served: gRPC health checking (``grpc.health.v1``; service ``""`` is SERVING only
-when every registered model version is ready, ``"<model>"`` when every version of that
-model is, ``"<model>/<version>"`` for one version) and server reflection.
+Also served, without a token (probes need none): gRPC health checking
+(``grpc.health.v1``; service ``""`` is SERVING only when every registered model version
+is ready, ``"<model>"`` when every version of that model is, ``"<model>/<version>"`` for
+one version) and server reflection.
 
 Two steps, so tests bind port 0 and call through a real channel::
 
-    server, port = create_gateway(settings, "127.0.0.1:7072", readiness_fn)  # in a loop
+    server, port = create_gateway(settings, "127.0.0.1:7072", readiness_fn,  # in a loop
+                                  token=api_token, upstream_key=torchserve.inference_key)
     await server.start()
     ...
     await close_gateway(server)
@@ -45,6 +51,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service._gen import inference_pb2, inference_pb2_grpc
+from service.auth import ApiToken
 from service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -66,6 +73,8 @@ _NOT_FOUND_MARKERS = ("ModelNotFoundException", "ModelVersionNotFoundException")
 #: Metadata that belongs to a connection or is set by gRPC itself: not forwarded.
 _HOP_HEADERS = {"user-agent", "content-type", "te", "host", "content-length",
                 "accept-encoding", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"}
+#: TorchServe's answer to a key it does not (or no longer) accept.
+_KEY_REFUSED = "Token Authorization failed"
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -142,10 +151,22 @@ def _forwardable(metadata: Iterable) -> tuple:
 
 
 class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
-    """Forwards TorchServe's inference API to ``upstream_target``."""
+    """Forwards TorchServe's inference API to ``upstream_target``.
 
-    def __init__(self, upstream_target: str, *, max_message_bytes: int):
+    ``token``: the operator's API token every call must carry. ``upstream_key``: returns
+    TorchServe's current inference key (None: the upstream wants none); ``fresh_upstream_key``
+    the same without any cache (after TorchServe refused a key).
+    """
+
+    def __init__(self, upstream_target: str, *, max_message_bytes: int, token: ApiToken,
+                 upstream_key: Callable[[], str] | None = None,
+                 fresh_upstream_key: Callable[[], str] | None = None):
+        if not isinstance(token, ApiToken):
+            raise TypeError("the gateway needs the operator's ApiToken")
         self.upstream_target = upstream_target
+        self.token = token
+        self._upstream_key = upstream_key
+        self._fresh_key = fresh_upstream_key or upstream_key
         self._options = [("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.max_receive_message_length", max_message_bytes)]
         self._channel: aio.Channel | None = None
@@ -158,21 +179,46 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
             self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
         return self._stub
 
-    @staticmethod
-    def _call_args(context) -> dict:
+    async def _authenticate(self, context) -> None:
+        """Abort UNAUTHENTICATED unless the call carries the operator's token."""
+        try:
+            self.token.check_metadata(context.invocation_metadata())
+        except ServiceError as err:
+            await context.abort(grpc_status(err), err.message)
+
+    def _call_args(self, context, *, fresh_key: bool = False) -> dict:
         remaining = context.time_remaining()
-        return {"metadata": _forwardable(context.invocation_metadata() or ()),
+        metadata = [(k, v) for k, v in _forwardable(context.invocation_metadata() or ())
+                    if k != "authorization"]  # the operator's token stays here
+        if self._upstream_key is not None:
+            key = self._fresh_key() if fresh_key else self._upstream_key()
+            metadata.append(("authorization", f"Bearer {key}"))
+        return {"metadata": tuple(metadata),
                 "timeout": remaining if remaining is not None and remaining > 0 else None}
 
-    async def Ping(self, request, context):
+    async def _unary(self, method: str, request, context):
+        """One unary call upstream; once more if TorchServe's key was renewed meanwhile."""
         try:
-            return await self._upstream().Ping(request, **self._call_args(context))
+            return await getattr(self._upstream(), method)(request, **self._call_args(context))
+        except aio.AioRpcError as exc:
+            if not (exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                    and _KEY_REFUSED in (exc.details() or "") and self._upstream_key):
+                raise
+            log.info("gateway: TorchServe refused its key (renewed?); sending %s again", method)
+            return await getattr(self._upstream(), method)(
+                request, **self._call_args(context, fresh_key=True))
+
+    async def Ping(self, request, context):
+        await self._authenticate(context)
+        try:
+            return await self._unary("Ping", request, context)
         except aio.AioRpcError as exc:
             await _abort_for(context, exc)
 
     async def Predictions(self, request, context):
+        await self._authenticate(context)
         try:
-            response = await self._upstream().Predictions(request, **self._call_args(context))
+            response = await self._unary("Predictions", request, context)
         except aio.AioRpcError as exc:
             await _abort_for(context, exc)
             return None  # not reached: abort raises
@@ -180,6 +226,7 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         return response
 
     async def StreamPredictions(self, request, context):
+        await self._authenticate(context)
         call = self._upstream().StreamPredictions(request, **self._call_args(context))
         try:
             async for response in call:
@@ -193,6 +240,7 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
     async def StreamPredictions2(self, request_iterator, context):
         # A sequence API: per-response errors travel in PredictionResponse.status, as
         # TorchServe sends them; only a failed call is translated.
+        await self._authenticate(context)
         call = self._upstream().StreamPredictions2(request_iterator, **self._call_args(context))
         try:
             async for response in call:
@@ -299,9 +347,15 @@ class ReadinessHealthServicer(health.aio.HealthServicer):
 
 
 def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], list], *,
+                   token: ApiToken, upstream_key: Callable[[], str] | None = None,
+                   fresh_upstream_key: Callable[[], str] | None = None,
                    port: int | None = None, host: str | None = None,
                    health_poll_s: float = 2.0) -> tuple[aio.Server, int]:
     """Build (not start) the gateway server; returns ``(server, bound_port)``.
+
+    ``token``: the operator's API token inference calls must carry; ``upstream_key``:
+    TorchServe's current inference key, put on every forwarded call (``fresh_upstream_key``:
+    the same read again, after TorchServe refused one).
 
     Binds ``host:port`` (default ``settings.host:settings.grpc_inference_port``; port 0
     picks a free one). Call it inside the event loop that will run the server. Stop it
@@ -311,7 +365,8 @@ def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], li
     server = aio.server(options=[("grpc.max_send_message_length", max_bytes),
                                  ("grpc.max_receive_message_length", max_bytes),
                                  ("grpc.so_reuseport", 0)])
-    gateway = InferenceGateway(upstream_target, max_message_bytes=max_bytes)
+    gateway = InferenceGateway(upstream_target, max_message_bytes=max_bytes, token=token,
+                               upstream_key=upstream_key, fresh_upstream_key=fresh_upstream_key)
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(gateway, server)
     health_servicer = ReadinessHealthServicer(readiness_fn, poll_s=health_poll_s)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -7,7 +7,11 @@ environment, which wins over the defaults below.
 
 Ports:
 
-* ``inference_port`` (8080): TorchServe's REST inference API, public (``host``).
+* ``inference_port`` (8080): the public REST inference endpoint (``host``): nginx
+  (``service.serving.proxy``), which checks the operator's API token and forwards to
+  TorchServe's REST inference API on ``ts_inference_port``.
+* ``ts_inference_port`` (8084): TorchServe's own REST inference API, 127.0.0.1 only,
+  behind the proxy.
 * ``management_port`` (8081): TorchServe's REST management API, always on 127.0.0.1.
 * ``metrics_port`` (8082): TorchServe's Prometheus metrics, public (``host``) so a
   scraper can reach it.
@@ -53,6 +57,8 @@ class ServeSettings:
     #: Address the public endpoints (REST inference, metrics, gRPC gateway) bind to.
     host: str = "127.0.0.1"
     inference_port: int = 8080
+    #: TorchServe's own REST inference API: loopback only, behind the nginx proxy.
+    ts_inference_port: int = 8084
     management_port: int = 8081
     metrics_port: int = 8082
     grpc_inference_port: int = 7070
@@ -66,13 +72,16 @@ class ServeSettings:
     startup_timeout_s: float = 120.0
     #: Seconds between two looks at the model store's desired state (service/serving/converge.py).
     sync_interval_s: float = 2.0
-    #: Largest request and response TorchServe accepts (REST and gRPC).
+    #: Largest request and response accepted over REST (nginx answers 413 above it) and
+    #: gRPC (the gateway and TorchServe).
     max_request_size_bytes: int = 16 * 1024 * 1024
     #: TorchServe's per-request timeout in a worker before it is restarted.
     response_timeout_s: int = 120
     #: Lifetime of TorchServe's inference and management keys (key_file.json), minutes.
     #: TorchServe's own default is 60; after that every call with the old key fails until
-    #: the key is renewed with the API key (``TorchServeProcess.renew_token``).
+    #: the key is renewed with the API key (``TorchServeProcess.renew_token``). Clients never
+    #: see these keys: they send the operator's API token (service/auth.py), and the proxy
+    #: and the gateway put TorchServe's current key on what they forward.
     token_expiration_min: int = 60
 
     def __post_init__(self):
@@ -151,7 +160,7 @@ class ServeSettings:
             raise
 
 
-_PORT_FIELDS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port",
+_PORT_FIELDS = ("inference_port", "ts_inference_port", "management_port", "metrics_port", "grpc_inference_port",
                 "grpc_management_port", "ts_grpc_inference_port", "exporter_port",
                 "worker_port_base")
 

@@ -2,8 +2,10 @@
 
     Serving(ServeSettings.from_env(...)).run_forever()
 
-``start()`` starts TorchServe, registers every archive of the model store (latest
-version default), starts the public gRPC gateway and waits (up to
+``start()`` loads the operator's API token (:mod:`service.auth`; generated into the state
+dir when none is given), starts TorchServe and the REST proxy in front of it, registers
+every archive of the model store (latest version default), starts the public gRPC gateway
+(both check the token) and waits (up to
 ``startup_timeout_s``) until every worker is READY; then it logs one INFO line naming
 the endpoints, or one WARNING naming the versions that are not ready. From then on it
 converges on the model store's desired state every ``sync_interval_s``
@@ -21,6 +23,7 @@ import signal
 import threading
 from datetime import datetime, timezone
 
+from service.auth import ApiToken, load_token
 from service.errors import Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
 from service.serving import readiness
@@ -39,9 +42,11 @@ _RENEW_BEFORE_S = 5 * 60
 
 
 class Serving:
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, *, api_token: ApiToken | None = None):
         self.settings = settings
-        self.torchserve = TorchServeProcess(settings)
+        #: The operator's token every public API checks (loaded at start unless given).
+        self.api_token = api_token
+        self.torchserve = TorchServeProcess(settings, api_token=api_token)
         self.mgmt: ManagementClient | None = None
         self.gateway: GatewayThread | None = None
         self.exporter: MetricsExporter | None = None
@@ -83,12 +88,17 @@ class Serving:
         try:
             self.expected = [(n, v) for n, vs in
                              scan_model_store(self.settings.model_store).items() for v in vs]
+            if self.api_token is None:
+                self.api_token = load_token(self.settings.state_dir, create=True)
+            self.torchserve.api_token = self.api_token
             self.torchserve.start()
             self.mgmt = ManagementClient(self.torchserve.management_url,
                                          lambda: self.torchserve.tokens.management)
             self.registered = register_store(self.mgmt, self.settings)
-            self.gateway = GatewayThread(self.settings, self.torchserve.grpc_inference_target,
-                                         self.readiness)
+            self.gateway = GatewayThread(
+                self.settings, self.torchserve.grpc_inference_target, self.readiness,
+                token=self.api_token, upstream_key=self.torchserve.inference_key,
+                fresh_upstream_key=lambda: self.torchserve.tokens.inference)
             self.gateway.start()
             self.exporter = MetricsExporter(
                 self.settings.host, self.settings.exporter_port, self.torchserve.metrics_dir,
@@ -145,7 +155,8 @@ class Serving:
         """Renew the inference and management keys that expire within 5 minutes.
 
         TorchServe's keys expire (``token_expiration_min``) and are not renewed by
-        TorchServe itself; a renewed key is a new key in key_file.json.
+        TorchServe itself; a renewed key is a new key in key_file.json. Clients do not
+        notice: the proxy is reloaded with the new inference key, and the gateway reads it.
         """
         now = now or datetime.now(timezone.utc)
         try:
@@ -163,7 +174,8 @@ class Serving:
         return renewed
 
     def run_forever(self) -> None:
-        """Start, block until SIGINT/SIGTERM (or TorchServe dies), stop everything."""
+        """Start, block until SIGINT/SIGTERM (or TorchServe or the REST proxy dies), stop
+        everything."""
         previous = {}
 
         def _on_signal(signum, _frame):
@@ -181,10 +193,19 @@ class Serving:
                     log.error("TorchServe exited; end of %s:\n%s", self.torchserve.log_path,
                               self.torchserve.log_tail())
                     break
+                proxy = self.torchserve.proxy
+                if proxy is not None and not proxy.running():
+                    log.error("the REST proxy (nginx) exited; end of %s:\n%s", proxy.error_log,
+                              proxy.log_tail())
+                    break
                 try:
                     self.renew_tokens_if_due()
                 except Exception as exc:
                     log.warning("could not renew TorchServe keys: %s", exc)
+                try:  # a renewal whose reload failed, or a key renewed by someone else
+                    self.torchserve.sync_proxy_key()
+                except Exception as exc:
+                    log.warning("could not hand TorchServe's inference key to the proxy: %s", exc)
         finally:
             self.stop()
             for sig, handler in previous.items():

@@ -10,6 +10,11 @@ so several instances (tests, other checkouts) can run on one machine.
 is unreliable here; :meth:`TorchServeProcess.stop` signals the process group instead
 (SIGTERM, then SIGKILL), and checks that no process of the group (frontend, workers)
 survives.
+
+TorchServe's REST inference API listens on loopback (``ts_inference_port``); the public
+REST port is the nginx proxy (:mod:`service.serving.proxy`), which checks the operator's
+API token. It starts once TorchServe is up and stops before it; :meth:`renew_token`
+hands it TorchServe's renewed inference key.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.auth import ApiToken, load_token, scrubbed_env
 from service.errors import FailedPrecondition, Unavailable
 from service.metrics import MULTIPROC_ENV
 from service.serving.config import render_config_properties
+from service.serving.proxy import NginxProxy
 from service.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -64,12 +71,16 @@ class TorchServeProcess:
     """
 
     def __init__(self, settings: ServeSettings, *, total_workers: int | None = None,
-                 torchserve_bin: str | os.PathLike | None = None):
+                 torchserve_bin: str | os.PathLike | None = None,
+                 api_token: ApiToken | None = None):
         self.settings = settings
         self._total_workers = total_workers
         self._bin = Path(torchserve_bin) if torchserve_bin else _default_torchserve_bin()
         self._proc: subprocess.Popen | None = None
         self._log_file = None
+        #: The operator's token the REST proxy checks (default: service.auth.load_token).
+        self.api_token = api_token
+        self.proxy: NginxProxy | None = None
 
     # -- locations ----------------------------------------------------------------------
 
@@ -109,7 +120,13 @@ class TorchServeProcess:
 
     @property
     def inference_url(self) -> str:
+        """The public REST endpoint: the proxy, which wants the operator's API token."""
         return _url(_connect_host(self.settings.host), self.settings.inference_port)
+
+    @property
+    def ts_inference_url(self) -> str:
+        """TorchServe's own REST inference API (loopback; wants TorchServe's inference key)."""
+        return _url("127.0.0.1", self.settings.ts_inference_port)
 
     @property
     def management_url(self) -> str:
@@ -157,6 +174,19 @@ class TorchServeProcess:
         except (ValueError, KeyError, TypeError) as exc:
             raise Unavailable(f"unreadable TorchServe key file {self.key_file}: {exc}") from None
 
+    def inference_key(self) -> str:
+        """TorchServe's current inference key; the file is parsed again only when it changed
+        (the gateway asks on every call)."""
+        try:
+            st = self.key_file.stat()
+        except FileNotFoundError:
+            raise FailedPrecondition(f"no TorchServe key file at {self.key_file}") from None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = getattr(self, "_key_cache", None)
+        if cached is None or cached[0] != stamp:
+            cached = self._key_cache = (stamp, self.tokens.inference)
+        return cached[1]
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             with open(self.log_path, "rb") as f:
@@ -181,15 +211,24 @@ class TorchServeProcess:
         timeout_s = s.startup_timeout_s if timeout_s is None else timeout_s
         if not s.model_store.is_dir():
             raise FailedPrecondition(f"model store {s.model_store} is not a directory")
-        for port_name in ("inference_port", "management_port", "metrics_port",
-                          "grpc_management_port", "ts_grpc_inference_port"):
+        for port_name in ("inference_port", "ts_inference_port", "management_port",
+                          "metrics_port", "grpc_management_port", "ts_grpc_inference_port"):
             port = getattr(s, port_name)
-            host = "127.0.0.1" if port_name in ("management_port", "grpc_management_port",
+            host = "127.0.0.1" if port_name in ("ts_inference_port", "management_port",
+                                                "grpc_management_port",
                                                 "ts_grpc_inference_port") else s.host
             if not _port_free(host, port):
                 raise Unavailable(f"{port_name} {port} on {host} is already in use")
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:  # TorchServe's keys and the proxy's config are in here: the owner's only
+            self.state_dir.chmod(0o700)
+        except PermissionError:
+            log.warning("cannot make the state dir %s private (mode 0700); TorchServe's keys "
+                        "are in it", self.state_dir)
+        if self.api_token is None:
+            self.api_token = load_token(self.state_dir, create=True)
+        self.proxy = NginxProxy(s, self.api_token)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         s.archive_dir.mkdir(parents=True, exist_ok=True)
         for stale in s.archive_dir.iterdir():  # links (and copies) of an earlier run
@@ -219,13 +258,14 @@ class TorchServeProcess:
         )
         try:
             self._wait_up(timeout_s)
+            self.proxy.start(self.tokens.inference)
         except BaseException:
             self.stop(timeout=5)
             raise
         return self
 
     def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = scrubbed_env(os.environ)  # the workers never see the operator's token
         # The launcher prefers TS_CONFIG_FILE over --ts-config: never inherit one.
         env.pop("TS_CONFIG_FILE", None)
         bin_dir = str(Path(sys.executable).parent)
@@ -301,6 +341,8 @@ class TorchServeProcess:
 
         Returns when no process of the group (launcher, Java frontend, workers) is left.
         """
+        if self.proxy is not None:
+            self.proxy.stop()
         if self._proc is None:
             return
         import psutil
@@ -344,7 +386,11 @@ class TorchServeProcess:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def renew_token(self, kind: str = "management") -> TorchServeTokens:
-        """Renew the ``management`` or ``inference`` key with the API key; new keys."""
+        """Renew the ``management`` or ``inference`` key with the API key; new keys.
+
+        A new inference key goes to the REST proxy at once (the gateway reads the key file
+        on every call), so the operator's token keeps working for every client.
+        """
         import requests
 
         if kind not in ("management", "inference"):
@@ -353,7 +399,20 @@ class TorchServeProcess:
                          headers={"Authorization": f"Bearer {self.tokens.api}"}, timeout=10)
         if r.status_code != 200:
             raise Unavailable(f"renewing the {kind} key failed: {r.status_code} {r.text}")
-        return self.tokens
+        tokens = self.tokens
+        if kind == "inference" and self.proxy is not None and self.proxy.running():
+            self.proxy.set_upstream_key(tokens.inference)
+        return tokens
+
+    def sync_proxy_key(self) -> bool:
+        """Give the proxy TorchServe's current inference key if it has another; True if so."""
+        if self.proxy is None or not self.proxy.running():
+            return False
+        key = self.tokens.inference
+        if self.proxy.upstream_key == key:
+            return False
+        self.proxy.set_upstream_key(key)
+        return True
 
     def __enter__(self) -> "TorchServeProcess":
         return self.start()
