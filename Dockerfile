@@ -10,7 +10,7 @@
 #
 # Stages: base (Debian + Python 3.11 + Java 17) -> deps (a venv with every pinned package;
 # rebuilt only when the pins change) -> build (the project's wheel, with its generated
-# gRPC code) -> runtime (deps + that wheel, non-root).
+# gRPC code) -> runtime (deps + nginx + that wheel, non-root).
 
 ARG VARIANT=cpu
 
@@ -72,6 +72,15 @@ RUN python scripts/build_protos.py \
 
 FROM deps AS runtime
 ARG VARIANT
+# nginx: the REST proxy that checks the operator's API token before TorchServe
+# (service/serving/proxy.py). `modelctl serve` runs it as a child process, as the non-root
+# user, with its config, pid, logs and temporary files in the state dir; the package's own
+# service and default site are never used. Not pinned, like the packages of the base stage.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nginx \
+    && rm -rf /var/lib/apt/lists/* \
+    && nginx -v
 COPY --from=build /wheels /wheels
 COPY scripts/container/healthcheck.py /usr/local/bin/modelctl-healthcheck
 RUN pip install --no-cache-dir --no-deps /wheels/*.whl \
@@ -94,7 +103,9 @@ ENV MODELCTL_HOST=0.0.0.0 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 WORKDIR /var/lib/modelctl
-# REST, gRPC (gateway), TorchServe metrics, modelctl metrics, control API.
+# REST (nginx before TorchServe), gRPC (gateway), TorchServe metrics, modelctl metrics,
+# control API. REST, gRPC inference and the control API want the operator's API token
+# (MODELCTL_API_TOKEN_FILE, a mounted Secret; else one generated into the state dir).
 EXPOSE 8080 7070 8082 8083 50051
 # Healthy = every model version's workers READY (the gateway's gRPC health, service "").
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \

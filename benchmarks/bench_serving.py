@@ -8,7 +8,9 @@ Same ResNet-18 weights and the same JPEG inputs everywhere, on this machine:
 * (a) in-process PyTorch, decode + forward: a plain fp32 eager loop (torchvision.io decode,
   the shared eval transform per image, stack, forward, softmax, top-5), and our predictor in
   the fastest configuration that passes the bf16 agreement check (each candidate measured);
-* (b) our handler in a real TorchServe (service.serving), over REST;
+* (b) our handler in a real TorchServe (service.serving), over REST, through the nginx proxy
+  that checks the API token (the public port); with 1 worker, also directly to TorchServe's
+  loopback port, to show what the proxy costs;
 * (c) TorchServe's stock ``image_classifier`` handler on the same weights (an eager model
   file + state_dict, TorchServe's convention), over REST. Its base class imports captum, which
   is not a dependency of ours: ``make bench`` installs it into a directory used only by
@@ -269,13 +271,16 @@ def serve_settings(store: Path, state: Path, workers: int = 1) -> ServeSettings:
     return ServeSettings(workers_per_model=workers,
         model_store=store, state_dir=state, inference_port=free_port(), management_port=free_port(),
         metrics_port=free_port(), grpc_inference_port=free_port(), grpc_management_port=free_port(),
-        ts_grpc_inference_port=free_port(), exporter_port=free_port(),
+        ts_grpc_inference_port=free_port(), exporter_port=free_port(), ts_inference_port=free_port(),
         worker_port_base=random.randint(20000, 40000), startup_timeout_s=900)
 
 
-def rest_phase(settings: ServeSettings, name: str, jpegs: list[bytes], quick: bool, check) -> dict:
-    url = f"http://127.0.0.1:{settings.inference_port}/predictions/{name}"
-    token = read_token(settings.state_dir)
+def rest_phase(settings: ServeSettings, name: str, jpegs: list[bytes], quick: bool, check, *,
+               url: str | None = None, token: str | None = None) -> dict:
+    """c=1 and c=8 over REST: by default the public port (nginx, the API token); ``url`` and
+    ``token`` name another endpoint (TorchServe's loopback port and its inference key)."""
+    url = url or f"http://127.0.0.1:{settings.inference_port}/predictions/{name}"
+    token = token or read_token(settings.state_dir)
     return {
         "c1": rest_load(url, token, jpegs, 1, 40 if quick else 150, 10 if quick else 25, check),
         "c8": rest_load(url, token, jpegs, 8, 80 if quick else 320, 10 if quick else 30, check),
@@ -317,6 +322,13 @@ def ours_in_torchserve(work: Path, bundle, jpegs, runtime: dict, checks: dict, q
         out.update(rest_phase(settings, MODEL, jpegs, quick, check))
         log.info("(b) ours in TorchServe, %d worker(s): %s", workers, out)
         if new_versions:
+            # The same model, the same TorchServe, right after: TorchServe's own loopback port
+            # with its inference key, without the proxy. The difference is what nginx costs.
+            out["direct"] = rest_phase(
+                settings, MODEL, jpegs, quick, check,
+                url=f"{serving.torchserve.ts_inference_url}/predictions/{MODEL}",
+                token=serving.torchserve.tokens.inference)
+            log.info("(b) the same, directly to TorchServe (no proxy): %s", out["direct"])
             out["job"] = job_to_first_answer(serving, settings)
             log.info("fine-tune job: %s", out["job"])
             out["new_version"] = new_version_latency(serving, settings, store, jpegs[0])
@@ -350,7 +362,7 @@ def job_to_first_answer(serving, settings: ServeSettings) -> dict:
             "output": {"name": "bench-digits"}, "hyperparameters": {"epochs": 2, "batch_size": 32, "lr": 0.01}}
     digit = torch.from_numpy(np.round(load_digits().images[0] * 255 / 16).astype(np.uint8)).unsqueeze(0)
     png = encode_png(digit).numpy().tobytes()
-    client = ControlClient(serving.control.target)
+    client = ControlClient(serving.control.target, token=serving.api_token)
     t_create = time.perf_counter()
     job = client.create_job(spec, deploy="deploy")
     marks, final = {}, None
@@ -569,6 +581,7 @@ def render(res: dict) -> str:
     for key in ("c", "c2"):
         if res.get(key) and "error" in res[key]:
             lines += [f"({key}) did not run: {res[key]['error']}", ""]
+    lines += proxy_cost_lines(b)
     lines += ["Candidates of (a), screened at batch 8 (compile: only the best eager one, for the batch sizes the worker compiles: 1, 2, 4, 8):", "",
               "| precision | channels_last | compile | img/s at batch 8 | compile s |", "|---|---|---|---|---|"]
     for cand in a["candidates"]:
@@ -608,6 +621,27 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def proxy_cost_lines(b: dict | None) -> list[str]:
+    """(b) through nginx (the public port, API token checked) against TorchServe's loopback
+    port, same model and TorchServe, measured one after the other."""
+    direct = (b or {}).get("direct")
+    if not direct or "c1" not in b or "c1" not in direct:
+        return []
+    d1 = b["c1"]["p50_ms"] - direct["c1"]["p50_ms"]
+    d8 = b["c8"]["p50_ms"] - direct["c8"]["p50_ms"]
+    r8 = b["c8"]["img_s"] / direct["c8"]["img_s"]
+    return ["### What the REST proxy costs", "",
+            "(b) with 1 worker, through the public port (nginx checks the API token, then forwards to "
+            "TorchServe with its inference key) and, right after, directly to TorchServe's loopback port "
+            "with its key: the same model, the same TorchServe, the same requests.", "",
+            "| path | c=1 img/s | c=1 p50 ms | c=1 p99 ms | c=8 img/s | c=8 p50 ms | c=8 p99 ms |",
+            "|---|---|---|---|---|---|---|",
+            _row("through nginx (public port, API token)", b),
+            _row("directly to TorchServe (loopback, its key)", direct), "",
+            f"Proxy cost: p50 {d1:+.2f} ms at c=1 and {d8:+.2f} ms at c=8; throughput at c=8 "
+            f"{r8:.3f}× of direct.", ""]
+
+
 def _best(res: dict, keys: tuple[str, ...]) -> tuple[str, dict] | tuple[None, None]:
     """The layout of ``keys`` with the most img/s at c=8."""
     found = [(k, res[k]) for k in keys if res.get(k) and "c8" in res[k]]
@@ -641,6 +675,10 @@ def targets(res: dict) -> list[tuple[str, str, bool | None]]:
     if job:
         s = job["succeeded_to_first_answer_s"]
         out.append(("new version serving ≤ 5 s after the job's SUCCEEDED", f"{s:.2f} s", s <= 5.0))
+    direct = b.get("direct")
+    if direct and "c1" in b and "c1" in direct:
+        d = b["c1"]["p50_ms"] - direct["c1"]["p50_ms"]
+        out.append(("(not a target) REST proxy (nginx, token check) p50 cost at c=1", f"{d:+.2f} ms", None))
     nv = b.get("new_version")
     if nv:
         s = nv["written_to_first_answer_s"]

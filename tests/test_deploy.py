@@ -177,8 +177,25 @@ def test_serving_probes_resources_and_settings(rendered):
     assert c["envFrom"] == [{"configMapRef": {"name": "modelctl-serving"}}]
     # Replicas serve only, and converge on the model store's desired state.
     assert c["args"] == ["serve", "--no-control"] and settings.sync_interval_s > 0
-    secret_refs = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})]
-    assert secret_refs and all(r["name"] == "modelctl-api-tokens" for r in secret_refs)
+    assert api_token_file(serving, "serving") == "inference"
+
+
+def api_token_file(deployment: dict, container_name: str) -> str:
+    """The Secret key a container reads its API token from: a required secret volume, mounted
+    read-only, whose one file MODELCTL_API_TOKEN_FILE names (service/auth.py)."""
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment, container_name)
+    env = {e["name"]: e for e in c["env"]}
+    assert "MODELCTL_API_TOKEN" not in env  # a file, never the token in the environment
+    path = env["MODELCTL_API_TOKEN_FILE"]["value"]
+    (mount,) = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mount.get("readOnly") is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    assert secret["secretName"] == "modelctl-api-tokens" and secret["optional"] is False
+    assert secret["defaultMode"] & 0o007 == 0  # not world-readable
+    (item,) = [i for i in secret["items"] if f"{mount['mountPath'].rstrip('/')}/{i['path']}" == path]
+    return item["key"]
 
 
 def test_control_service_runs_jobs_with_least_privilege(rendered):
@@ -188,6 +205,7 @@ def test_control_service_runs_jobs_with_least_privilege(rendered):
     assert control["spec"]["replicas"] == 1 and control["spec"]["strategy"]["type"] == "Recreate"
     assert control["spec"]["template"]["spec"]["serviceAccountName"] == "modelctl-control"
     assert c["readinessProbe"]["grpc"]["port"] == 50051
+    assert api_token_file(control, "control") == "control"
     env = find(docs, "ConfigMap", "modelctl-control")["data"]
     # Fine-tune Jobs run the image the control service runs.
     assert env["MODELCTL_K8S_IMAGE"] == c["image"] == container(
@@ -315,8 +333,8 @@ def test_image_metadata(image):
 
 def test_image_serves_a_prediction(image, tmp_path):
     """Run the image (non-root, read-only root file system, store mounted read-only) and
-    get a prediction over REST with the key from the container's state dir."""
-    import json
+    get a prediction over REST, through nginx, with the API token the container generated
+    in its state dir."""
     import time
 
     import requests
@@ -328,8 +346,9 @@ def test_image_serves_a_prediction(image, tmp_path):
     ModelStore(store).write("digits", make_bundle("cnn"))
     for path in [store, *store.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    ports = {name: free_port() for name in ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE",
-                                             "GRPC_MANAGEMENT", "TS_GRPC_INFERENCE", "EXPORTER", "CONTROL")}
+    ports = {name: free_port() for name in ("INFERENCE", "TS_INFERENCE", "MANAGEMENT", "METRICS",
+                                             "GRPC_INFERENCE", "GRPC_MANAGEMENT", "TS_GRPC_INFERENCE",
+                                             "EXPORTER", "CONTROL")}
     env = [f"--env=MODELCTL_{k}_PORT={v}" for k, v in ports.items()]
     name = f"modelctl-test-{os.getpid()}"
     state = "/var/lib/modelctl/state"
@@ -351,8 +370,8 @@ def test_image_serves_a_prediction(image, tmp_path):
         assert healthy is not None and healthy.returncode == 0, (
             healthy.stdout + healthy.stderr + podman("logs", name, check=False).stderr[-5000:])
         ready_s = time.monotonic() - started
-        keys = json.loads(podman("exec", name, "cat", f"{state}/key_file.json").stdout)
-        token = keys["inference"]["key"]
+        token = podman("exec", name, "cat", f"{state}/api_token").stdout.strip()
+        assert len(token) >= 32
         reply = requests.post(f"{base}/predictions/digits", data=random_image(1, 16, 16),
                               headers={"Authorization": f"Bearer {token}", "X-Top-K": "3"}, timeout=60)
         assert reply.status_code == 200, reply.text
@@ -360,11 +379,14 @@ def test_image_serves_a_prediction(image, tmp_path):
         assert body["model"] == "digits" and body["version"] == "1"
         top = body["predictions"][0]["top_k"]
         assert len(top) == 3 and all(t["label"].startswith("cnn-class-") for t in top)
-        # Without the key: refused, /ping included. TorchServe's metrics (the liveness probe
-        # of k8s/) and modelctl's need none.
+        # Without the token: refused by the proxy, /ping included. TorchServe's metrics (the
+        # liveness probe of k8s/) and modelctl's need none.
         for call in (lambda: requests.post(f"{base}/predictions/digits", data=b"x", timeout=30),
                      lambda: requests.get(f"{base}/ping", timeout=30)):
-            assert "Token Authorization failed" in call().text
+            refused = call()
+            assert refused.status_code == 401 and refused.json()["type"] == "Unauthenticated"
+        ping = requests.get(f"{base}/ping", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert ping.status_code == 200 and "Healthy" in ping.text
         metrics = requests.get(f"http://127.0.0.1:{ports['METRICS']}/metrics", timeout=30)
         assert metrics.status_code == 200 and "# HELP" in metrics.text
         exporter = requests.get(f"http://127.0.0.1:{ports['EXPORTER']}/metrics", timeout=30)
@@ -828,6 +850,8 @@ def test_apiserver_image_runs_the_control_service_that_creates_jobs(image, deplo
     control = find(docs, "Deployment", "modelctl-control")
     c = container(control, "control")
     env = dict(find(docs, "ConfigMap", "modelctl-control")["data"])
+    env.update({e["name"]: e["value"] for e in c["env"] if "value" in e})  # MODELCTL_API_TOKEN_FILE
+    token = "control-token-" + os.urandom(12).hex()
     port = free_port()
     env.update(MODELCTL_CONTROL_PORT=str(port), MODELCTL_K8S_NAMESPACE=NAMESPACE,
                MODELCTL_K8S_KUBECONFIG="/kube/config")
@@ -842,6 +866,10 @@ def test_apiserver_image_runs_the_control_service_that_creates_jobs(image, deplo
         host = tmp_path / m["mountPath"].strip("/").replace("/", "_")
         host.mkdir()
         host.chmod(0o777)
+        if env["MODELCTL_API_TOKEN_FILE"].startswith(m["mountPath"] + "/"):  # the Secret's file
+            secret = host / env["MODELCTL_API_TOKEN_FILE"][len(m["mountPath"]) + 1:]
+            secret.write_text(token)
+            secret.chmod(0o644)
         mounts += ["--volume", f"{host}:{m['mountPath']}{':ro' if m.get('readOnly') else ''}"]
     for path in [kube, *kube.iterdir()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -851,7 +879,7 @@ def test_apiserver_image_runs_the_control_service_that_creates_jobs(image, deplo
            "--volume", f"{kube}:/kube:ro", *mounts, *[f"--env={k}={v}" for k, v in env.items()],
            "--entrypoint", c["command"][0], image, *c["command"][1:])
     try:
-        with ControlClient(f"127.0.0.1:{port}", timeout_s=30) as client:
+        with ControlClient(f"127.0.0.1:{port}", timeout_s=30, token=token) as client:
             deadline = time.monotonic() + 60
             while True:
                 try:
