@@ -911,10 +911,11 @@ def test_apiserver_image_runs_the_control_service_that_creates_jobs(image, deplo
             # Cancel (the call waits for the end): the Job is deleted in the foreground; the
             # test does what the garbage collector would once the pods are gone.
             cancelled = client.stub.CancelFineTuneJob.future(pb.CancelFineTuneJobRequest(job_id=job.id),
-                                                             timeout=60)
+                                                             timeout=60, metadata=client.token.metadata())
             deadline = time.monotonic() + 30
             while not cluster.job(k8s_job.metadata.name)["metadata"].get("deletionTimestamp"):
-                assert time.monotonic() < deadline
+                assert time.monotonic() < deadline, (cancelled.exception() if cancelled.done() else "cancel pending",
+                                                     podman("logs", name, check=False).stderr[-4000:])
                 time.sleep(0.2)
             cluster.finish_foreground_deletion(k8s_job.metadata.name)
             assert cancelled.result().state == pb.JobState.Value("JOB_STATE_CANCELLED")
