@@ -115,6 +115,11 @@ def render_config_properties(settings: ServeSettings) -> str:
         ("", "max_response_size", str(s.max_request_size_bytes)),
         ("Seconds a worker may take for one batch before TorchServe restarts it.",
          "default_response_timeout", str(s.response_timeout_s)),
+        (f"Requests one model version may have waiting. TorchServe answers a full queue "
+         f"like a model without workers (503 'has no worker'), so the REST proxy and the gRPC "
+         f"gateway each let at most {s.admit_per_model} requests of a model through at once "
+         "(429 / RESOURCE_EXHAUSTED beyond) and this queue never fills from them.",
+         "job_queue_size", str(s.job_queue_size)),
     ]
     if not re.search(r"\s", tmp):  # TorchServe splits vmargs on blanks
         entries.append(("Keep the JVM's temporary files in this instance's state directory "

@@ -13,7 +13,18 @@ wrong status codes:
 * an unknown model or version is INTERNAL ("Model not found: x\\norg.pytorch...
   ModelNotFoundException" / "...ModelVersionNotFoundException");
 * a per-request error of the handler (``context.set_response_status(400, ...)`` plus an
-  error body) is OK, with the error body as the prediction.
+  error body) is OK, with the error body as the prediction;
+* a model version without workers is INTERNAL ("Model \"x\" has no worker to serve
+  inference request. ...", ``ApiUtils.getStreamingInferenceErrorResponseMessage``): it is
+  UNAVAILABLE here. TorchServe says exactly the same when its job queue is full, so that
+  case is kept from happening: the gateway lets at most ``admit_per_model`` calls of one
+  model (``Predictions``, ``StreamPredictions``) through at once, half of TorchServe's
+  ``job_queue_size`` (the REST proxy holds the other half), and answers one more
+  RESOURCE_EXHAUSTED with ``retry-after`` (seconds) and ``grpc-retry-pushback-ms``
+  trailing metadata. A unary call whose client cancels or goes away keeps its place until
+  TorchServe has answered upstream (TorchServe 0.12 runs a cancelled job all the same),
+  so the count is that of TorchServe's queue. ``StreamPredictions2`` (sequences, with
+  their own queue in TorchServe) is not counted.
 
 :func:`translate` is the one place where this is corrected, through the named errors of
 ``service.errors`` and their ``grpc_status``. Everything else (UNAVAILABLE when TorchServe
@@ -75,6 +86,9 @@ _HOP_HEADERS = {"user-agent", "content-type", "te", "host", "content-length",
                 "accept-encoding", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"}
 #: TorchServe's answer to a key it does not (or no longer) accept.
 _KEY_REFUSED = "Token Authorization failed"
+#: TorchServe's answer (INTERNAL) when a model version has no worker (or a full queue,
+#: which the admission limit below keeps from happening).
+_NO_WORKER_MARKER = "has no worker to serve inference request"
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -121,6 +135,8 @@ def translate(item) -> ServiceError | None:
         details = item.details() or ""
         if item.code() == grpc.StatusCode.INTERNAL and any(m in details for m in _NOT_FOUND_MARKERS):
             return NotFound(details.splitlines()[0])
+        if item.code() == grpc.StatusCode.INTERNAL and _NO_WORKER_MARKER in details:
+            return Unavailable(details.splitlines()[0])
         return None
     if isinstance(item, inference_pb2.PredictionResponse):
         body = error_body(item.prediction)
@@ -150,23 +166,61 @@ def _forwardable(metadata: Iterable) -> tuple:
     return tuple(out)
 
 
+class Admission:
+    """Calls per model let through at once (used only inside the server's event loop)."""
+
+    def __init__(self, limit: int | None, retry_after_s: int = 1):
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self._counts: dict[str, int] = {}
+
+    def acquire(self, model: str) -> bool:
+        count = self._counts.get(model, 0)
+        if self.limit is not None and count >= self.limit:
+            return False
+        self._counts[model] = count + 1
+        return True
+
+    def release(self, model: str) -> None:
+        count = self._counts.get(model, 0) - 1
+        if count > 0:
+            self._counts[model] = count
+        else:
+            self._counts.pop(model, None)
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def refusal(self, model: str) -> tuple[ResourceExhausted, tuple]:
+        err = ResourceExhausted(f"too many requests for model {model!r} at once (more than "
+                                f"{self.limit}); retry after {self.retry_after_s}s")
+        return err, (("retry-after", str(self.retry_after_s)),
+                     ("grpc-retry-pushback-ms", str(self.retry_after_s * 1000)))
+
+
 class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
     """Forwards TorchServe's inference API to ``upstream_target``.
 
     ``token``: the operator's API token every call must carry. ``upstream_key``: returns
     TorchServe's current inference key (None: the upstream wants none); ``fresh_upstream_key``
-    the same without any cache (after TorchServe refused a key).
+    the same without any cache (after TorchServe refused a key). ``admit_per_model``: calls
+    of one model let through at once (None: no limit), the others are refused
+    RESOURCE_EXHAUSTED with a retry-after of ``retry_after_s``.
     """
 
     def __init__(self, upstream_target: str, *, max_message_bytes: int, token: ApiToken,
                  upstream_key: Callable[[], str] | None = None,
-                 fresh_upstream_key: Callable[[], str] | None = None):
+                 fresh_upstream_key: Callable[[], str] | None = None,
+                 admit_per_model: int | None = None, retry_after_s: int = 1):
         if not isinstance(token, ApiToken):
             raise TypeError("the gateway needs the operator's ApiToken")
         self.upstream_target = upstream_target
         self.token = token
         self._upstream_key = upstream_key
         self._fresh_key = fresh_upstream_key or upstream_key
+        self.admission = Admission(admit_per_model, retry_after_s)
+        #: Upstream unary calls still running (also those whose caller has gone).
+        self._upstream_tasks: set[asyncio.Task] = set()
         self._options = [("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.max_receive_message_length", max_message_bytes)]
         self._channel: aio.Channel | None = None
@@ -215,10 +269,38 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         except aio.AioRpcError as exc:
             await _abort_for(context, exc)
 
+    async def _admit(self, context, model: str) -> None:
+        """Take a place for ``model``, or abort RESOURCE_EXHAUSTED with a retry-after."""
+        if not self.admission.acquire(model):
+            err, trailers = self.admission.refusal(model)
+            await context.abort(grpc_status(err), err.message, trailers)
+
+    def _upstream_task(self, model: str, coro) -> asyncio.Task:
+        """``coro`` as a task that gives ``model``'s place back when it ends, not before:
+        a caller that cancels does not cancel it (TorchServe runs the job anyway)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._upstream_tasks.add(task)
+
+        def _done(t: asyncio.Task) -> None:
+            self._upstream_tasks.discard(t)
+            self.admission.release(model)
+            if not t.cancelled():
+                t.exception()  # retrieved: a caller that left does not read it
+
+        task.add_done_callback(_done)
+        return task
+
+    def pending_upstream(self) -> int:
+        """Upstream unary calls still running, their callers there or not."""
+        return len(self._upstream_tasks)
+
     async def Predictions(self, request, context):
         await self._authenticate(context)
+        await self._admit(context, request.model_name)
+        upstream = self._upstream_task(request.model_name,
+                                       self._unary("Predictions", request, context))
         try:
-            response = await self._unary("Predictions", request, context)
+            response = await asyncio.shield(upstream)
         except aio.AioRpcError as exc:
             await _abort_for(context, exc)
             return None  # not reached: abort raises
@@ -227,15 +309,20 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
 
     async def StreamPredictions(self, request, context):
         await self._authenticate(context)
-        call = self._upstream().StreamPredictions(request, **self._call_args(context))
+        await self._admit(context, request.model_name)
         try:
-            async for response in call:
-                if translate(response) is not None:
-                    call.cancel()
-                    await _abort_for(context, response)
-                yield response
-        except aio.AioRpcError as exc:
-            await _abort_for(context, exc)
+            call = self._upstream().StreamPredictions(request, **self._call_args(context))
+            try:
+                async for response in call:
+                    if translate(response) is not None:
+                        call.cancel()
+                        await _abort_for(context, response)
+                    yield response
+            except aio.AioRpcError as exc:
+                await _abort_for(context, exc)
+        finally:
+            # A stream's place is given back when the call ends here, cancelled included.
+            self.admission.release(request.model_name)
 
     async def StreamPredictions2(self, request_iterator, context):
         # A sequence API: per-response errors travel in PredictionResponse.status, as
@@ -249,6 +336,8 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
             await _abort_for(context, exc)
 
     async def close(self) -> None:
+        for task in list(self._upstream_tasks):
+            task.cancel()
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
@@ -366,7 +455,9 @@ def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], li
                                  ("grpc.max_receive_message_length", max_bytes),
                                  ("grpc.so_reuseport", 0)])
     gateway = InferenceGateway(upstream_target, max_message_bytes=max_bytes, token=token,
-                               upstream_key=upstream_key, fresh_upstream_key=fresh_upstream_key)
+                               upstream_key=upstream_key, fresh_upstream_key=fresh_upstream_key,
+                               admit_per_model=settings.admit_per_model,
+                               retry_after_s=settings.retry_after_s)
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(gateway, server)
     health_servicer = ReadinessHealthServicer(readiness_fn, poll_s=health_poll_s)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -427,6 +518,19 @@ class GatewayThread:
             self._shutdown_loop()
             raise
         return self.port
+
+    def load(self, timeout_s: float = 10.0) -> dict:
+        """What the gateway holds now: ``admitted`` (calls per model let through),
+        ``upstream`` (upstream unary calls running) and ``tasks`` (the event loop's tasks,
+        the asking one left out), read inside its loop."""
+        gateway = self._server._modelctl_parts[0]
+
+        async def _read():
+            return {"admitted": gateway.admission.counts(),
+                    "upstream": gateway.pending_upstream(),
+                    "tasks": len(asyncio.all_tasks()) - 1}
+
+        return asyncio.run_coroutine_threadsafe(_read(), self._loop).result(timeout_s)
 
     def _on_loop_error(self, loop, context) -> None:
         # grpc.aio's poller can fire once more on its closed socket while the loop

@@ -83,6 +83,17 @@ class ServeSettings:
     #: see these keys: they send the operator's API token (service/auth.py), and the proxy
     #: and the gateway put TorchServe's current key on what they forward.
     token_expiration_min: int = 60
+    #: TorchServe's ``job_queue_size``: requests one model version may have waiting. TorchServe
+    #: 0.12 answers a full queue exactly as a model without workers (REST 503, gRPC INTERNAL,
+    #: both "has no worker to serve inference request"), so the queue is guarded in front of
+    #: it: the REST proxy and the gRPC gateway each let at most :attr:`admit_per_model` of
+    #: a model's requests through at once (half of this), and answer one more with
+    #: 429 / RESOURCE_EXHAUSTED and a retry-after. Together they can never fill TorchServe's
+    #: queue, so its 503 / "has no worker" keeps meaning just that (503 / UNAVAILABLE).
+    job_queue_size: int = 100
+    #: Seconds a refused client is told to wait (``Retry-After``; gRPC ``retry-after`` and
+    #: ``grpc-retry-pushback-ms`` trailing metadata).
+    retry_after_s: int = 1
 
     def __post_init__(self):
         # Normalise paths (str given by a caller) and check ranges once, here.
@@ -103,12 +114,21 @@ class ServeSettings:
                 "ports must differ: " + ", ".join(f"{n}={getattr(self, n)}" for n in tcp)
             )
         for name in ("workers_per_model", "max_request_size_bytes",
-                     "response_timeout_s", "token_expiration_min"):
+                     "response_timeout_s", "token_expiration_min", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.job_queue_size < 2:  # one request per public endpoint at least
+            raise InvalidArgument(f"job_queue_size must be >= 2, got {self.job_queue_size}")
         for name in ("startup_timeout_s", "sync_interval_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def admit_per_model(self) -> int:
+        """Requests of one model that the REST proxy, and separately the gRPC gateway, let
+        through to TorchServe at once (waiting in its queue or running): half of
+        ``job_queue_size``, so both endpoints together never overflow a version's queue."""
+        return self.job_queue_size // 2
 
     @property
     def archive_dir(self) -> Path:
