@@ -349,8 +349,14 @@ def test_both_endpoints_at_once_never_overflow_torchserve(serving, channel, pool
 def test_cancelled_grpc_calls_leave_the_server_healthy(serving, channel):
     stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
     with stalled(serving):
-        futures = [stub.Predictions.future(_request(), metadata=_md(serving), timeout=60) for _ in range(ADMIT)]
+        short = stub.Predictions.future(_request(), metadata=_md(serving), timeout=1.5)
+        futures = [stub.Predictions.future(_request(), metadata=_md(serving), timeout=60)
+                   for _ in range(ADMIT - 1)]
         assert eventually(lambda: serving.gateway.load()["upstream"] == ADMIT, timeout_s=10)
+        assert _outcome(short)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Its job still waits in TorchServe: its place stays taken (watched for a second).
+        assert not eventually(lambda: serving.gateway.load()["admitted"] != {"slow": ADMIT},
+                              timeout_s=1.0, poll_s=0.05)
         for f in futures:
             assert f.cancel()
         for f in futures:

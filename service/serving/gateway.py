@@ -21,9 +21,10 @@ wrong status codes:
   model (``Predictions``, ``StreamPredictions``) through at once, half of TorchServe's
   ``job_queue_size`` (the REST proxy holds the other half), and answers one more
   RESOURCE_EXHAUSTED with ``retry-after`` (seconds) and ``grpc-retry-pushback-ms``
-  trailing metadata. A unary call whose client cancels or goes away keeps its place until
-  TorchServe has answered upstream (TorchServe 0.12 runs a cancelled job all the same),
-  so the count is that of TorchServe's queue. ``StreamPredictions2`` (sequences, with
+  trailing metadata. A unary call whose client cancels, goes away or reaches its deadline
+  keeps its place until TorchServe has answered upstream (TorchServe 0.12 runs such a job
+  all the same; ``Predictions`` is therefore forwarded without the caller's deadline), so
+  the count is that of TorchServe's queue. ``StreamPredictions2`` (sequences, with
   their own queue in TorchServe) is not counted.
 
 :func:`translate` is the one place where this is corrected, through the named errors of
@@ -240,8 +241,8 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         except ServiceError as err:
             await context.abort(grpc_status(err), err.message)
 
-    def _call_args(self, context, *, fresh_key: bool = False) -> dict:
-        remaining = context.time_remaining()
+    def _call_args(self, context, *, fresh_key: bool = False, deadline: bool = True) -> dict:
+        remaining = context.time_remaining() if deadline else None
         metadata = [(k, v) for k, v in _forwardable(context.invocation_metadata() or ())
                     if k != "authorization"]  # the operator's token stays here
         if self._upstream_key is not None:
@@ -250,17 +251,19 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         return {"metadata": tuple(metadata),
                 "timeout": remaining if remaining is not None and remaining > 0 else None}
 
-    async def _unary(self, method: str, request, context):
-        """One unary call upstream; once more if TorchServe's key was renewed meanwhile."""
+    async def _unary(self, method: str, request, context, *, deadline: bool = True):
+        """One unary call upstream; once more if TorchServe's key was renewed meanwhile.
+        ``deadline``: with the caller's deadline (else TorchServe's answer is awaited)."""
         try:
-            return await getattr(self._upstream(), method)(request, **self._call_args(context))
+            return await getattr(self._upstream(), method)(
+                request, **self._call_args(context, deadline=deadline))
         except aio.AioRpcError as exc:
             if not (exc.code() == grpc.StatusCode.PERMISSION_DENIED
                     and _KEY_REFUSED in (exc.details() or "") and self._upstream_key):
                 raise
             log.info("gateway: TorchServe refused its key (renewed?); sending %s again", method)
             return await getattr(self._upstream(), method)(
-                request, **self._call_args(context, fresh_key=True))
+                request, **self._call_args(context, fresh_key=True, deadline=deadline))
 
     async def Ping(self, request, context):
         await self._authenticate(context)
@@ -297,8 +300,12 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
     async def Predictions(self, request, context):
         await self._authenticate(context)
         await self._admit(context, request.model_name)
+        # Without the caller's deadline upstream: TorchServe runs a job whose caller has
+        # gone all the same, so the place is held until it has answered (the caller still
+        # gets DEADLINE_EXCEEDED at its deadline, from gRPC itself).
         upstream = self._upstream_task(request.model_name,
-                                       self._unary("Predictions", request, context))
+                                       self._unary("Predictions", request, context,
+                                                   deadline=False))
         try:
             response = await asyncio.shield(upstream)
         except aio.AioRpcError as exc:
