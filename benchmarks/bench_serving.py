@@ -59,6 +59,7 @@ from service.models import ModelSpec, build_model, image_eval_transform  # noqa:
 from service.modelstore import ModelBundle, ModelStore  # noqa: E402
 from service.modelstore.store import ServingOptions  # noqa: E402
 from service.serving.settings import ServeSettings  # noqa: E402
+from service.modelstore.check import ALLOW_FOREIGN_ENV  # noqa: E402
 from service.serving.store_scan import link_archive  # noqa: E402
 from service.report import replace_section  # noqa: E402
 from service.serving.supervisor import Serving  # noqa: E402
@@ -454,7 +455,8 @@ def stock_in_torchserve(work: Path, bundle, jpegs, quick: bool, pythonpath: str 
     tag = f"stock-w{workers}"
     build_stock_archive(work, bundle, work / f"store-{tag}")
     settings = serve_settings(work / f"store-{tag}", work / f"state-{tag}", workers)
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "MPLBACKEND", "OMP_NUM_THREADS")}
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "MPLBACKEND", "OMP_NUM_THREADS", ALLOW_FOREIGN_ENV)}
+    os.environ[ALLOW_FOREIGN_ENV] = "1"  # the stock handler: refused by the archive check otherwise
     if pythonpath:  # absolute: workers run in their own directory
         pythonpath = str(Path(pythonpath).resolve())
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, saved["PYTHONPATH"]]))

@@ -98,6 +98,17 @@ class PretrainedWeightsNotFound(FailedPrecondition):
         super().__init__(f"pretrained weights for {what} not found; looked in: {where}")
 
 
+class ArchiveRefused(FailedPrecondition):
+    """A model store archive that fails the check run before registration
+    (:mod:`service.modelstore.check`): it is not registered, and a deployment of it is
+    refused. ``path`` is the archive, ``problem`` what is wrong with it."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"archive {self.path} is refused: {problem}")
+
+
 class Internal(ServiceError):
     """A failure of the service itself (a bug), reported for one request while the
     others of its batch are still answered."""

@@ -539,14 +539,15 @@ def test_a_run_the_trainer_refuses_is_failed_with_its_message(served, parent):
     assert served.store.versions("ctl-failed") == []
 
 
-def test_a_version_whose_workers_never_get_ready_is_not_made_default(served, parent):
+def test_a_version_whose_archive_is_refused_is_not_made_default(served, parent):
     before = {v: m.is_default for v, m in defaults(served, PARENT).items()}
     default = next(v for v, is_default in before.items() if is_default)
     broken = max(before) + 1
     broken_archive_copy(served.store.path(PARENT, 1), served.store.path(PARENT, broken), modelVersion=str(broken))
+    # Its weights do not fit its spec: the archive check refuses it before anything is registered.
     error = rpc_error(served.stub.DeployModel, pb.DeployModelRequest(name=PARENT, version=broken, timeout_s=60))
-    assert_status(error, grpc.StatusCode.UNAVAILABLE, f"{PARENT} version {broken} is not ready",
-                  "the default is unchanged")
+    assert_status(error, grpc.StatusCode.FAILED_PRECONDITION, f"{served.store.path(PARENT, broken)} is refused",
+                  "weights.pt does not fit spec.json")
     after = defaults(served, PARENT)
     assert after[default].is_default and not after[broken].is_default
     assert served.plane.jobs.top_deployment(PARENT).version != broken

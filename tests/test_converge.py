@@ -151,5 +151,9 @@ def test_a_desired_version_that_cannot_load_is_not_made_default(replicas, tmp_pa
     broken_archive_copy(store.path(NAME, 2), store.path(NAME, 3), modelVersion="3")
     store.set_desired(NAME, 3, 1, "deploy")
     a.converger.settings = dataclasses.replace(a.settings, startup_timeout_s=5.0)
-    _until(lambda: (NAME, 3) in a.converger.given_up, timeout_s=90)
+    # Its weights do not fit its spec: the archive check refuses it before registration
+    # (tests/test_archive_check.py), so no worker of it ever starts.
+    _until(lambda: (NAME, 3) in a.converger.refused, timeout_s=90)
+    assert "weights.pt does not fit spec.json" in a.converger.refused[(NAME, 3)]
+    assert "3" not in {e["modelVersion"] for e in a.mgmt.describe(NAME, "all")}
     assert _default(a) == 2 and _answered_by(a) == "2", "the old default keeps serving"

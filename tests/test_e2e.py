@@ -21,6 +21,7 @@ from service.models import image_eval_transform, load_model
 from service.modelstore import ModelStore
 from service.modelstore.store import ServingOptions
 from service.serving.settings import ServeSettings
+from service.serving.store_scan import refused_archives
 from service.serving.supervisor import Serving
 from tests.helpers import TEXTS, broken_archive_copy, free_port, make_bundle, random_image
 
@@ -99,14 +100,16 @@ def _rest_raw(served, name, data, headers=None, version=None):
     )
 
 
-def test_every_model_is_ready_but_the_broken_one(served):
+def test_every_model_is_ready_and_the_broken_one_is_refused(served):
     report = {(m.name, int(m.version)): m for m in served["report"]}
     for name in MODELS.values():
         assert report[(name, 1)].ready, report[(name, 1)]
     assert report[("t-cnn", 2)].ready
-    broken = report[("t-broken", 1)]
-    assert not broken.ready
-    assert "crash-looping" in broken.reason, broken.reason
+    # Its weights do not fit its spec: refused by the archive check, never registered, so
+    # it neither crash-loops nor holds the replica's readiness down.
+    assert ("t-broken", 1) not in report
+    assert "t-broken" not in {m["modelName"] for m in served["serving"].mgmt.list_models()}
+    assert "weights.pt does not fit spec.json" in refused_archives(served["settings"].model_store)[("t-broken", 1)]
 
 
 @pytest.mark.parametrize("kind, fmt", [("resnet", "jpeg"), ("mobilenet", "png"), ("cnn", "png")])
@@ -241,11 +244,14 @@ def test_grpc_health_reflects_worker_readiness(served):
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         ok = stub.Check(health_pb2.HealthCheckRequest(service="t-cnn"), timeout=10)
-        bad = stub.Check(health_pb2.HealthCheckRequest(service="t-broken"), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:  # never registered: not a service of health
+            stub.Check(health_pb2.HealthCheckRequest(service="t-broken"), timeout=10)
         overall = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert ok.status == health_pb2.HealthCheckResponse.SERVING
-    assert bad.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert overall.status == health_pb2.HealthCheckResponse.NOT_SERVING  # one model cannot load
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    # A refused archive does not hold the replica's readiness down (a model whose workers
+    # cannot load does: tests/test_serving.py).
+    assert overall.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_cli_predict_over_rest_and_grpc(served, tmp_path, capsys):

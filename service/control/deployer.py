@@ -3,9 +3,13 @@
 A deployment (:meth:`Deployer.deploy`):
 
 1. checks the store holds the version (NotFound for an unknown model, FailedPrecondition
-   for a missing version);
+   for a missing version) and that its archive passes the archive check
+   (:func:`service.modelstore.check_archive`, cached): a corrupt archive, or one whose
+   weights need pickled code or do not fit its spec, is ArchiveRefused
+   (FAILED_PRECONDITION) naming the file and the problem, whatever the target, and nothing
+   changes;
 2. with ``target="torchserve"`` (the TorchServe beside this service): registers it
-   through :func:`service.serving.store_scan.link_archive` (never a ``file://`` URL) with
+   through :func:`service.serving.store_scan.checked_link` (never a ``file://`` URL) with
    the requested workers, or rescales it if it is registered; waits until every worker is
    READY (:func:`service.serving.readiness.wait_until_ready`); if they are not, it
    unregisters what it registered and raises Unavailable, leaving the default as it was;
@@ -31,7 +35,8 @@ from typing import Callable
 from service.errors import AlreadyExists, FailedPrecondition, NotFound, ServiceError, Unavailable
 from service.serving import readiness
 from service.serving.converge import ModelLocks
-from service.serving.store_scan import link_archive
+from service.modelstore import require_archive
+from service.serving.store_scan import checked_link
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +142,10 @@ class Deployer:
         versions = self._versions(name)
         if int(version) not in versions:
             raise FailedPrecondition(f"model {name!r} has no version {version} to {what} (versions: {versions})")
+        try:
+            require_archive(self.model_store.path(name, version), name=name, version=int(version))
+        except FileNotFoundError:
+            raise FailedPrecondition(f"model {name!r} version {version} vanished from the model store") from None
 
     def current_default(self, name: str) -> int | None:
         """The version TorchServe answers ``/predictions/<name>`` with; None if unregistered.
@@ -171,7 +180,7 @@ class Deployer:
         workers are not all READY in time.
         """
         mgmt = self.mgmt()
-        url = link_archive(self.settings, name, version)
+        url = checked_link(self.settings, name, version)
         registered_here = False
         try:
             mgmt.register(url, initial_workers=workers, response_timeout_s=self.settings.response_timeout_s,

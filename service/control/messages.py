@@ -176,6 +176,8 @@ def model_version_message(view) -> pb.ModelVersion:
         msg.workers = serving.workers
         msg.ready_workers = serving.ready_workers
         msg.serving_status = serving.reason
+    elif getattr(view, "refused", ""):
+        msg.serving_status = f"refused: {view.refused}"
     return msg
 
 

@@ -24,7 +24,7 @@ from service.control.runner import LOG_FILE, RUNNERS, SPEC_FILE
 from service.control.scheduler import Scheduler
 from service.control.store import FINAL_STATES, QUEUED, RUNNING, Job, JobStore, new_job_id
 from service.errors import FailedPrecondition, InvalidSpec, NotFound, ServiceError
-from service.modelstore import ArchiveInfo, ModelStore
+from service.modelstore import ArchiveInfo, ModelStore, known_refusal
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class ModelView:
 
     archive: ArchiveInfo
     serving: object | None  # service.serving.readiness.ModelReadiness
+    #: Why the archive check refused the archive ("" if it did not, or it was not checked here).
+    refused: str = ""
 
 
 # ---- facts of a finished run ------------------------------------------------------------------
@@ -250,8 +252,12 @@ class ControlPlane:
             available = True
         except ServiceError:
             report, available = {}, False
-        views = [ModelView(self.models.get(n, v), report.get((n, str(v))))
-                 for n, vs in versions.items() for v in vs]
+        views = []
+        for n, vs in versions.items():
+            for v in vs:
+                info = self.models.get(n, v)
+                refusal = known_refusal(info.path, name=n, version=v)
+                views.append(ModelView(info, report.get((n, str(v))), refusal.problem if refusal else ""))
         return views, available
 
     def deploy(self, name: str, version: int, *, workers: int = 0, timeout_s: float = 0.0):

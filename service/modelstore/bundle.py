@@ -15,11 +15,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from service.errors import InvalidSpec
-from service.models import ModelSpec, Vocabulary, load_model
+from service.models import FAMILIES, ModelSpec, Vocabulary, load_model
 
 SPEC_FILE = "spec.json"
 LABELS_FILE = "labels.json"
@@ -40,29 +41,52 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def read_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The state_dict (parameter name -> tensor) in the file ``path``.
+def read_weights(path: Path | BinaryIO, map_location: str | torch.device = "cpu", *,
+                 name: str | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict (parameter name -> tensor) in the file ``path`` (or an open binary
+    file, named ``name`` in messages).
 
     Read with ``torch.load(weights_only=True)``: a file that needs pickled code to load (a
     pickled ``nn.Module``, an object of any class in the dict) is refused, and nothing of
     it runs. Raises InvalidSpec("weights") naming the file and what it needed.
     """
-    path = Path(path)
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        name = name or path.name
+    name = name or WEIGHTS_FILE
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         needs = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f" ({needs.group(1)})" if needs else ""
-        raise InvalidSpec("weights", f"{path.name} needs pickled code to load{what}; only a state_dict "
+        raise InvalidSpec("weights", f"{name} needs pickled code to load{what}; only a state_dict "
                           "of tensors is accepted (read with torch.load(weights_only=True))") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:  # not a torch.save file, truncated
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidSpec("weights", f"cannot read {path.name}: {first}") from exc
+        raise InvalidSpec("weights", f"cannot read {name}: {first}") from exc
     if not isinstance(data, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        raise InvalidSpec("weights", f"{path.name} holds a {type(data).__name__}, not a state_dict "
+        raise InvalidSpec("weights", f"{name} holds a {type(data).__name__}, not a state_dict "
                           "(parameter name -> tensor)")
     return dict(data)
+
+
+def weights_misfit(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps ``state_dict`` from loading strictly into ``spec``'s model (missing and
+    unexpected names, wrong shapes), or None when it fits. The model is built on the meta
+    device: no memory is allocated and nothing is initialised."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in FAMILIES[spec.family].build(spec).state_dict().items()}
+    problems = []
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} is {tuple(state_dict[k].shape)}, the spec needs {expected[k]}"
+             for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            shown = ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+            problems.append(f"{label}: {shown}")
+    return "; ".join(problems) or None
 
 
 @dataclass
@@ -77,6 +101,16 @@ class ModelBundle:
 
     def validate(self) -> None:
         """Check that the parts fit together; raise InvalidSpec naming the part."""
+        self.validate_parts()
+        try:
+            load_model(self.spec, self.state_dict)
+        except RuntimeError as exc:  # strict load_state_dict: missing/unexpected/shape
+            first = str(exc).strip().splitlines()
+            raise InvalidSpec("weights", f"do not fit the spec: {' '.join(first[:3])}") from exc
+
+    def validate_parts(self) -> None:
+        """Labels and vocabulary against the spec (everything :meth:`validate` checks but
+        the weights); raise InvalidSpec naming the part."""
         if len(self.labels) != self.spec.num_classes:
             raise InvalidSpec(
                 "labels",
@@ -92,11 +126,6 @@ class ModelBundle:
                 raise InvalidSpec(
                     "vocab", f"{len(self.vocab)} tokens exceed config.vocab_size={vocab_size}"
                 )
-        try:
-            load_model(self.spec, self.state_dict)
-        except RuntimeError as exc:  # strict load_state_dict: missing/unexpected/shape
-            first = str(exc).strip().splitlines()
-            raise InvalidSpec("weights", f"do not fit the spec: {' '.join(first[:3])}") from exc
 
     def save(self, directory: Path) -> list[Path]:
         """Write the bundle files into ``directory``; return their paths."""

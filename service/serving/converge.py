@@ -5,11 +5,14 @@ the model's desired state, ``<store>/<name>/deployment.json`` (default version a
 workers, :meth:`service.modelstore.ModelStore.set_desired`); a model without one serves
 its latest version. :class:`Converger` makes one TorchServe match the store:
 
-- every archive in the store is registered (a version TorchServe refuses is logged once
-  and not retried: versions are immutable, so retrying cannot help);
+- every archive in the store that passes the archive check is registered
+  (:func:`service.serving.store_scan.checked_link`); a refused one is logged once, kept in
+  ``refused`` and never registered (the check is cached per file, so a pass costs a
+  ``stat``; an archive replaced in place is checked again); a version TorchServe refuses is
+  logged once and not retried: versions are immutable, so retrying cannot help;
 - the desired default gets its workers (scaled when they differ);
 - the default switches only once the desired version's workers are READY, so requests
-  never reach a version that cannot answer; a version that is not READY within
+  never reach a version that cannot answer (nor a refused one); a version that is not READY within
   ``settings.startup_timeout_s`` is given up (logged) and the old default stays.
 
 It runs at start (through :func:`service.serving.store_scan.register_store`, which uses
@@ -30,10 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from service.errors import AlreadyExists, ServiceError, Unavailable
+from service.errors import AlreadyExists, ArchiveRefused, ServiceError, Unavailable
 from service.modelstore import ModelStore
 from service.serving import readiness
-from service.serving.store_scan import link_archive
+from service.serving.store_scan import checked_link
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ class Converger:
     locks: ModelLocks = field(default_factory=ModelLocks)
     #: (name, version) -> why it is not retried.
     given_up: dict[tuple[str, int], str] = field(default_factory=dict)
+    #: (name, version) -> why the archive check refused it (not registered; checked again
+    #: only when the file changes).
+    refused: dict[tuple[str, int], str] = field(default_factory=dict)
     #: (name, version) -> monotonic time its switch to default started waiting for READY.
     _waiting: dict[tuple[str, int], float] = field(default_factory=dict)
     #: Problems already logged (logged once, not every tick).
@@ -76,6 +82,8 @@ class Converger:
         """
         store = ModelStore(self.settings.model_store)
         models = store.models()
+        for key in [k for k in self.refused if k[1] not in models.get(k[0], ())]:
+            self.refused.pop(key, None)  # gone from the store
         report = {(r.name, r.version): r for r in readiness.check(self.mgmt())}
         defaults = {r.name: int(r.version) for r in report.values() if r.is_default and r.version.isdigit()}
         done: list[str] = []
@@ -109,7 +117,19 @@ class Converger:
             if (name, str(version)) in report or (name, version) in self.given_up:
                 continue
             try:
-                self.mgmt().register(link_archive(self.settings, name, version),
+                url = checked_link(self.settings, name, version)
+                self.refused.pop((name, version), None)
+            except ArchiveRefused as exc:
+                self.refused[(name, version)] = exc.problem  # logged by the check, once
+                continue
+            except Unavailable:
+                raise
+            except ServiceError as exc:  # the archive vanished meanwhile: next pass
+                self._say_once(f"{name}:{version}:{exc.message}", logging.WARNING, "cannot register %s version %d: %s",
+                               name, version, exc.message)
+                continue
+            try:
+                self.mgmt().register(url,
                                      initial_workers=workers if version == target else self.settings.workers_per_model,
                                      response_timeout_s=self.settings.response_timeout_s, synchronous=False)
                 done.append(f"registered {name}:{version}")
@@ -122,6 +142,11 @@ class Converger:
                 self.given_up[(name, version)] = exc.message
                 log.error("cannot register %s version %d: %s", name, version, exc.message)
         entry = report.get((name, str(target)))
+        if (name, target) in self.refused:
+            self._say_once(f"{name}:refused:{target}:{self.refused[(name, target)]}", logging.ERROR,
+                           "%s version %d, the default the model store asks for, is refused (%s); the default "
+                           "stays %s", name, target, self.refused[(name, target)], current)
+            return done
         if entry is None or (name, target) in self.given_up:
             return done  # registered this pass (or refused): looked at again next pass
         if desired is not None and entry.min_workers != workers:

@@ -4,6 +4,13 @@ Registration goes through a symlink per archive, ``<archive_dir>/<name>-v<versio
 registered by plain file name. A ``file://`` URL would make TorchServe copy the archive
 into its model store as ``<version>.mar``: two models with the same version collide
 (HTTP 500 "Model file already exists") and the copies litter the store.
+
+Every registration of a store archive (here, the converger, the deployer) goes through
+:func:`checked_link`: the archive first passes :func:`service.modelstore.check_archive`
+(zip and CRCs, MANIFEST, spec, weights loaded with ``weights_only=True`` and fitted to the
+spec). A refused archive is never registered, so its workers never start; the refusal is
+logged once, counted by ``modelctl_archive_refused`` and shown by the control API's
+ListModels.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ import logging
 import os
 from pathlib import Path
 
-from service.errors import AlreadyExists, FailedPrecondition, ServiceError, Unavailable
-from service.modelstore import ModelStore
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.errors import AlreadyExists, ArchiveRefused, FailedPrecondition, ServiceError, Unavailable
+from service.modelstore import ModelStore, check_archive, known_refusal, require_archive
 
 log = logging.getLogger(__name__)
-
 
 
 def scan_model_store(root: str | os.PathLike) -> dict[str, list[int]]:
@@ -48,6 +57,68 @@ def link_archive(settings, name: str, version: int) -> str:
     return link.name
 
 
+def checked_link(settings, name: str, version: int) -> str:
+    """:func:`link_archive` for an archive that passes the archive check (cached).
+
+    Raises ArchiveRefused (a FailedPrecondition naming the file and the problem) for one
+    that does not, FailedPrecondition for a missing one. Every registration uses this.
+    """
+    target = Path(settings.model_store) / name / f"{int(version)}.mar"
+    try:
+        require_archive(target, name=name, version=int(version))
+    except FileNotFoundError:
+        raise FailedPrecondition(f"no archive {target}") from None
+    return link_archive(settings, name, version)
+
+
+def precheck_store(root: str | os.PathLike) -> int:
+    """Run the archive check on every archive of the store (results cached, refusals
+    logged); returns how many were refused. ``Serving.start`` runs it beside TorchServe's
+    start, so registration then finds the results."""
+    store = ModelStore(root)
+    refused = 0
+    for name, versions in store.models().items():
+        for version in versions:
+            try:
+                refused += check_archive(store.path(name, version), name=name, version=version) is not None
+            except OSError:
+                continue  # gone meanwhile: registration says so
+    return refused
+
+
+def refused_archives(root: str | os.PathLike) -> dict[tuple[str, int], str]:
+    """``{(name, version): problem}`` of the store's archives refused by the archive check
+    in this process (as they are now; nothing is checked here)."""
+    store = ModelStore(root)
+    refused = {}
+    for name, versions in store.models().items():
+        for version in versions:
+            found = known_refusal(store.path(name, version), name=name, version=version)
+            if found is not None:
+                refused[(name, version)] = found.problem
+    return refused
+
+
+class RefusedArchivesCollector(Collector):
+    """``modelctl_archive_refused``: 1 per archive of the model store that the archive
+    check refused (not registered); the reason is in the log and in ListModels."""
+
+    def __init__(self, model_store: str | os.PathLike):
+        self.model_store = model_store
+
+    def collect(self):
+        gauge = GaugeMetricFamily(
+            "modelctl_archive_refused",
+            "Model store archives refused at registration by the archive check (not served).",
+            labels=["model", "version"])
+        try:
+            for (name, version) in refused_archives(self.model_store):
+                gauge.add_metric([name, str(version)], 1.0)
+        except OSError as exc:  # the store is unreadable: the scrape still answers
+            log.debug("refused archives unavailable: %s", exc)
+        yield gauge
+
+
 def _desired(store: ModelStore, name: str, versions: list[int], workers: int) -> tuple[int, int]:
     """(default version, its workers) of ``name`` as the store says (see converge.py)."""
     try:
@@ -71,8 +142,9 @@ def register_store(mgmt, settings) -> list[tuple[str, int]]:
     deployments) with its workers; a model without one defaults to its latest version.
     Every other version gets ``settings.workers_per_model`` workers (asynchronously:
     readiness is checked separately). A version that is registered already is skipped (logged).
-    An archive TorchServe refuses (corrupt, MANIFEST name not the directory name) is
-    logged as an error and left out, so one bad archive does not stop the others.
+    An archive the archive check refuses (corrupt zip, bad MANIFEST, weights that need
+    pickled code or do not fit the spec; logged once by the check) or TorchServe refuses
+    is logged as an error and left out, so one bad archive does not stop the others.
     Returns the ``(name, version)`` pairs that are registered, now or before.
     """
     model_store = ModelStore(settings.model_store)
@@ -84,7 +156,7 @@ def register_store(mgmt, settings) -> list[tuple[str, int]]:
         for version in versions:
             workers = default_workers if version == default else settings.workers_per_model
             try:
-                url = link_archive(settings, name, version)
+                url = checked_link(settings, name, version)
                 # Batch size and delay are not passed: each archive's own
                 # model-config.yaml sets them per model.
                 mgmt.register(url, initial_workers=workers,
@@ -93,6 +165,8 @@ def register_store(mgmt, settings) -> list[tuple[str, int]]:
                 log.info("registered %s version %s (%d workers)", name, version, workers)
             except AlreadyExists:
                 log.info("%s version %s is registered already; skipped", name, version)
+            except ArchiveRefused:
+                continue  # logged by the check, once
             except ServiceError as exc:
                 if isinstance(exc, Unavailable):
                     raise  # TorchServe itself is gone: nothing else will register

@@ -4,7 +4,8 @@
 
 ``start()`` loads the operator's API token (:mod:`service.auth`; generated into the state
 dir when none is given), starts TorchServe and the REST proxy in front of it, registers
-every archive of the model store (latest version default), starts the public gRPC gateway
+every archive of the model store that passes the archive check (latest version default;
+service/modelstore/check.py), starts the public gRPC gateway
 (both check the token) and waits (up to
 ``startup_timeout_s``) until every worker is READY; then it logs one INFO line naming
 the endpoints, or one WARNING naming the versions that are not ready. From then on it
@@ -32,7 +33,13 @@ from service.serving.gateway import GatewayThread
 from service.serving.management import ManagementClient
 from service.serving.readiness import ModelReadiness
 from service.serving.settings import ServeSettings
-from service.serving.store_scan import register_store, scan_model_store
+from service.serving.store_scan import (
+    RefusedArchivesCollector,
+    precheck_store,
+    refused_archives,
+    register_store,
+    scan_model_store,
+)
 from service.serving.torchserve import TorchServeProcess
 
 log = logging.getLogger(__name__)
@@ -91,10 +98,17 @@ class Serving:
             if self.api_token is None:
                 self.api_token = load_token(self.settings.state_dir, create=True)
             self.torchserve.api_token = self.api_token
+            # The archive check of every archive (service/modelstore/check.py) runs while
+            # TorchServe starts; registration below finds its cached results.
+            threading.Thread(target=precheck_store, args=(self.settings.model_store,),
+                             name="modelctl-archive-check", daemon=True).start()
             self.torchserve.start()
             self.mgmt = ManagementClient(self.torchserve.management_url,
                                          lambda: self.torchserve.tokens.management)
             self.registered = register_store(self.mgmt, self.settings)
+            # An archive the archive check refused is never registered: not one to wait for.
+            refused = refused_archives(self.settings.model_store)
+            self.expected = [key for key in self.expected if key not in refused]
             self.gateway = GatewayThread(
                 self.settings, self.torchserve.grpc_inference_target, self.readiness,
                 token=self.api_token, upstream_key=self.torchserve.inference_key,
@@ -102,7 +116,8 @@ class Serving:
             self.gateway.start()
             self.exporter = MetricsExporter(
                 self.settings.host, self.settings.exporter_port, self.torchserve.metrics_dir,
-                collectors=[QueueDepthCollector(lambda: self.mgmt)])
+                collectors=[QueueDepthCollector(lambda: self.mgmt),
+                            RefusedArchivesCollector(self.settings.model_store)])
             self.exporter.start()
             report = self.wait_ready()
             self._converge_thread = ConvergeThread(self.converger, self.settings.sync_interval_s)
