@@ -128,6 +128,11 @@ class Unavailable(ServiceError):
     http_status = 503
 
 
+class StoreUnwritable(Unavailable):
+    """The model store refused a write: its filesystem is full (ENOSPC, EDQUOT, EFBIG) or
+    not writable (EROFS, EACCES, EPERM). Nothing partial was published."""
+
+
 def http_status(exc: BaseException) -> int:
     """HTTP status for any exception: a ServiceError's own, else 500."""
     return exc.http_status if isinstance(exc, ServiceError) else 500

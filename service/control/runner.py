@@ -13,8 +13,12 @@ A process that outlived a previous control service is *adopted*: found by pid an
 checked by its start time (so a reused pid is never mistaken for it), then followed by
 polling; its exit status is unknown, so the run directory tells how it ended.
 
+A trainer whose pid was never recorded (the service was killed between starting it and
+recording it) is found by its ``--run-dir`` (:meth:`LocalRunner.find_running`).
+
 A runner is an object with ``start(job) -> RunHandle``, ``adopt(pid, started)``,
-``poll(handle)``, ``signal(handle, sig)`` and ``reap(handle)``. (Kubernetes comes later.)
+optionally ``find_running(run_dir)``, ``poll(handle)``, ``signal(handle, sig)`` and
+``reap(handle)``. (Kubernetes comes later.)
 """
 
 from __future__ import annotations
@@ -108,6 +112,28 @@ class LocalRunner:
         if not pid or not _same_process_alive(pid, started):
             return None
         return RunHandle(pid, float(started or 0.0), None)
+
+    def find_running(self, run_dir: Path | str) -> RunHandle | None:
+        """The trainer running on ``run_dir``, found by its command line, or None.
+
+        For a job whose pid was never recorded: a service killed between starting the
+        trainer and writing its pid leaves a RUNNING job without one, while the trainer
+        (its own session) runs on. Relaunching it would put two trainers on one run
+        directory. Only a process group leader whose arguments are this runner's
+        ``--run-dir <run_dir>`` matches (torchrun's workers are members of its group).
+        """
+        wanted = str(Path(run_dir))
+        for proc in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
+            try:
+                cmd = proc.info["cmdline"] or []
+                if ("service.training" not in cmd or proc.info["status"] == psutil.STATUS_ZOMBIE
+                        or os.getpgid(proc.pid) != proc.pid):
+                    continue
+            except (psutil.Error, ProcessLookupError):
+                continue
+            if any(arg == "--run-dir" and value == wanted for arg, value in zip(cmd, cmd[1:])):
+                return RunHandle(proc.pid, float(proc.info["create_time"] or 0.0), None)
+        return None
 
     def poll(self, handle: RunHandle) -> tuple[bool, int | None]:
         """``(running, exit status)``; the status is None for an adopted process."""

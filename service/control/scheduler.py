@@ -9,13 +9,16 @@ woken):
 * a job whose process ended is settled by its run directory: ``result.json`` there means
   the run wrote its archive (the job is *finished*: deploy policy, then SUCCEEDED, in a
   worker thread, since a deployment waits for workers); otherwise a cancel request makes
-  it CANCELLED; an interruption (killed by a signal, or gone while no service watched it)
-  relaunches it on the same run directory, so the trainer resumes from its checkpoint,
-  until ``max_attempts`` (attempts stopped by a graceful shutdown of the service do not
-  count); any other exit is FAILED with the trainer's error line;
+  it CANCELLED; an interruption (killed by a signal, or gone while no service watched it
+  and its log shows no error of its own) relaunches it on the same run directory, so the
+  trainer resumes from its checkpoint, until ``max_attempts`` (attempts stopped by a
+  graceful shutdown of the service do not count); any other exit (or an unwatched one
+  whose log ends in the trainer's error) is FAILED with the trainer's error line;
 * while fewer than ``max_concurrent_jobs`` are RUNNING, the oldest QUEUED job starts.
 
-:meth:`Scheduler.recover` (at start) adopts the trainers a killed service left running;
+:meth:`Scheduler.recover` (at start) adopts the trainers a killed service left running
+(by their recorded pid, else by their run directory, so a trainer is never relaunched
+beside itself);
 the RUNNING jobs whose process is gone are settled by the next tick as above. No job is
 ever left RUNNING without a process or a decision.
 """
@@ -50,8 +53,8 @@ def read_result(run_dir: Path | str) -> dict | None:
         return None
 
 
-def failure_reason(log_path: Path | str, code: int | None) -> str:
-    """Why a trainer failed, in one line: its ``error: …`` line, else its last exception line."""
+def _last_attempt_lines(log_path: Path | str) -> list[str]:
+    """The non-blank lines the trainer's last attempt wrote to its log (its tail)."""
     try:
         with open(log_path, "rb") as fh:
             fh.seek(0, 2)
@@ -61,7 +64,21 @@ def failure_reason(log_path: Path | str, code: int | None) -> str:
         lines = []
     lines = [line.strip() for line in lines if line.strip()]
     attempt = max((i for i, line in enumerate(lines) if line.startswith("==== ")), default=-1)
-    lines = lines[attempt + 1:]
+    return lines[attempt + 1:]
+
+
+def ended_with_error(log_path: Path | str) -> bool:
+    """Whether the last attempt's log ends in the trainer's own failure (its ``error: …``
+    line, or an uncaught exception's traceback), as opposed to a kill, which writes neither.
+    Tells a failed run from an interrupted one when its exit status is unknown."""
+    lines = _last_attempt_lines(log_path)
+    return any(line.startswith("error: ") or line.startswith("Traceback (most recent call last)")
+               for line in lines)
+
+
+def failure_reason(log_path: Path | str, code: int | None) -> str:
+    """Why a trainer failed, in one line: its ``error: …`` line, else its last exception line."""
+    lines = _last_attempt_lines(log_path)
     message = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
     if message is None:
         message = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))
@@ -160,6 +177,10 @@ class Scheduler:
         for job in self.jobs.list(states=[RUNNING], limit=1_000_000):
             runner = self.runners.get(job.runner)
             handle = runner.adopt(job.pid, job.proc_started) if runner is not None else None
+            if handle is None and runner is not None and hasattr(runner, "find_running"):
+                handle = runner.find_running(job.run_dir)  # e.g. killed before its pid was recorded
+                if handle is not None:
+                    self.jobs.update(job.id, pid=handle.pid, proc_started=handle.started)
             if handle is not None:
                 with self._lock:
                     self._handles[job.id] = handle
@@ -261,6 +282,9 @@ class Scheduler:
         elif job.cancel_requested:
             self.jobs.transition(job.id, CANCELLED, expect=RUNNING, exit_code=code, error="cancelled by request")
             log.info("job %s CANCELLED", job.id)
+        elif code is None and ended_with_error(job.log_path):
+            # it failed on its own while no service followed it: resuming would fail again
+            self._fail(job, failure_reason(job.log_path, code) + " (while no control service followed it)")
         elif interrupted(code) and job.attempts - job.service_stops < self.max_attempts:
             how = "was killed" if code is not None else "ended while no control service followed it"
             log.warning("job %s: its trainer %s (%s); resuming from its checkpoint, attempt %d of %d", job.id,

@@ -9,6 +9,7 @@ Nothing in it is pickled code: weights are read back with ``weights_only=True``
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 import re
@@ -143,7 +144,11 @@ class ModelBundle:
             (directory / name).write_text(text + "\n")
             paths.append(directory / name)
         weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()}
-        torch.save(weights, directory / WEIGHTS_FILE)
+        # Serialized in memory and written by Python: torch.save onto a full disk fails with a
+        # RuntimeError ("unexpected pos"), this write with the OSError (ENOSPC) it is.
+        buffer = io.BytesIO()
+        torch.save(weights, buffer)
+        (directory / WEIGHTS_FILE).write_bytes(buffer.getbuffer())
         return [directory / WEIGHTS_FILE, *paths]
 
     @classmethod

@@ -2,14 +2,18 @@
 
 A version is immutable. Writing one that exists is refused with AlreadyExists. Every
 write is atomic: the archive is built in a staging directory inside the store (same
-filesystem) and published with ``os.link``, which fails rather than overwrite, so a
-reader never sees a partial archive and two writers never clobber each other.
+filesystem), fsynced, and published with ``os.link``, which fails rather than overwrite,
+so a reader never sees a partial archive and two writers never clobber each other. The
+staging directory is removed whatever happens. A store that cannot take the write (full,
+read-only) raises StoreUnwritable naming the cause (ENOSPC, EROFS, ...), and nothing of
+the version is left visible.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import service
-from service.errors import AlreadyExists, InvalidSpec, NotFound
+from service.errors import AlreadyExists, InvalidSpec, NotFound, StoreUnwritable
 from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, state_dict_sha256
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -166,6 +170,29 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: errno values that mean the store's filesystem is full, and that it is not writable.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _unwritable(root: Path, what: str, exc: OSError) -> StoreUnwritable:
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    cause = ("the store is full" if exc.errno in _FULL else
+             "the store is not writable" if exc.errno in _NOT_WRITABLE else "the write failed")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return StoreUnwritable(f"model store {root} cannot take {what}: {cause}: {exc.strerror or exc} "
+                           f"[{code}]{where}; nothing was published")
+
+
 @dataclass(frozen=True)
 class DesiredState:
     """How every serving replica should serve a model: ``version`` is the default, with
@@ -272,19 +299,30 @@ class ModelStore:
         version, workers = int(version), int(workers)
         if workers < 0:
             raise InvalidSpec("workers", f"must be >= 0, got {workers}")
-        with self._locked(validate_model_name(name)) as model_dir:
-            versions = self._versions_in(model_dir)
-            if version not in versions:
-                raise NotFound(f"model {name!r} has no version {version} (versions: {versions})")
-            state = DesiredState(name, version, workers, _now(), reason)
-            self._write_desired(model_dir, state)
+        try:
+            with self._locked(validate_model_name(name)) as model_dir:
+                versions = self._versions_in(model_dir)
+                if version not in versions:
+                    raise NotFound(f"model {name!r} has no version {version} (versions: {versions})")
+                state = DesiredState(name, version, workers, _now(), reason)
+                self._write_desired(model_dir, state)
+        except OSError as exc:
+            raise _unwritable(self.root, f"the deployment record of {name!r}", exc) from exc
         return state
 
     @staticmethod
     def _write_desired(model_dir: Path, state: DesiredState) -> None:
         tmp = model_dir / f".{DEPLOYMENT_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, model_dir / DEPLOYMENT_FILE)
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, model_dir / DEPLOYMENT_FILE)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync(model_dir)
 
     # ---- writing -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -322,30 +360,41 @@ class ModelStore:
         check = options.precision_check
         if check is not None and check.get("weights_sha256") != state_dict_sha256(bundle.state_dict):
             raise InvalidSpec("precision_check", "was run on other weights than this bundle's")
-        with self._locked(name) as model_dir:
-            existing = self._versions_in(model_dir)
-            if version is None:
-                version = (existing[-1] + 1) if existing else 1
-            final = model_dir / f"{version}{ARCHIVE_SUFFIX}"
-            if final.exists():
-                raise AlreadyExists(f"model {name!r} version {version} exists; versions are immutable")
-            if keep_default and existing and not (model_dir / DEPLOYMENT_FILE).exists():
-                self._write_desired(model_dir, DesiredState(name, existing[-1], 0, _now(),
-                                                            f"kept when version {version} was written"))
-            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
-            try:
-                lineage = self._lineage(name, version, bundle, options)
-                mar = self._build_archive(staging, name, version, bundle, lineage, options)
-                lineage["archive_sha256"] = _sha256_file(mar)
-                sidecar_tmp = staging / "lineage.sidecar.json"
-                sidecar_tmp.write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+        try:
+            with self._locked(name) as model_dir:
+                existing = self._versions_in(model_dir)
+                if version is None:
+                    version = (existing[-1] + 1) if existing else 1
+                final = model_dir / f"{version}{ARCHIVE_SUFFIX}"
+                if final.exists():
+                    raise AlreadyExists(f"model {name!r} version {version} exists; versions are immutable")
+                if keep_default and existing and not (model_dir / DEPLOYMENT_FILE).exists():
+                    self._write_desired(model_dir, DesiredState(name, existing[-1], 0, _now(),
+                                                                f"kept when version {version} was written"))
+                staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
                 try:
-                    os.link(mar, final)  # atomic publish; never overwrites
-                except FileExistsError as exc:
-                    raise AlreadyExists(f"model {name!r} version {version} exists") from exc
-                os.replace(sidecar_tmp, final.with_suffix(".json"))
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                    lineage = self._lineage(name, version, bundle, options)
+                    mar = self._build_archive(staging, name, version, bundle, lineage, options)
+                    lineage["archive_sha256"] = _sha256_file(mar)
+                    sidecar_tmp = staging / "lineage.sidecar.json"
+                    sidecar_tmp.write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+                    _fsync(mar)
+                    _fsync(sidecar_tmp)
+                    try:
+                        os.link(mar, final)  # atomic publish; never overwrites
+                    except FileExistsError as exc:
+                        raise AlreadyExists(f"model {name!r} version {version} exists") from exc
+                    try:
+                        os.replace(sidecar_tmp, final.with_suffix(".json"))
+                        _fsync(model_dir)
+                    except BaseException:
+                        final.unlink(missing_ok=True)  # no archive without its lineage
+                        raise
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+        except OSError as exc:
+            what = f"{name!r} version {version}" if version is not None else f"a new version of {name!r}"
+            raise _unwritable(self.root, what, exc) from exc
         return ArchiveInfo(name, version, final, lineage)
 
     @staticmethod
