@@ -25,11 +25,15 @@ wrong status codes:
   keeps its place until TorchServe has answered upstream (TorchServe 0.12 runs such a job
   all the same; ``Predictions`` is therefore forwarded without the caller's deadline), so
   the count is that of TorchServe's queue. ``StreamPredictions2`` (sequences, with
-  their own queue in TorchServe) is not counted.
+  their own queue in TorchServe) is not counted;
+* a request whose worker died under it ("Worker died.\\norg.pytorch...InternalServerException")
+  is INTERNAL, or RESOURCE_EXHAUSTED when the worker was SIGKILLed (exit 137, which
+  TorchServe takes for the OOM killer): it is UNAVAILABLE here (TorchServe starts a new
+  worker, so a retry can succeed), never RESOURCE_EXHAUSTED, which means "too many calls".
 
 :func:`translate` is the one place where this is corrected, through the named errors of
 ``service.errors`` and their ``grpc_status``. Everything else (UNAVAILABLE when TorchServe
-is down, INTERNAL "Worker died.") passes through unchanged.
+is down) passes through unchanged.
 
 Also served, without a token (probes need none): gRPC health checking
 (``grpc.health.v1``; service ``""`` is SERVING only when every registered model version
@@ -90,6 +94,9 @@ _KEY_REFUSED = "Token Authorization failed"
 #: TorchServe's answer (INTERNAL) when a model version has no worker (or a full queue,
 #: which the admission limit below keeps from happening).
 _NO_WORKER_MARKER = "has no worker to serve inference request"
+#: TorchServe's answer (INTERNAL, or RESOURCE_EXHAUSTED after a SIGKILL) to the requests a
+#: dying worker was running.
+_WORKER_DIED = "Worker died."
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -138,6 +145,9 @@ def translate(item) -> ServiceError | None:
             return NotFound(details.splitlines()[0])
         if item.code() == grpc.StatusCode.INTERNAL and _NO_WORKER_MARKER in details:
             return Unavailable(details.splitlines()[0])
+        if item.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED) \
+                and details.splitlines()[:1] == [_WORKER_DIED]:
+            return Unavailable(_WORKER_DIED)
         return None
     if isinstance(item, inference_pb2.PredictionResponse):
         body = error_body(item.prediction)
