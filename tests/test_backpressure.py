@@ -306,8 +306,6 @@ def test_grpc_full_queue_is_resource_exhausted_with_retry_metadata(serving, chan
         _assert_ok_grpc(o)
 
     # A stream is a call of its model too: refused the same way when the share is taken.
-    # (Only refused here: TorchServe 0.12 answers a StreamPredictions of a handler that
-    # sends no intermediate responses with a NullPointerException that restarts the worker.)
     with stalled(serving):
         futures = [stub.Predictions.future(_request(), metadata=_md(serving), timeout=60) for _ in range(ADMIT)]
         assert eventually(lambda: serving.gateway.load()["upstream"] == ADMIT, timeout_s=10)
@@ -430,4 +428,17 @@ def test_a_rest_client_that_disconnects_leaves_the_server_healthy(serving, chann
     for f in futures:
         if f.result().status_code != 429:
             _assert_ok_rest(f.result())
+    _assert_healthy(serving, channel)
+
+
+def test_a_stream_of_a_modelctl_model_is_its_one_answer(serving, channel):
+    """StreamPredictions of our handler's model: one message, the same answer as Predictions,
+    and the worker lives on. (Forwarded as TorchServe 0.12's own StreamPredictions, it made
+    the frontend throw a NullPointerException in GRPCJob.response and killed the worker.)"""
+    stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+    unary = stub.Predictions(_request(), metadata=_md(serving), timeout=60)
+    for _ in range(3):
+        chunks = list(stub.StreamPredictions(_request(), metadata=_md(serving), timeout=60))
+        assert len(chunks) == 1
+        assert json.loads(chunks[0].prediction) == json.loads(unary.prediction)
     _assert_healthy(serving, channel)

@@ -325,21 +325,12 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         return response
 
     async def StreamPredictions(self, request, context):
-        await self._authenticate(context)
-        await self._admit(context, request.model_name)
-        try:
-            call = self._upstream().StreamPredictions(request, **self._call_args(context))
-            try:
-                async for response in call:
-                    if translate(response) is not None:
-                        call.cancel()
-                        await _abort_for(context, response)
-                    yield response
-            except aio.AioRpcError as exc:
-                await _abort_for(context, exc)
-        finally:
-            # A stream's place is given back when the call ends here, cancelled included.
-            self.admission.release(request.model_name)
+        # Served as one unary call upstream, its answer the stream's one message. Every
+        # served archive has modelctl's handler (service/modelstore/check.py), which answers
+        # once per request; TorchServe 0.12's own StreamPredictions of such a handler throws
+        # a NullPointerException in its frontend (GRPCJob.response reads the missing
+        # ``ts_stream_next`` header) and kills the worker.
+        yield await self.Predictions(request, context)
 
     async def StreamPredictions2(self, request_iterator, context):
         # A sequence API: per-response errors travel in PredictionResponse.status, as
