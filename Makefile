@@ -59,5 +59,13 @@ eval: setup
 fuzz: setup
 	$(PY) benchmarks/fuzz_report.py --out BENCHMARKS.md
 
+# Memory soak (issue 7, 5c): `modelctl serve` (TorchServe, nginx, the gRPC gateway) under 10 minutes
+# of valid REST and gRPC requests at concurrency 8; fails when the RSS of the Java frontend or of
+# a worker grows by 5% or more after the warm-up, or a request fails. Writes BENCHMARKS.md.
+# About 11 minutes (start included); the short version is tests/test_soak.py.
+.PHONY: soak
+soak: setup
+	$(PY) benchmarks/soak.py --duration 600 --out BENCHMARKS.md
+
 clean:
 	rm -rf service/_gen .modelctl .pytest_cache

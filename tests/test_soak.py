@@ -1,0 +1,83 @@
+"""Memory stays flat under load (issue 7, 5c), shortened: ``benchmarks/soak.py``'s own code.
+
+The real ``modelctl serve --no-control`` (TorchServe's Java frontend and Python workers, nginx,
+the gRPC gateway) serves a small ResNet-18 and an LSTM; 8 client threads send valid requests
+over REST and gRPC for 70 s, every answer checked against the model run in this process. The
+RSS of the frontend and of each worker may not grow by 5% or more after a 35 s warm-up, and
+no request may fail. ``make soak`` runs the same for 10 minutes and writes the figure into
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import psutil
+
+from benchmarks import soak
+
+DURATION_S, WARMUP_S = soak.TEST_DURATION_S, soak.TEST_WARMUP_S
+
+
+def test_frontend_and_workers_memory_stays_flat_under_load_at_concurrency_8(tmp_path):
+    stack, bundles = soak.start_stack(tmp_path / "soak")
+    try:
+        result = soak.run_soak(stack, bundles, duration_s=DURATION_S, warmup_s=WARMUP_S, concurrency=8,
+                               interval_s=2.0)
+    finally:
+        stack.stop()
+    stats = result.stats()
+    for s in stats:
+        print(f"{s.label:32} {soak.mb(s.baseline):>5} MB -> {soak.mb(s.end):>5} MB (max {soak.mb(s.peak)}) "
+              f"{s.growth_pct:+.1f}%")
+    # every part of the stack was found and sampled through the whole run
+    roles = Counter(s.role for s in stats)
+    assert roles["frontend"] == 1 and roles["worker"] == 2 and roles["gateway"] == 1, roles
+    assert roles["nginx master"] == 1 and roles["nginx worker"] >= 1, roles
+    assert {s.label for s in stats if s.role == "worker"} == {f"worker {m}" for m in soak.MODELS}
+    assert result.driven_s >= DURATION_S and len(result.samples) >= DURATION_S / 2
+    assert all(s.baseline and s.end for s in stats)
+    # the load: every kind of request answered right, none failed
+    ok, errors = result.load.totals()
+    assert errors == 0, result.load.first_errors
+    assert min(result.load.ok.values()) >= 100, result.load.ok
+    # the property
+    for s in stats:
+        if s.judged:
+            assert s.growth_pct < soak.GROWTH_LIMIT_PCT, (s.label, s.baseline, s.end)
+    assert result.failures() == []
+    text = soak.section(result, {"command": "pytest tests/test_soak.py", "date": "today", "cpu": "cpu",
+                                 "ram_gb": 1.0, "load_before": "0", "load_after": "0", "jvm": "-"})
+    assert text.startswith(soak.START) and text.endswith(soak.END) and "the property holds" in text
+    # nothing of the stack is left running
+    alive = [p for p in stack.seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+
+
+def _result(samples, roles, *, errors=0, warmup_s=10.0):
+    load = soak.Load()
+    for kind in soak.KINDS:
+        load.ok[kind] = 5
+    load.errors[soak.KINDS[0]] = errors
+    labels = {pid: f"{role} {pid}" for pid, role in roles.items()}
+    return soak.SoakResult(duration_s=30, warmup_s=warmup_s, concurrency=8, interval_s=10, samples=samples,
+                           roles=roles, labels=labels, load=load, driven_s=30, cpu_s={}, machine_busy_s=0.0,
+                           client_cpu_s=0.0)
+
+
+def test_the_verdict_judges_growth_after_warm_up_failures_and_replaced_workers():
+    roles = {1: "frontend", 2: "worker", 3: "gateway"}
+    flat = [(0.0, {1: 100, 2: 100, 3: 100}), (10.0, {1: 200, 2: 200, 3: 200}), (20.0, {1: 209, 2: 200, 3: 900}),
+            (30.0, {1: 209, 2: 201, 3: 900})]
+    assert _result(flat, roles).failures() == []  # growth before the warm-up, and the gateway's, are not judged
+    stats = {s.pid: s for s in _result(flat, roles).stats()}
+    assert (stats[1].baseline, stats[1].end, stats[1].peak) == (200, 209, 209)
+    assert round(stats[1].growth_pct, 1) == 4.5 and stats[3].growth_pct == 350.0
+    grown = flat[:-1] + [(30.0, {1: 210, 2: 201, 3: 900})]
+    assert [f for f in _result(grown, roles).failures() if "grew 5.0%" in f]
+    assert [f for f in _result(flat, roles, errors=1).failures() if "requests failed" in f]
+    replaced = flat[:-1] + [(30.0, {1: 209, 4: 200, 3: 900})]
+    failures = _result(replaced, roles | {4: "worker"}).failures()
+    assert any("pid 2" in f and "replaced" in f for f in failures)
+    assert any("pid 4" in f and "replaced" in f for f in failures)
+
