@@ -6,6 +6,7 @@ import io
 import json
 import os
 import socket
+import time
 import zipfile
 from pathlib import Path
 
@@ -99,3 +100,14 @@ def broken_archive_copy(good: Path, target: Path, weights: bytes | None = None, 
                 data = json.dumps(manifest).encode()
             dst.writestr(item, data)
     os.replace(partial, target)
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    """``predicate()``'s first truthy value; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,7 +39,7 @@ from service.errors import FailedPrecondition
 from service.models import ModelSpec, image_eval_transform, load_model
 from service.modelstore import ModelStore
 from service.serving.settings import ServeSettings
-from tests.helpers import broken_archive_copy, free_port, make_bundle
+from tests.helpers import broken_archive_copy, free_port, make_bundle, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CNN = {"family": "cnn", "config": {"channels": [8, 16]},
@@ -150,16 +149,6 @@ def checkpoint_probs(run_dir: Path, png: bytes) -> torch.Tensor:
 def events(run_dir) -> list[dict]:
     path = Path(run_dir) / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def defaults(served, name: str) -> dict[int, pb.ModelVersion]:

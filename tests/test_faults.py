@@ -26,7 +26,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -39,7 +38,7 @@ from service.control.client import ControlClient
 from service.errors import StoreUnwritable
 from service.modelstore import ModelStore
 from service.training.recipe import read_archive
-from tests.helpers import free_port, make_bundle
+from tests.helpers import free_port, make_bundle, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CNN = {"family": "cnn", "config": {"channels": [8, 16]},
@@ -51,16 +50,6 @@ def job_spec(name: str, epochs: int, version: int | None = None) -> dict:
     output = {"name": name} if version is None else {"name": name, "version": version}
     return {"model": CNN, "dataset": SOME_DIGITS, "output": output,
             "hyperparameters": {"epochs": epochs, "batch_size": 16}}
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def alive(pid: int) -> bool:
