@@ -17,10 +17,14 @@ process (labels, top-k, probabilities within 1e-3): a wrong answer counts as an 
 non-200 status, a gRPC error or a timeout.
 
 Every ``--interval`` seconds the resident set size (RSS, from /proc through psutil) of every
-process of the stack is read. The baseline of a process is its first sample after the warm-up
-(``--warmup``, default 20% of the run, at most 60 s): what it holds when load has been steady
-for a while. Per process: RSS at the end of the warm-up, at the end, the highest after the
-warm-up, and growth = (end - baseline) / baseline.
+process of the stack is read. The baseline of a process is the median of its samples in the
+first 10 s after the warm-up (``--warmup``, default 20% of the run, at most 60 s): what it
+holds when load has been steady for a while; its end figure is the median of its samples in
+the last 10 s. Medians of 10 s, because the JVM's RSS swings for a few seconds when G1
+commits and uncommits heap (seen: +27 MB for 15 s, then back): such a swing at the last
+sample is no growth, a level that lasts 10 s is. Per process: RSS at the end of the warm-up,
+at the end, the highest single sample after the warm-up, and growth = (end - baseline) /
+baseline.
 
 Exit status 1 when the Java frontend or any worker grew by 5% or more, when any request
 failed, when a frontend or worker process was replaced during the run (TorchServe restarts a
@@ -81,9 +85,11 @@ GROWTH_LIMIT_PCT = 5.0
 JUDGED = ("frontend", "worker")
 KINDS = ("rest-image", "grpc-image", "rest-sequence", "grpc-sequence")
 TOLERANCE = 1e-3
+#: Seconds of samples whose median is the RSS at the warm-up end, and at the end.
+WINDOW_S = 10.0
 TOP_K = 3
 #: tests/test_soak.py: the same check, shorter.
-TEST_DURATION_S, TEST_WARMUP_S = 70.0, 35.0
+TEST_DURATION_S, TEST_WARMUP_S = 90.0, 45.0
 
 
 def default_warmup(duration_s: float) -> float:
@@ -101,8 +107,11 @@ class Stack:
     management_url: str
     token: str = ""
     log_path: Path | None = None
-    #: Every pid seen in the stack, so that stop() can make sure none survives.
-    seen: set[int] = field(default_factory=set)
+    #: Every process seen in the stack, so that stop() can make sure none survives (psutil's
+    #: Process knows its start time: a pid reused by another process is not taken for it).
+    seen: dict[int, psutil.Process] = field(default_factory=dict)
+    #: What stop() had to kill (SIGKILL): "name (pid)".
+    killed: list[str] = field(default_factory=list)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -117,6 +126,7 @@ class Stack:
         except psutil.Error:
             return {}
         out = {self.proc.pid: "gateway"}
+        self.seen.setdefault(root.pid, root)
         for p in children:
             try:
                 if p.status() == psutil.STATUS_ZOMBIE:
@@ -135,7 +145,18 @@ class Stack:
             else:
                 role = name
             out[p.pid] = role
-        self.seen.update(out)
+            self.seen.setdefault(p.pid, p)
+        return out
+
+    def survivors(self) -> list[psutil.Process]:
+        """The processes of the stack that are still running (zombies aside)."""
+        out = []
+        for p in self.seen.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.Error:
+                pass
         return out
 
     def worker_models(self) -> dict[int, str]:
@@ -156,17 +177,17 @@ class Stack:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("modelctl serve did not stop in %.0f s; killing it", timeout_s)
+                self.killed.append(f"modelctl serve ({self.proc.pid})")
                 self.proc.kill()
                 self.proc.wait(10)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in self.seen):
+        while time.monotonic() < deadline and self.survivors():
             time.sleep(0.2)
-        for pid in self.seen:
+        for p in self.survivors():
             try:
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    log.warning("killing leftover %s (pid %d)", p.name(), pid)
-                    p.kill()
+                log.warning("killing leftover %s (pid %d)", p.name(), p.pid)
+                self.killed.append(f"{p.name()} ({p.pid})")
+                p.kill()
             except psutil.Error:
                 pass
 
@@ -392,8 +413,8 @@ class ProcStats:
     pid: int
     role: str
     label: str
-    baseline: int | None  # bytes, first sample at or after the warm-up
-    end: int | None
+    baseline: int | None  # bytes, median of the first WINDOW_S after the warm-up
+    end: int | None  # bytes, median of the last WINDOW_S
     peak: int | None  # highest sample at or after the warm-up
     first_seen_s: float
     last_seen_s: float
@@ -441,9 +462,11 @@ class SoakResult:
         order = {"frontend": 0, "worker": 1, "gateway": 2, "nginx master": 3, "nginx worker": 4, "launcher": 5}
         for pid, role in sorted(self.roles.items(), key=lambda kv: (order.get(kv[1], 9), self.labels[kv[0]])):
             seen = [(t, s[pid]) for t, s in self.samples if pid in s]
-            after = [rss for t, rss in seen if t >= self.warmup_s]
-            out.append(ProcStats(pid, role, self.labels[pid], after[0] if after else None,
-                                 seen[-1][1] if seen else None, max(after) if after else None,
+            after = [(t, rss) for t, rss in seen if t >= self.warmup_s]
+            first = [rss for t, rss in after if t < after[0][0] + WINDOW_S] if after else []
+            last = [rss for t, rss in seen if t > seen[-1][0] - WINDOW_S] if seen else []
+            out.append(ProcStats(pid, role, self.labels[pid], _median(first), _median(last),
+                                 max(rss for _, rss in after) if after else None,
                                  seen[0][0] if seen else 0.0, seen[-1][0] if seen else 0.0))
         return out
 
@@ -477,6 +500,10 @@ class SoakResult:
             out.append(f"TorchServe's workers at the end {self.pids_after} are not the ones sampled "
                        f"{sorted(workers)}")
         return out
+
+
+def _median(values: list[int]) -> int | None:
+    return int(np.median(values)) if values else None
 
 
 def mb(value: int | None) -> str:
@@ -684,8 +711,9 @@ def section(result: SoakResult, meta: dict) -> str:
     lines = [START, "## Memory under a 10-minute soak (`make soak`)", "",
              f"One run of `{meta['command']}`, {meta['date']}: {result.driven_s:.0f} s of load at "
              f"concurrency {result.concurrency}, RSS of every process of the stack sampled every "
-             f"{result.interval_s:.0f} s ({len(result.samples)} samples). Baseline: each process's first "
-             f"sample after a {result.warmup_s:.0f} s warm-up under the same load. Machine: {meta['cpu']}, "
+             f"{result.interval_s:.0f} s ({len(result.samples)} samples). Baseline: the median of each "
+             f"process's samples in the {WINDOW_S:.0f} s after a {result.warmup_s:.0f} s warm-up under the "
+             f"same load; end: the median of its last {WINDOW_S:.0f} s. Machine: {meta['cpu']}, "
              f"{cores} cores, {meta['ram_gb']:.0f} GiB RAM. The load generator shares the cores with the "
              f"server, and so did other work on this machine: load average {meta['load_before']} before "
              f"the run and {meta['load_after']} after; over the run the cores were busy "
@@ -703,7 +731,7 @@ def section(result: SoakResult, meta: dict) -> str:
              "REST (through nginx, with the token) and over gRPC (through the gateway), a sequence of 1 "
              f"to 64 steps as JSON over REST and over gRPC; every answer (top {TOP_K}) checked against "
              f"the model run in the client process (probabilities within {TOLERANCE:g}).", "",
-             "| process | pid | RSS at warm-up end (MB) | at the end (MB) | highest after warm-up (MB) "
+             "| process | pid | RSS at warm-up end (MB) | at the end (MB) | highest sample after warm-up (MB) "
              f"| growth | judged (< {GROWTH_LIMIT_PCT:.0f}%) |",
              "|---|---|---|---|---|---|---|"]
     for s in stats:

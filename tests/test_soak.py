@@ -2,17 +2,16 @@
 
 The real ``modelctl serve --no-control`` (TorchServe's Java frontend and Python workers, nginx,
 the gRPC gateway) serves a small ResNet-18 and an LSTM; 8 client threads send valid requests
-over REST and gRPC for 70 s, every answer checked against the model run in this process. The
-RSS of the frontend and of each worker may not grow by 5% or more after a 35 s warm-up, and
-no request may fail. ``make soak`` runs the same for 10 minutes and writes the figure into
+over REST and gRPC for 90 s, every answer checked against the model run in this process. The
+RSS of the frontend and of each worker (median of 10 s of samples) may not grow by 5% or more
+after a 45 s warm-up, and no request may fail. The JVM's RSS is still rising for the first
+30 to 40 s of load, hence the long warm-up. ``make soak`` runs the same for 10 minutes and writes the figure into
 BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-
-import psutil
 
 from benchmarks import soak
 
@@ -30,6 +29,8 @@ def test_frontend_and_workers_memory_stays_flat_under_load_at_concurrency_8(tmp_
     for s in stats:
         print(f"{s.label:32} {soak.mb(s.baseline):>5} MB -> {soak.mb(s.end):>5} MB (max {soak.mb(s.peak)}) "
               f"{s.growth_pct:+.1f}%")
+        if s.judged:  # the whole series, shown when the test fails
+            print("  " + " ".join(f"{t:.0f}:{soak.mb(sample.get(s.pid))}" for t, sample in result.samples))
     # every part of the stack was found and sampled through the whole run
     roles = Counter(s.role for s in stats)
     assert roles["frontend"] == 1 and roles["worker"] == 2 and roles["gateway"] == 1, roles
@@ -49,9 +50,8 @@ def test_frontend_and_workers_memory_stays_flat_under_load_at_concurrency_8(tmp_
     text = soak.section(result, {"command": "pytest tests/test_soak.py", "date": "today", "cpu": "cpu",
                                  "ram_gb": 1.0, "load_before": "0", "load_after": "0", "jvm": "-"})
     assert text.startswith(soak.START) and text.endswith(soak.END) and "the property holds" in text
-    # nothing of the stack is left running
-    alive = [p for p in stack.seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert alive == []
+    # SIGTERM to `modelctl serve` stopped all of it: nothing had to be killed, nothing is left
+    assert stack.killed == [] and len(stack.seen) >= 7 and stack.survivors() == []
 
 
 def _result(samples, roles, *, errors=0, warmup_s=10.0):
@@ -66,6 +66,8 @@ def _result(samples, roles, *, errors=0, warmup_s=10.0):
 
 
 def test_the_verdict_judges_growth_after_warm_up_failures_and_replaced_workers():
+    """The judging, on made-up samples (pid -> RSS): the soak test above only ever sees
+    the property hold."""
     roles = {1: "frontend", 2: "worker", 3: "gateway"}
     flat = [(0.0, {1: 100, 2: 100, 3: 100}), (10.0, {1: 200, 2: 200, 3: 200}), (20.0, {1: 209, 2: 200, 3: 900}),
             (30.0, {1: 209, 2: 201, 3: 900})]
@@ -76,6 +78,13 @@ def test_the_verdict_judges_growth_after_warm_up_failures_and_replaced_workers()
     grown = flat[:-1] + [(30.0, {1: 210, 2: 201, 3: 900})]
     assert [f for f in _result(grown, roles).failures() if "grew 5.0%" in f]
     assert [f for f in _result(flat, roles, errors=1).failures() if "requests failed" in f]
+    # ends are medians of the last 10 s: a swing in the last sample is no growth, a level is
+    dense = [(float(t), {1: 200, 2: 200, 3: 100}) for t in range(0, 31, 2)]
+    swing = dense[:-1] + [(30.0, {1: 260, 2: 200, 3: 100})]
+    assert _result(swing, roles).failures() == []
+    assert {s.pid: s.peak for s in _result(swing, roles).stats()}[1] == 260
+    level = [(t, {1: 260 if t > 20 else 200, 2: 200, 3: 100}) for t, _ in dense]
+    assert [f for f in _result(level, roles).failures() if "frontend 1 (pid 1) grew 30.0%" in f]
     replaced = flat[:-1] + [(30.0, {1: 209, 4: 200, 3: 900})]
     failures = _result(replaced, roles | {4: "worker"}).failures()
     assert any("pid 2" in f and "replaced" in f for f in failures)
