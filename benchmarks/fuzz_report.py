@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import time
@@ -29,23 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.report import replace_section  # noqa: E402
+from service.report import cpu_model, replace_section  # noqa: E402
 from tests import fuzzing  # noqa: E402
 
 START, END = "<!-- fuzz:start -->", "<!-- fuzz:end -->"
 DEFAULT_SEED = 20260101
 
 log = logging.getLogger("fuzz")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _answers(counter: Counter) -> str:
@@ -128,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("service").setLevel(logging.WARNING)
     started = time.perf_counter()
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu(), "seed": args.seed,
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(), "seed": args.seed,
             "threads": args.threads, "timeout": args.timeout,
             "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     cases, dropped = fuzzing.generate(seed=args.seed)

@@ -40,7 +40,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import random
 import shlex
 import signal
@@ -66,7 +65,7 @@ from service.client import read_token  # noqa: E402
 from service.models import image_eval_transform, load_model  # noqa: E402
 from service.modelstore import ModelStore  # noqa: E402
 from service.modelstore.store import ServingOptions  # noqa: E402
-from service.report import replace_section  # noqa: E402
+from service.report import cpu_model, replace_section  # noqa: E402
 from service.serving import readiness  # noqa: E402
 from service.serving.management import ManagementClient  # noqa: E402
 from tests.helpers import free_port, make_bundle, random_image  # noqa: E402
@@ -660,16 +659,6 @@ def run_soak(stack: Stack, bundles: dict, *, duration_s: float, warmup_s: float,
 
 
 # ---- the report -----------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def jvm_options(state_dir: Path) -> str:
     """The JVM options TorchServe was given (config.properties' ``vmargs``)."""
     from service.serving.config import parse_properties
@@ -785,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     warmup = default_warmup(args.duration) if args.warmup is None else args.warmup
     argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": _cpu_model(),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_model(),
             "ram_gb": psutil.virtual_memory().total / 2**30,
             "command": "make soak" if os.environ.get("MAKELEVEL") else f"python benchmarks/soak.py {argv_text}".strip(),
             "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
