@@ -14,7 +14,6 @@ import re
 import subprocess
 import threading
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import grpc
 import psutil
@@ -46,17 +45,9 @@ from service.serving.management import ManagementClient
 from service.serving.proxy import NginxProxy
 from service.serving.settings import ServeSettings
 from service.serving.supervisor import Serving
-from tests.test_serving import ECHO_HANDLER, build_archive, free_ports
+from tests.test_serving import ECHO_HANDLER, build_archive, settings_for
 
 TOKEN = "operator-token-0123456789abcdef"
-
-
-def _settings(store: Path, state: Path, **kw) -> ServeSettings:
-    p = free_ports(9)
-    return ServeSettings(model_store=store, state_dir=state, inference_port=p[0],
-                         management_port=p[1], metrics_port=p[2], grpc_inference_port=p[3],
-                         grpc_management_port=p[4], ts_grpc_inference_port=p[5],
-                         worker_port_base=p[6], exporter_port=p[7], ts_inference_port=p[8], **kw)
 
 
 def _assert_401(r: requests.Response, message: str) -> None:
@@ -133,7 +124,7 @@ class _Echo(http.server.BaseHTTPRequestHandler):
 
 
 def test_nginx_checks_the_token_limits_bodies_and_swaps_the_upstream_key(tmp_path):
-    settings = _settings(tmp_path / "store", tmp_path / "state", max_request_size_bytes=100_000)
+    settings = settings_for(tmp_path / "store", tmp_path / "state", max_request_size_bytes=100_000)
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", settings.ts_inference_port), _Echo)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     proxy = NginxProxy(settings, ApiToken(TOKEN, "test"))
@@ -260,7 +251,7 @@ def replicas(tmp_path_factory):
     started = []
     try:
         for name in ("a", "b"):
-            settings = _settings(store, root / name, startup_timeout_s=90, max_request_size_bytes=200_000)
+            settings = settings_for(store, root / name, startup_timeout_s=90, max_request_size_bytes=200_000)
             serving = Serving(settings, api_token=load_token(settings.state_dir, env))
             started.append(serving)
             serving.start()

@@ -205,6 +205,16 @@ def _until(fn, timeout_s: float, what: str):
     return value
 
 
+def _stop_after(total: int, marks: dict[str, float], mark: str, answered: int = 200) -> Callable[[Load], bool]:
+    """A Load's ``done``: at least ``total`` requests sent, and ``answered`` of them answered
+    right that started after ``marks[mark]`` (a monotonic time the test sets)."""
+    def done(load: Load) -> bool:
+        since = marks.get(mark, float("inf"))
+        after = sum(1 for r in load.results if r.ok and r.started > since)
+        return len(load.results) + load.in_flight >= total and after >= answered
+    return done
+
+
 def _describe(failures: list[Result]) -> str:
     return "; ".join(f"{r.kind} {r.status}: {r.detail[:200]}" for r in failures[:10])
 
@@ -212,13 +222,8 @@ def _describe(failures: list[Result]) -> str:
 # ---- point 3: a version swap under load ------------------------------------------------------------
 def test_a_version_swap_under_load_fails_no_request(served):
     swap: dict[str, float] = {}
-
-    def done(load: Load) -> bool:
-        # At least 2000 requests, and the load outlives the swap by 200 more.
-        after = sum(1 for r in load.results if r.ok and r.started > swap.get("rolled_back", float("inf")))
-        return len(load.results) + load.in_flight >= 2000 and after >= 200
-
-    load = Load(served, SWAP, done).start()
+    # At least 2000 requests, and the load outlives the swap by 200 more.
+    load = Load(served, SWAP, _stop_after(2000, swap, "rolled_back")).start()
     _until(lambda: load.completed >= 200, 120, "200 answers before the swap")
 
     # A new version lands in the store, not default (as a fine-tuning run leaves it) ...
@@ -298,13 +303,8 @@ def test_a_killed_worker_is_replaced_and_only_its_requests_fail(served):
     assert before.ready and len(before.pids) == 1, before
     (old_pid,) = before.pids
     kill: dict[str, float] = {}
-
-    def done(load: Load) -> bool:
-        # At least 600 requests, and 200 answered after the new worker was READY.
-        after = sum(1 for r in load.results if r.ok and r.started > kill.get("replaced", float("inf")))
-        return len(load.results) + load.in_flight >= 600 and after >= 200
-
-    load = Load(served, VICTIM, done).start()
+    # At least 600 requests, and 200 answered after the new worker was READY.
+    load = Load(served, VICTIM, _stop_after(600, kill, "replaced")).start()
     _until(lambda: load.completed >= 200, 120, "200 answers before the kill")
     with load._lock:
         busy = load.in_flight
