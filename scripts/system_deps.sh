@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages the project needs that pip cannot provide: Java 17 for TorchServe, and
+# System packages the project needs that pip cannot provide: Java 17 (a JDK) for TorchServe, and
 # nginx, the authenticating proxy in front of TorchServe's REST inference API
 # (service/serving/proxy.py). Both from Debian's packages.
 set -euo pipefail
@@ -16,8 +16,14 @@ nginx_ok() {
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]
 }
 
+jdk_ok() {
+    # jcmd (the JDK's diagnostic tool): `make soak` and tests/test_soak.py read the frontend's
+    # JVM flags and live heap with it; operators use it the same way.
+    command -v jcmd >/dev/null 2>&1
+}
+
 missing=()
-java_ok || missing+=(openjdk-17-jre-headless)
+{ java_ok && jdk_ok; } || missing+=(openjdk-17-jdk-headless)
 nginx_ok || missing+=(nginx)
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
@@ -32,4 +38,5 @@ apt-get update -qq
 # is not used: modelctl runs nginx as a child process with its own generated config.
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 java_ok
+jdk_ok
 nginx_ok

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service.client import read_token
 from service.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from service.serving import readiness
-from service.serving.config import parse_properties, render_config_properties
+from service.serving.config import frontend_jvm_args, parse_properties, render_config_properties
 from service.serving.gateway import error_body, translate
 from service.serving.management import ManagementClient
 from service.serving.settings import ServeSettings
@@ -164,6 +164,26 @@ def test_settings_from_env_precedence_and_errors(tmp_path):
         ServeSettings.from_env({}, workers_per_model="many")
 
 
+def test_frontend_jvm_settings(tmp_path):
+    env = {"MODELCTL_FRONTEND_HEAP_MB": "256",
+           "MODELCTL_FRONTEND_JVM_OPTIONS": " -XX:+UseSerialGC  -XX:NativeMemoryTracking=summary "}
+    s = ServeSettings.from_env(env, model_store=tmp_path / "store", state_dir=tmp_path / "state")
+    assert frontend_jvm_args(s) == ["-Xms256m", "-Xmx256m", "-XX:+AlwaysPreTouch",
+                                    f"-Djava.io.tmpdir={(tmp_path / 'state' / 'tmp').as_posix()}",
+                                    "-XX:+UseSerialGC", "-XX:NativeMemoryTracking=summary"]
+    assert parse_properties(render_config_properties(s))["vmargs"] == " ".join(frontend_jvm_args(s))
+    # TorchServe splits vmargs on blanks: a state dir with one keeps TEMP (set by
+    # TorchServeProcess) for the JVM's tmpdir, and the heap options stay
+    blank = ServeSettings(model_store=tmp_path / "store", state_dir=tmp_path / "my state")
+    assert frontend_jvm_args(blank) == ["-Xms512m", "-Xmx512m", "-XX:+AlwaysPreTouch"]
+    with pytest.raises(InvalidArgument, match="MODELCTL_FRONTEND_HEAP_MB: frontend_heap_mb must be >= 64"):
+        ServeSettings.from_env({"MODELCTL_FRONTEND_HEAP_MB": "32"})
+    with pytest.raises(InvalidArgument, match="MODELCTL_FRONTEND_JVM_OPTIONS: .*'UseSerialGC', which is not"):
+        ServeSettings.from_env({"MODELCTL_FRONTEND_JVM_OPTIONS": "-Xlog:gc UseSerialGC"})
+    with pytest.raises(InvalidArgument, match="holds '-Xmx2g': set the heap with frontend_heap_mb"):
+        ServeSettings(frontend_jvm_options="-Xmx2g")
+
+
 def test_config_properties(tmp_path):
     store = tmp_path / "my store+1"
     s = settings_for(store, tmp_path / "state", host="0.0.0.0")
@@ -183,7 +203,9 @@ def test_config_properties(tmp_path):
     assert props["initial_worker_port"] == str(s.worker_port_base)
     assert props["max_request_size"] == str(s.max_request_size_bytes)
     assert props["model_store"] == s.archive_dir.as_posix()
-    assert props["vmargs"] == f"-Djava.io.tmpdir={(s.state_dir / 'tmp').as_posix()}"
+    # the frontend's heap is fixed and resident from the start (frontend_heap_mb, 512 MiB)
+    assert props["vmargs"].split() == ["-Xms512m", "-Xmx512m", "-XX:+AlwaysPreTouch",
+                                       f"-Djava.io.tmpdir={(s.state_dir / 'tmp').as_posix()}"]
     # allowed_urls: archives of this store only (Python's regex reads this one like Java).
     allowed = re.compile(props["allowed_urls"])
     root = store.as_posix()

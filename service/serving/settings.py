@@ -94,6 +94,19 @@ class ServeSettings:
     #: Seconds a refused client is told to wait (``Retry-After``; gRPC ``retry-after`` and
     #: ``grpc-retry-pushback-ms`` trailing metadata).
     retry_after_s: int = 1
+    #: The Java frontend's heap in MiB, fixed (``-Xms`` = ``-Xmx``) and touched at start
+    #: (``-XX:+AlwaysPreTouch``). Left to itself the JVM starts at 1/64 of the machine's
+    #: memory and grows its heap towards 1/4 of it under load (of the container's limit in
+    #: Kubernetes), so the frontend's resident memory climbs in steps for minutes and its
+    #: ceiling depends on the node. Fixed and pre-touched, its heap is resident from the
+    #: start, and a rise in resident memory means a leak. Request bodies waiting in
+    #: TorchServe's queues live in this heap: up to ``job_queue_size`` of them per model,
+    #: each up to ``max_request_size_bytes``.
+    frontend_heap_mb: int = 512
+    #: More JVM options for the frontend, separated by blanks (TorchServe splits ``vmargs``
+    #: on blanks, so one option cannot contain one), for example
+    #: ``-XX:NativeMemoryTracking=summary`` or GC logging.
+    frontend_jvm_options: str = ""
 
     def __post_init__(self):
         # Normalise paths (str given by a caller) and check ranges once, here.
@@ -117,6 +130,15 @@ class ServeSettings:
                      "response_timeout_s", "token_expiration_min", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.frontend_heap_mb < 64:  # TorchServe's frontend alone needs about 60 MiB live
+            raise InvalidArgument(f"frontend_heap_mb must be >= 64, got {self.frontend_heap_mb}")
+        for option in self.frontend_jvm_options.split():
+            if not option.startswith("-"):
+                raise InvalidArgument(f"frontend_jvm_options holds {option!r}, which is not a JVM "
+                                      "option (each starts with '-'; blanks separate them)")
+            if option.startswith(("-Xms", "-Xmx", "-XX:InitialHeapSize", "-XX:MaxHeapSize")):
+                raise InvalidArgument(f"frontend_jvm_options holds {option!r}: set the heap "
+                                      "with frontend_heap_mb")
         if self.job_queue_size < 2:  # one request per public endpoint at least
             raise InvalidArgument(f"job_queue_size must be >= 2, got {self.job_queue_size}")
         for name in ("startup_timeout_s", "sync_interval_s"):
