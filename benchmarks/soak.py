@@ -86,6 +86,8 @@ GROWTH_LIMIT_PCT = 5.0
 #: the same load found 55 and 61 MiB (requests in flight, caches the collector cleared once).
 #: Over 10 minutes (about 100,000 requests) a leak of 100 bytes a request passes it.
 LIVE_HEAP_SLACK_MB = 10.0
+#: Seconds between two measures of the live heap after the warm-up.
+LIVE_EVERY_S = 60.0
 #: Roles whose growth is judged; the others are reported only.
 JUDGED = ("frontend", "worker")
 KINDS = ("rest-image", "grpc-image", "rest-sequence", "grpc-sequence")
@@ -461,19 +463,25 @@ class SoakResult:
     pids_after: dict[int, str] = field(default_factory=dict)
     #: "load start" / "end" -> frontend pid -> java_heap(); reported, not judged
     heap: dict[str, dict] = field(default_factory=dict)
-    #: "warm-up end" / "end" -> frontend pid -> live_heap(), both taken under load; judged
-    live: dict[str, dict] = field(default_factory=dict)
+    #: (seconds since the load started, {frontend pid: live_heap()}), all under load: at the
+    #: warm-up end, every LIVE_EVERY_S, at the end. First against last is judged.
+    live: list[tuple[float, dict[int, dict]]] = field(default_factory=list)
+
+    def live_series(self) -> list[tuple[float, float]]:
+        """(seconds, live heap MiB) of the frontend, where it was measured."""
+        return [(t, h["used_mb"]) for t, by_pid in self.live for h in by_pid.values() if "used_mb" in h]
 
     def live_growth(self) -> tuple[float, float, float] | None:
         """(live heap at the warm-up end, at the end (MiB), growth %) of the frontend, or
         None when either was not measured."""
-        start, end = self.live.get("warm-up end", {}), self.live.get("end", {})
-        for pid, first in start.items():
-            last = end.get(pid, {})
-            if "used_mb" in first and "used_mb" in last:
-                return (first["used_mb"], last["used_mb"],
-                        100.0 * (last["used_mb"] - first["used_mb"]) / first["used_mb"])
-        return None
+        if len(self.live) < 2:
+            return None
+        first, last = (next((h for h in by_pid.values() if "used_mb" in h), None)
+                       for _, by_pid in (self.live[0], self.live[-1]))
+        if first is None or last is None:
+            return None
+        return (first["used_mb"], last["used_mb"],
+                100.0 * (last["used_mb"] - first["used_mb"]) / first["used_mb"])
 
     def stats(self) -> list[ProcStats]:
         out = []
@@ -643,7 +651,7 @@ def run_soak(stack: Stack, bundles: dict, *, duration_s: float, warmup_s: float,
     busy0 = _busy_s()
     cpu_s: dict[int, float] = {}
     heap: dict[str, dict] = {}
-    live: dict[str, dict] = {}
+    live: list[tuple[float, dict[int, dict]]] = []
     died = None
     # jcmd attaches to the JVM, which then keeps an attach listener thread: first here, before
     # the load, so that both RSS windows see it; then at the warm-up end and at the end, each
@@ -681,12 +689,11 @@ def run_soak(stack: Stack, bundles: dict, *, duration_s: float, warmup_s: float,
             if not stack.alive():
                 died = f"modelctl serve exited ({stack.proc.returncode}) after {now:.0f} s"
                 break
-            if now >= warmup_s and "warm-up end" not in live:
-                # the live heap under load, before the baseline window (the full collection
-                # takes a fraction of a second; jcmd's attach listener then stays for both windows)
-                live["warm-up end"] = {p: live_heap(p) for p in rss if roles[p] == "frontend"}
+            if now >= duration_s or (now >= warmup_s and (not live or now >= live[-1][0] + LIVE_EVERY_S)):
+                # the live heap under load (a full collection: a fraction of a second), first
+                # at the start of the baseline window
+                live.append((now, {p: live_heap(p) for p in rss if roles[p] == "frontend"}))
             if now >= duration_s:
-                live["end"] = {p: live_heap(p) for p in rss if roles[p] == "frontend"}
                 break
             time.sleep(max(0.0, min(interval_s, duration_s - now, t0 + len(samples) * interval_s - time.monotonic())))
     finally:
@@ -807,7 +814,9 @@ def section(result: SoakResult, meta: dict) -> str:
                   "heap from the first sample and cannot show what the heap holds. What it holds is "
                   "measured apart: the heap still used after a full collection (`jcmd GC.run`, then "
                   "`GC.heap_info`), under the same load, at the warm-up end and at the end: "
-                  f"{live[0]:.1f} MiB, then {live[1]:.1f} MiB ({live[2]:+.1f}%). Judged: it may grow by less "
+                  f"{live[0]:.1f} MiB, then {live[1]:.1f} MiB ({live[2]:+.1f}%); every {LIVE_EVERY_S:.0f} s "
+                  "in between (s: MiB): " + ", ".join(f"{t:.0f}: {v:.1f}" for t, v in result.live_series()) +
+                  ". Judged: it may grow by less "
                   f"than {GROWTH_LIMIT_PCT:.0f}% or {LIVE_HEAP_SLACK_MB:.0f} MiB, whichever is more "
                   f"(+{limit:.1f} MiB here): " + ("holds." if live[1] - live[0] < limit else "FAILS."), ""]
     else:
@@ -866,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         "processes": {str(p): {"role": r, "label": result.labels[p]} for p, r in result.roles.items()},
         "samples": [{"t": round(t, 2), "rss": {str(p): v for p, v in s.items()}} for t, s in result.samples],
         "heap": {w: {str(p): h for p, h in v.items()} for w, v in result.heap.items()},
-        "live_heap": {w: {str(p): h for p, h in v.items()} for w, v in result.live.items()},
+        "live_heap": [{"t": round(t, 2), "heap": {str(p): h for p, h in v.items()}} for t, v in result.live],
         "failures": failures}, indent=1) + "\n")
     if not args.no_report:
         replace_section(args.out, START, END, section(result, meta))

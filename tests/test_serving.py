@@ -169,13 +169,15 @@ def test_frontend_jvm_settings(tmp_path):
            "MODELCTL_FRONTEND_JVM_OPTIONS": " -XX:+UseSerialGC  -XX:NativeMemoryTracking=summary "}
     s = ServeSettings.from_env(env, model_store=tmp_path / "store", state_dir=tmp_path / "state")
     assert frontend_jvm_args(s) == ["-Xms256m", "-Xmx256m", "-XX:+AlwaysPreTouch",
+                                    "-XX:+ExitOnOutOfMemoryError",
                                     f"-Djava.io.tmpdir={(tmp_path / 'state' / 'tmp').as_posix()}",
                                     "-XX:+UseSerialGC", "-XX:NativeMemoryTracking=summary"]
     assert parse_properties(render_config_properties(s))["vmargs"] == " ".join(frontend_jvm_args(s))
     # TorchServe splits vmargs on blanks: a state dir with one keeps TEMP (set by
     # TorchServeProcess) for the JVM's tmpdir, and the heap options stay
     blank = ServeSettings(model_store=tmp_path / "store", state_dir=tmp_path / "my state")
-    assert frontend_jvm_args(blank) == ["-Xms512m", "-Xmx512m", "-XX:+AlwaysPreTouch"]
+    assert frontend_jvm_args(blank) == ["-Xms512m", "-Xmx512m", "-XX:+AlwaysPreTouch",
+                                        "-XX:+ExitOnOutOfMemoryError"]
     with pytest.raises(InvalidArgument, match="MODELCTL_FRONTEND_HEAP_MB: frontend_heap_mb must be >= 64"):
         ServeSettings.from_env({"MODELCTL_FRONTEND_HEAP_MB": "32"})
     with pytest.raises(InvalidArgument, match="MODELCTL_FRONTEND_JVM_OPTIONS: .*'UseSerialGC', which is not"):
@@ -205,6 +207,7 @@ def test_config_properties(tmp_path):
     assert props["model_store"] == s.archive_dir.as_posix()
     # the frontend's heap is fixed and resident from the start (frontend_heap_mb, 512 MiB)
     assert props["vmargs"].split() == ["-Xms512m", "-Xmx512m", "-XX:+AlwaysPreTouch",
+                                       "-XX:+ExitOnOutOfMemoryError",
                                        f"-Djava.io.tmpdir={(s.state_dir / 'tmp').as_posix()}"]
     # allowed_urls: archives of this store only (Python's regex reads this one like Java).
     allowed = re.compile(props["allowed_urls"])

@@ -27,8 +27,8 @@ def test_frontend_and_workers_memory_stays_flat_under_load_at_concurrency_8(tmp_
         frontend = [pid for pid, role in stack.processes().items() if role == "frontend"]
         assert len(frontend) == 1
         flags = soak.jcmd(frontend[0], "VM.flags")
-        assert "-XX:+AlwaysPreTouch" in flags and f"-XX:MaxHeapSize={512 * 2**20}" in flags
-        assert f"-XX:InitialHeapSize={512 * 2**20}" in flags
+        assert "-XX:+AlwaysPreTouch" in flags and "-XX:+ExitOnOutOfMemoryError" in flags
+        assert f"-XX:InitialHeapSize={512 * 2**20}" in flags and f"-XX:MaxHeapSize={512 * 2**20}" in flags
         result = soak.run_soak(stack, bundles, duration_s=DURATION_S, warmup_s=WARMUP_S, concurrency=8,
                                interval_s=2.0)
     finally:
@@ -68,8 +68,9 @@ def test_frontend_and_workers_memory_stays_flat_under_load_at_concurrency_8(tmp_
 
 
 def _live(start_mb, end_mb, pid=1):
-    return {"warm-up end": {pid: {"committed_mb": 512.0, "used_mb": start_mb}},
-            "end": {pid: {"committed_mb": 512.0, "used_mb": end_mb}}}
+    return [(10.0, {pid: {"committed_mb": 512.0, "used_mb": start_mb}}),
+            (20.0, {pid: {"committed_mb": 512.0, "used_mb": 90.0}}),  # in between: not judged
+            (30.0, {pid: {"committed_mb": 512.0, "used_mb": end_mb}})]
 
 
 def _result(samples, roles, *, errors=0, warmup_s=10.0, live=None):
@@ -109,7 +110,7 @@ def test_the_verdict_judges_growth_after_warm_up_failures_and_replaced_workers()
             if "live Java heap grew 16.7%" in f and "limit +10.0 MiB" in f]
     assert _result(flat, roles, live=_live(300.0, 314.9)).failures() == []
     assert [f for f in _result(flat, roles, live=_live(300.0, 315.0)).failures() if "limit +15.0 MiB" in f]
-    unmeasured = {"warm-up end": {1: {"error": "no such process"}}, "end": {}}
+    unmeasured = [(10.0, {1: {"error": "no such process"}}), (30.0, {1: {"used_mb": 60.0}})]
     assert [f for f in _result(flat, roles, live=unmeasured).failures()
             if "live Java heap was not measured" in f and "no such process" in f]
     replaced = flat[:-1] + [(30.0, {1: 209, 4: 200, 3: 900})]

@@ -99,7 +99,9 @@ class ServeSettings:
     #: memory and grows its heap towards 1/4 of it under load (of the container's limit in
     #: Kubernetes), so the frontend's resident memory climbs in steps for minutes and its
     #: ceiling depends on the node. Fixed and pre-touched, its heap is resident from the
-    #: start, and a rise in resident memory means a leak. Request bodies waiting in
+    #: start, and a rise in resident memory means a leak. Out of heap, the JVM exits
+    #: (``-XX:+ExitOnOutOfMemoryError``), and ``modelctl serve`` with it, to be restarted
+    #: whole rather than run on with dead threads. Request bodies waiting in
     #: TorchServe's queues live in this heap: up to ``job_queue_size`` of them per model,
     #: each up to ``max_request_size_bytes``.
     frontend_heap_mb: int = 512
