@@ -7,7 +7,7 @@ RSS of the frontend and of each worker (median of 10 s of samples) may not grow 
 after a 45 s warm-up, and no request may fail. The frontend's heap is fixed and touched at start
 (``ServeSettings.frontend_heap_mb``; left to grow, G1 expanded it in steps of 25 MB a minute
 into the load and failed this test), so its live heap is judged apart: the heap still used
-after a full collection (``jcmd``) may grow by less than 5% or 10 MiB. ``make soak`` runs the
+after a full collection (``jcmd``; the median of 5) may grow by less than 5% or 10 MiB. ``make soak`` runs the
 same for 10 minutes and writes the figure into BENCHMARKS.md.
 """
 
