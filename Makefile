@@ -61,7 +61,8 @@ fuzz: setup
 
 # Memory soak (issue 7, 5c): `modelctl serve` (TorchServe, nginx, the gRPC gateway) under 10 minutes
 # of valid REST and gRPC requests at concurrency 8; fails when the RSS of the Java frontend or of
-# a worker grows by 5% or more after the warm-up, or a request fails. Writes BENCHMARKS.md.
+# a worker grows by 5% or more after the warm-up, when the frontend's live Java heap grows by 5%
+# or 10 MiB, or when a request fails. Writes BENCHMARKS.md.
 # About 11 minutes (start included); the short version is tests/test_soak.py.
 .PHONY: soak
 soak: setup

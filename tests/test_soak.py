@@ -5,8 +5,8 @@ the gRPC gateway) serves a small ResNet-18 and an LSTM; 8 client threads send va
 over REST and gRPC for 90 s, every answer checked against the model run in this process. The
 RSS of the frontend and of each worker (median of 10 s of samples) may not grow by 5% or more
 after a 45 s warm-up, and no request may fail. The frontend's heap is fixed and touched at start
-(``ServeSettings.frontend_heap_mb``; left to grow, G1 expanded it in steps of 25 MB a minute
-into the load and failed this test), so its live heap is judged apart: the heap still used
+(``ServeSettings.frontend_heap_mb``; left to grow, G1 grew it in steps under load, by 25 MB
+at once a minute in, and failed this test), so its live heap is judged apart: the heap still used
 after a full collection (``jcmd``; the median of 5) may grow by less than 5% or 10 MiB. ``make soak`` runs the
 same for 10 minutes and writes the figure into BENCHMARKS.md.
 """
@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections import Counter
 
 from benchmarks import soak
+from service.serving.settings import ServeSettings
 
 DURATION_S, WARMUP_S = soak.TEST_DURATION_S, soak.TEST_WARMUP_S
+HEAP_MB = ServeSettings.frontend_heap_mb  # the default, which soak.start_stack leaves alone
 
 
 def test_frontend_and_workers_memory_stays_flat_under_load_at_concurrency_8(tmp_path):
@@ -28,7 +30,7 @@ def test_frontend_and_workers_memory_stays_flat_under_load_at_concurrency_8(tmp_
         assert len(frontend) == 1
         flags = soak.jcmd(frontend[0], "VM.flags")
         assert "-XX:+AlwaysPreTouch" in flags and "-XX:+ExitOnOutOfMemoryError" in flags
-        assert f"-XX:InitialHeapSize={512 * 2**20}" in flags and f"-XX:MaxHeapSize={512 * 2**20}" in flags
+        assert f"-XX:InitialHeapSize={HEAP_MB * 2**20}" in flags and f"-XX:MaxHeapSize={HEAP_MB * 2**20}" in flags
         result = soak.run_soak(stack, bundles, duration_s=DURATION_S, warmup_s=WARMUP_S, concurrency=8,
                                interval_s=2.0)
     finally:
@@ -58,7 +60,7 @@ def test_frontend_and_workers_memory_stays_flat_under_load_at_concurrency_8(tmp_
     live = result.live_growth()
     assert live is not None, result.live
     print(f"live Java heap {live[0]:.1f} MiB -> {live[1]:.1f} MiB ({live[2]:+.1f}%)")
-    assert 20 < live[0] < 512 and live[1] - live[0] < soak.live_heap_limit_mb(live[0])
+    assert 20 < live[0] < HEAP_MB and soak.live_heap_holds(live[0], live[1])
     assert result.failures() == []
     text = soak.section(result, {"command": "pytest tests/test_soak.py", "date": "today", "cpu": "cpu",
                                  "ram_gb": 1.0, "load_before": "0", "load_after": "0", "jvm": "-"})

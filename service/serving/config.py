@@ -67,7 +67,9 @@ def frontend_jvm_args(settings: ServeSettings) -> list[str]:
     args = [f"-Xms{s.frontend_heap_mb}m", f"-Xmx{s.frontend_heap_mb}m", "-XX:+AlwaysPreTouch",
             "-XX:+ExitOnOutOfMemoryError"]
     tmp = (s.state_dir / "tmp").as_posix()
-    if not re.search(r"\s", tmp):  # TorchServeProcess also sets TEMP, which does the same
+    # TorchServe splits vmargs on blanks: a path with one is left to TEMP, which
+    # TorchServeProcess sets to the same directory.
+    if not re.search(r"\s", tmp):
         args.append(f"-Djava.io.tmpdir={tmp}")
     return args + s.frontend_jvm_options.split()
 
