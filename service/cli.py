@@ -12,6 +12,7 @@ from service.errors import ServiceError
 
 SERVE_FLAGS = {
     # flag: (ServeSettings field, type, help)
+    "--engine": ("engine", str, "serving engine: torchserve or native [MODELCTL_ENGINE, torchserve]"),
     "--model-store": ("model_store", Path, "model store directory [MODELCTL_MODEL_STORE, ./model_store]"),
     "--state-dir": ("state_dir", Path, "TorchServe state: config, logs, keys, tmp [MODELCTL_STATE_DIR, ./.modelctl]"),
     "--inference-port": ("inference_port", int, "REST inference port [MODELCTL_INFERENCE_PORT, 8080]"),
@@ -74,15 +75,17 @@ def _settings(args):
 
 # ---- commands ----------------------------------------------------------------------
 def cmd_serve(args) -> int:
+    from service.serving.engines import serving_class
+
+    settings = _settings(args)
     if args.no_control:  # a serving replica: the control service runs elsewhere
-        from service.serving.supervisor import Serving
+        serving = serving_class(settings.engine)(settings)
+    else:
+        from service.control.serve import with_control
 
-        Serving(_settings(args)).run_forever()
-        return 0
-    from service.control.serve import ServingWithControl
-
-    ServingWithControl(_settings(args), _control_config(args)).run_forever()
-    return 0
+        serving = with_control(settings.engine)(settings, _control_config(args))
+    serving.run_forever()
+    return 1 if getattr(serving, "failure", None) else 0
 
 
 def cmd_demo(args) -> int:

@@ -285,11 +285,12 @@ def _scrape(served) -> dict:
 def test_latency_histograms_count_requests_per_model_and_version(served):
     def count(samples, model, version, stage):
         key = ("modelctl_request_latency_seconds_count",
-               (("model", model), ("stage", stage), ("version", version)))
+               (("engine", "torchserve"), ("model", model), ("stage", stage), ("version", version)))
         return samples.get(key, 0.0)
 
     def outcome(samples, model, version, name):
-        key = ("modelctl_requests_total", (("model", model), ("outcome", name), ("version", version)))
+        key = ("modelctl_requests_total",
+               (("engine", "torchserve"), ("model", model), ("outcome", name), ("version", version)))
         return samples.get(key, 0.0)
 
     before = _scrape(served)
@@ -310,5 +311,5 @@ def test_latency_histograms_count_requests_per_model_and_version(served):
     assert after[("modelctl_gpu_count", ())] == 0  # no GPU here: zero GPUs, no error
     assert ("modelctl_queue_depth", (("model", "t-resnet"), ("version", "1"))) in after
     inference_sum = after[("modelctl_request_latency_seconds_sum",
-                           (("model", "t-resnet"), ("stage", "inference"), ("version", "1")))]
+                           (("engine", "torchserve"), ("model", "t-resnet"), ("stage", "inference"), ("version", "1")))]
     assert inference_sum > 0

@@ -343,7 +343,7 @@ def _exposed_sample_names(tmp_path: Path) -> set[str]:
     registry = CollectorRegistry()
     metrics = HandlerMetrics.create(registry)
     metrics.observe_batch("m", "1", {"preprocess": 0.01, "inference": 0.02, "postprocess": 0.0}, 0.03, [200])
-    metrics.in_flight.labels("m", "1").set(0)
+    metrics.in_flight.labels("m", "1", "torchserve").set(0)
     names = {s.name for family in registry.collect() for s in family.samples}
     (tmp_path / EVENTS_FILE).write_text(json.dumps({"event": "epoch", "train_loss": 0.5, "val_metric": 0.8}) + "\n")
     jobs = [SimpleNamespace(id="job-1", state="RUNNING", output_model="m", run_dir=str(tmp_path),

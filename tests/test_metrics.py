@@ -21,7 +21,7 @@ def test_batch_observation_counts_every_request():
     m.observe_batch("m", "1", {"preprocess": 0.01, "inference": 0.02, "postprocess": 0.001},
                     0.04, [200, 400, 200])
     get = registry.get_sample_value
-    labels = {"model": "m", "version": "1"}
+    labels = {"model": "m", "version": "1", "engine": "torchserve"}
     assert get("modelctl_request_latency_seconds_count", {**labels, "stage": "request"}) == 3
     assert get("modelctl_request_latency_seconds_count", {**labels, "stage": "inference"}) == 3
     assert get("modelctl_requests_total", {**labels, "outcome": "ok"}) == 2

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 STATES = tuple(TRANSITIONS)
 
 
-class ServingWithControl(Serving):
+class ControlBeside:
+    """The control API beside an engine's serving (mixed into either engine's class)."""
+
     def __init__(self, settings, control: ControlConfig, *, api_token: ApiToken | None = None):
         api_token = api_token or load_token(settings.state_dir, create=True)
         super().__init__(settings, api_token=api_token)
@@ -56,6 +58,20 @@ class ServingWithControl(Serving):
             self.control.stop()
         finally:
             super().stop()
+
+
+class ServingWithControl(ControlBeside, Serving):
+    """TorchServe's engine with the control API (``modelctl serve``)."""
+
+
+def with_control(engine: str) -> type:
+    """The class of ``modelctl serve`` for ``engine``: its serving plus the control API."""
+    from service.serving.engines import serving_class
+
+    base = serving_class(engine)
+    if base is Serving:
+        return ServingWithControl
+    return type(f"{base.__name__}WithControl", (ControlBeside, base), {})
 
 
 def standalone_management(settings):

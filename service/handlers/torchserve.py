@@ -19,6 +19,7 @@ import torch
 from service.errors import ServiceError
 from service.inference import Predictor
 from service.inference.fastpath import configure_compile_cache
+from service.inference.predictor import warm_up_sizes  # noqa: F401  (imported from here by older code)
 from service.metrics import MULTIPROC_ENV
 from service.metrics.handler import HandlerMetrics
 from service.modelstore.bundle import ModelBundle
@@ -43,19 +44,6 @@ def compile_cache_default() -> Path | None:
     MODELCTL_COMPILE_CACHE_DIR, when set, win (see fastpath.configure_compile_cache)."""
     metrics_dir = os.environ.get(MULTIPROC_ENV)
     return Path(metrics_dir).parent / "compile-cache" if metrics_dir else None
-
-
-def warm_up_sizes(batch_size: int, compiled: bool) -> list[int]:
-    """Batch sizes to run at load. A compiled model gets one static graph per size, cached
-    on disk: powers of two up to the batch size, and the batch size (the predictor pads a
-    batch to the next of them). An eager one: the smallest and the largest."""
-    if not compiled:
-        return sorted({1, batch_size})
-    sizes, n = {batch_size}, 1
-    while n < batch_size:
-        sizes.add(n)
-        n *= 2
-    return sorted(sizes)
 
 
 def _status_phrase(message: str) -> str:
@@ -107,7 +95,7 @@ class TorchServeHandler:
     def handle(self, data: list[dict], context) -> list[str]:
         start = time.perf_counter()
         p, m = self.predictor, self.metrics
-        in_flight = m.in_flight.labels(p.name, p.version)
+        in_flight = m.in_flight.labels(p.name, p.version, m.engine)
         in_flight.inc(len(data))
         try:
             answers, statuses, timings = self._answer(data, context)

@@ -91,6 +91,19 @@ def parse_k(value: Any, num_classes: int) -> int:
     return min(value, num_classes)
 
 
+def warm_up_sizes(batch_size: int, compiled: bool) -> list[int]:
+    """Batch sizes to run at load. A compiled model gets one static graph per size, cached
+    on disk: powers of two up to the batch size, and the batch size (the predictor pads a
+    batch to the next of them). An eager one: the smallest and the largest."""
+    if not compiled:
+        return sorted({1, batch_size})
+    sizes, n = {batch_size}, 1
+    while n < batch_size:
+        sizes.add(n)
+        n *= 2
+    return sorted(sizes)
+
+
 class Predictor:
     """Decode, preprocess, batch, forward on one device, and answer top-k with labels.
 

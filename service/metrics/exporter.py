@@ -51,10 +51,13 @@ class QueueDepthCollector(Collector):
 class MetricsExporter:
     """``http://host:port/metrics`` over the workers' metric files and the collectors."""
 
-    def __init__(self, host: str, port: int, multiproc_dir: Path, collectors=()):
+    def __init__(self, host: str, port: int, multiproc_dir: Path | None, collectors=()):
+        """``multiproc_dir``: the TorchServe workers' metric files (None: the metrics live in
+        this process, on :attr:`registry`, as the native engine's do)."""
         self.host, self.port = host, port
         self.registry = CollectorRegistry()
-        MultiProcessCollector(self.registry, path=str(multiproc_dir))
+        if multiproc_dir is not None:
+            MultiProcessCollector(self.registry, path=str(multiproc_dir))
         self.registry.register(GpuCollector())
         for collector in collectors:
             self.registry.register(collector)

@@ -1,7 +1,8 @@
 """Metrics a serving worker records per request: latency by stage, outcomes, batches.
 
-Names follow Prometheus conventions. Labels: ``model``, ``version``; ``stage`` for
-latency (preprocess, inference, postprocess, request); ``outcome`` for requests.
+Names follow Prometheus conventions. Labels: ``model``, ``version``, ``engine`` (torchserve
+or native: the same names from either engine); ``stage`` for latency (preprocess,
+inference, postprocess, request); ``outcome`` for requests.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ class HandlerMetrics:
     requests: Counter
     batch_size: Histogram
     in_flight: Gauge
+    engine: str = "torchserve"
 
     @classmethod
-    def create(cls, registry: CollectorRegistry | None = None) -> "HandlerMetrics":
+    def create(cls, registry: CollectorRegistry | None = None, engine: str = "torchserve") -> "HandlerMetrics":
         """Define the metrics on ``registry`` (a private one by default: no globals)."""
         registry = registry if registry is not None else CollectorRegistry()
-        labels = ("model", "version")
+        labels = ("model", "version", "engine")
         return cls(
             latency=Histogram(
                 "modelctl_request_latency_seconds",
@@ -57,18 +59,19 @@ class HandlerMetrics:
                 "modelctl_in_flight_requests", "Requests being processed by the workers now.",
                 labels, registry=registry, multiprocess_mode="livesum",
             ),
+            engine=engine,
         )
 
     def observe_batch(self, model: str, version: str, timings: dict[str, float],
                       total_s: float, statuses: list[int]) -> None:
         """Record one batch: every request in it shares the batch's stage timings."""
-        n = len(statuses)
-        self.batch_size.labels(model, version).observe(n)
+        n, engine = len(statuses), self.engine
+        self.batch_size.labels(model, version, engine).observe(n)
         for stage in STAGES:
-            hist = self.latency.labels(model, version, stage)
+            hist = self.latency.labels(model, version, engine, stage)
             for _ in range(n):
                 hist.observe(timings.get(stage, 0.0))
-        whole = self.latency.labels(model, version, "request")
+        whole = self.latency.labels(model, version, engine, "request")
         for status in statuses:
             whole.observe(total_s)
-            self.requests.labels(model, version, outcome_of(status)).inc()
+            self.requests.labels(model, version, engine, outcome_of(status)).inc()

@@ -13,6 +13,7 @@ import io
 import json
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,24 @@ class ModelBundle:
         torch.save(weights, buffer)
         (directory / WEIGHTS_FILE).write_bytes(buffer.getbuffer())
         return [directory / WEIGHTS_FILE, *paths]
+
+    @classmethod
+    def from_archive(cls, path: Path | str, map_location: str | torch.device = "cpu") -> "ModelBundle":
+        """Read the bundle of a ``.mar`` archive without unpacking it (the native engine;
+        TorchServe unpacks archives itself and a worker calls :meth:`load`)."""
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+
+            def text(member: str) -> str:
+                return archive.read(member).decode("utf-8")
+
+            spec = ModelSpec.from_dict(json.loads(text(SPEC_FILE)))
+            labels = json.loads(text(LABELS_FILE))
+            vocab = Vocabulary.from_list(json.loads(text(VOCAB_FILE))) if VOCAB_FILE in names else None
+            lineage = json.loads(text(LINEAGE_FILE)) if LINEAGE_FILE in names else {}
+            with archive.open(WEIGHTS_FILE) as member:
+                state_dict = read_weights(io.BytesIO(member.read()), map_location, name=WEIGHTS_FILE)
+        return cls(spec=spec, state_dict=state_dict, labels=labels, vocab=vocab, lineage=lineage)
 
     @classmethod
     def load(cls, directory: Path, map_location: str | torch.device = "cpu") -> "ModelBundle":

@@ -48,8 +48,15 @@ def _default_model_store() -> Path:
     return Path.cwd() / "model_store"
 
 
+#: The serving engines (``engine``): TorchServe (Java frontend, nginx, gRPC gateway) or the
+#: native engine (one Python process, service/serving/native).
+ENGINES = ("torchserve", "native")
+
+
 @dataclass(frozen=True)
 class ServeSettings:
+    #: Which engine serves the archives (:data:`ENGINES`).
+    engine: str = "torchserve"
     #: Root of the model store: ``<model_store>/<name>/<version>.mar``.
     model_store: Path = field(default_factory=_default_model_store)
     #: Runtime state: generated config, TorchServe's log, key file, logs/, tmp/.
@@ -109,6 +116,14 @@ class ServeSettings:
     #: on blanks, so one option cannot contain one), for example
     #: ``-XX:NativeMemoryTracking=summary`` or GC logging.
     frontend_jvm_options: str = ""
+    #: Request bodies in flight at once on this replica (queued or running, REST and gRPC
+    #: together), in bytes; one more gets 429 / RESOURCE_EXHAUSTED with a retry-after.
+    #: 0 derives it: :attr:`inflight_bytes_budget`. Native engine.
+    max_inflight_bytes: int = 0
+    #: Native engine: how long a batch may wait for more requests, at most, in ms, when
+    #: more requests are in flight than the batch holds (an archive's own
+    #: ``max_batch_delay_ms`` is used when smaller). Nothing waits at concurrency 1.
+    batch_wait_cap_ms: float = 5.0
 
     def __post_init__(self):
         # Normalise paths (str given by a caller) and check ranges once, here.
@@ -141,6 +156,15 @@ class ServeSettings:
             if option.startswith(("-Xms", "-Xmx", "-XX:InitialHeapSize", "-XX:MaxHeapSize")):
                 raise InvalidArgument(f"frontend_jvm_options holds {option!r}: set the heap "
                                       "with frontend_heap_mb")
+        if self.engine not in ENGINES:
+            raise InvalidArgument(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.max_inflight_bytes < 0:
+            raise InvalidArgument(f"max_inflight_bytes must be >= 0 (0: derived), got {self.max_inflight_bytes}")
+        if self.max_inflight_bytes and self.max_inflight_bytes < self.max_request_size_bytes:
+            raise InvalidArgument(f"max_inflight_bytes must be 0 or at least max_request_size_bytes "
+                                  f"({self.max_request_size_bytes}), got {self.max_inflight_bytes}")
+        if not 0 <= self.batch_wait_cap_ms <= 1000:
+            raise InvalidArgument(f"batch_wait_cap_ms must be between 0 and 1000, got {self.batch_wait_cap_ms}")
         if self.job_queue_size < 2:  # one request per public endpoint at least
             raise InvalidArgument(f"job_queue_size must be >= 2, got {self.job_queue_size}")
         for name in ("startup_timeout_s", "sync_interval_s"):
@@ -153,6 +177,15 @@ class ServeSettings:
         through to TorchServe at once (waiting in its queue or running): half of
         ``job_queue_size``, so both endpoints together never overflow a version's queue."""
         return self.job_queue_size // 2
+
+    @property
+    def inflight_bytes_budget(self) -> int:
+        """Request bytes the native engine holds in flight at once: ``max_inflight_bytes``,
+        or, when 0, a quarter of ``job_queue_size`` full-size requests (100 x 16 MiB / 4 =
+        400 MiB on the defaults); never less than one full-size request."""
+        if self.max_inflight_bytes:
+            return self.max_inflight_bytes
+        return max(self.max_request_size_bytes, self.job_queue_size * self.max_request_size_bytes // 4)
 
     @property
     def archive_dir(self) -> Path:
