@@ -6,7 +6,16 @@ Sources:
 * TorchServe's own ``inference.proto`` and ``management.proto``, extracted from the
   installed ``ts/frontend/model-server.jar`` (never copied into the repository, so they
   always match the TorchServe that runs);
-* every ``protos/**/*.proto`` of the project (e.g. ``protos/modelctl/v1/*.proto``).
+* every ``protos/**/*.proto`` of the project:
+
+  - ``protos/modelctl/v1/*.proto``, the project's own (e.g. the control service);
+  - ``protos/oip/v2/open_inference_grpc.proto``, the Open Inference Protocol v2 gRPC API
+    (proto package ``inference``, service ``GRPCInferenceService``), a verbatim copy from
+    github.com/kserve/open-inference-protocol (source, commit and licence in
+    ``protos/oip/README.md``), generated to ``service._gen.oip.v2.open_inference_grpc_pb2``
+    and ``..._pb2_grpc``. Its package differs from TorchServe's
+    (``org.pytorch.serve.grpc.inference``), so both load in one process; it does clash with
+    ``tritonclient.grpc``'s own copy (see tests/oip_clients.py).
 
 The include mapping ``-Iservice/_gen=<dir>`` makes grpc_tools write imports such as
 ``from service._gen import inference_pb2`` directly, with no post-processing. The price
