@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from service._gen import inference_pb2, inference_pb2_grpc
 from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
 from service._gen.oip.v2 import open_inference_grpc_pb2_grpc as pb_grpc
-from service.errors import InvalidInput, ResourceExhausted, ServiceError, Unavailable, grpc_status
+from service.errors import InvalidInput, NotFound, ResourceExhausted, ServiceError, Unavailable, grpc_status
 from service.serving.gateway import ReadinessHealthServicer
 from service.serving.native import oip
 from service.serving.native.dataplane import DataPlane
@@ -148,7 +148,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.plane.ready())
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.plane.version(request.name, request.version or None).ready)
+        try:  # an unknown model or version is not ready (Triton answers the same)
+            return pb.ModelReadyResponse(ready=self.plane.version(request.name, request.version or None).ready)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="modelctl", version=self.server_version,

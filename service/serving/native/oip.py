@@ -279,7 +279,7 @@ def to_outputs(io: ModelIO, answer: Mapping[str, Any], labels: Sequence[str],
         unknown = [w for w in wanted if w not in names]
         if unknown:
             raise InvalidInput(f"unknown output {unknown[0]!r}; this model gives {', '.join(names)}")
-        names = [n for n in names if n in wanted]
+        names = list(dict.fromkeys(wanted))  # in the order asked for
     preds = answer["predictions"]
     n = len(preds)
     out: list[Tensor] = []
