@@ -1,7 +1,8 @@
-"""Every family archived, served by a real TorchServe, and predicted over REST and gRPC.
+"""Every family archived, served by each engine, and predicted over REST and gRPC.
 
-A real TorchServe and the real gRPC gateway run on free ports, on archives written by the
-real model store. Nothing is faked.
+Each engine in turn (the module's fixture is parametrized): a real TorchServe with the real
+gRPC gateway, then the native engine, on free ports, on archives written by the real model
+store. The same tests, the same answers and statuses. Nothing is faked.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from service.modelstore import ModelStore
 from service.modelstore.store import ServingOptions
 from service.serving.settings import ServeSettings
 from service.serving.store_scan import refused_archives
-from service.serving.supervisor import Serving
+from service.serving.engines import serving_class
 from tests.helpers import TEXTS, broken_archive_copy, free_port, make_bundle, random_image
 
 MODELS = {"resnet": "t-resnet", "mobilenet": "t-mobilenet", "cnn": "t-cnn", "lstm": "t-lstm", "gru-text": "t-text"}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
+@pytest.fixture(scope="module", params=["torchserve", "native"])
+def served(tmp_path_factory, request):
+    engine = request.param
+    root = tmp_path_factory.mktemp(f"e2e-{engine}")
     store = ModelStore(root / "store")
     bundles = {kind: make_bundle(kind) for kind in MODELS}
     for kind, name in MODELS.items():
@@ -53,8 +55,9 @@ def served(tmp_path_factory):
         exporter_port=free_port(),
         worker_port_base=random.randint(20000, 40000),
         startup_timeout_s=90,
+        engine=engine,
     )
-    serving = Serving(settings)
+    serving = serving_class(engine)(settings)
     report = serving.start()  # waits for every worker: READY, or crash-looping
     try:
         client = PredictionClient(
@@ -62,7 +65,8 @@ def served(tmp_path_factory):
             grpc_target=f"127.0.0.1:{settings.grpc_inference_port}",
             token=read_token(settings.state_dir),
         )
-        yield {"settings": settings, "client": client, "bundles": bundles, "report": report, "serving": serving}
+        yield {"settings": settings, "client": client, "bundles": bundles, "report": report, "serving": serving,
+               "engine": engine}
     finally:
         serving.stop()
 
@@ -285,12 +289,12 @@ def _scrape(served) -> dict:
 def test_latency_histograms_count_requests_per_model_and_version(served):
     def count(samples, model, version, stage):
         key = ("modelctl_request_latency_seconds_count",
-               (("engine", "torchserve"), ("model", model), ("stage", stage), ("version", version)))
+               (("engine", served["engine"]), ("model", model), ("stage", stage), ("version", version)))
         return samples.get(key, 0.0)
 
     def outcome(samples, model, version, name):
         key = ("modelctl_requests_total",
-               (("engine", "torchserve"), ("model", model), ("outcome", name), ("version", version)))
+               (("engine", served["engine"]), ("model", model), ("outcome", name), ("version", version)))
         return samples.get(key, 0.0)
 
     before = _scrape(served)
@@ -311,5 +315,5 @@ def test_latency_histograms_count_requests_per_model_and_version(served):
     assert after[("modelctl_gpu_count", ())] == 0  # no GPU here: zero GPUs, no error
     assert ("modelctl_queue_depth", (("model", "t-resnet"), ("version", "1"))) in after
     inference_sum = after[("modelctl_request_latency_seconds_sum",
-                           (("engine", "torchserve"), ("model", "t-resnet"), ("stage", "inference"), ("version", "1")))]
+                           (("engine", served["engine"]), ("model", "t-resnet"), ("stage", "inference"), ("version", "1")))]
     assert inference_sum > 0

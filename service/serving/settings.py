@@ -120,10 +120,6 @@ class ServeSettings:
     #: together), in bytes; one more gets 429 / RESOURCE_EXHAUSTED with a retry-after.
     #: 0 derives it: :attr:`inflight_bytes_budget`. Native engine.
     max_inflight_bytes: int = 0
-    #: Native engine: how long a batch may wait for more requests, at most, in ms, when
-    #: more requests are in flight than the batch holds (an archive's own
-    #: ``max_batch_delay_ms`` is used when smaller). Nothing waits at concurrency 1.
-    batch_wait_cap_ms: float = 5.0
 
     def __post_init__(self):
         # Normalise paths (str given by a caller) and check ranges once, here.
@@ -163,8 +159,6 @@ class ServeSettings:
         if self.max_inflight_bytes and self.max_inflight_bytes < self.max_request_size_bytes:
             raise InvalidArgument(f"max_inflight_bytes must be 0 or at least max_request_size_bytes "
                                   f"({self.max_request_size_bytes}), got {self.max_inflight_bytes}")
-        if not 0 <= self.batch_wait_cap_ms <= 1000:
-            raise InvalidArgument(f"batch_wait_cap_ms must be between 0 and 1000, got {self.batch_wait_cap_ms}")
         if self.job_queue_size < 2:  # one request per public endpoint at least
             raise InvalidArgument(f"job_queue_size must be >= 2, got {self.job_queue_size}")
         for name in ("startup_timeout_s", "sync_interval_s"):

@@ -140,8 +140,7 @@ class NativeServing:
             rest_sock = bind(self.settings.host, self.settings.inference_port)
             names = devices()
             threads = torch_threads(len(names))
-            self._runners = [DeviceRunner(d, wait_cap_s=self.settings.batch_wait_cap_ms / 1000, threads=threads)
-                             for d in names]
+            self._runners = [DeviceRunner(d, threads=threads) for d in names]
             for runner in self._runners:
                 runner.start()
             self.exporter = MetricsExporter(

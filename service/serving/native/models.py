@@ -67,7 +67,8 @@ class Version:
         queued = self.runner.queued(self.lane)
         return {"modelName": self.name, "modelVersion": self.version, "modelUrl": self.path.name,
                 "minWorkers": self.min_workers, "maxWorkers": self.min_workers,
-                "batchSize": self.lane.max_batch, "workers": workers, "engine": "native",
+                "batchSize": self.lane.max_batch, "maxBatchDelay": round(self.lane.wait_cap_s * 1000),
+                "workers": workers, "engine": "native",
                 "loadError": self.error,
                 "jobQueueStatus": {"pendingRequests": queued}}
 
@@ -212,6 +213,7 @@ class NativeModels:
         for note in predictor.runtime_notes:
             log.info("%s version %s: %s", entry.name, entry.version, note)
         entry.lane.max_batch = max(took) if took else batch
+        entry.lane.wait_cap_s = float(serving.get("max_batch_delay_ms") or 0) / 1000
         entry.lane.predictor = predictor
         entry.load_s = time.perf_counter() - start
         entry.state = READY

@@ -15,8 +15,8 @@ Batch formation decides closed-loop throughput. A fixed wait either splits the b
 concurrency 1 (5 ms). So the wait here is adaptive: a batch waits for more requests only
 while it holds fewer than the version has in flight, or than its last batch held (the
 clients of a closed loop come back together), never beyond the version's batch size (the
-largest compiled size), and never longer than ``wait_cap_s`` after its first request
-arrived. At concurrency 1 nothing waits.
+largest compiled size), and never longer than the archive's ``max_batch_delay_ms`` after its
+first request arrived. At concurrency 1 nothing waits.
 """
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ class Request:
 class Lane:
     """The queue of one model version on a device, and its batching state."""
 
-    def __init__(self, key: tuple[str, str], max_batch: int):
+    def __init__(self, key: tuple[str, str], max_batch: int, wait_cap_s: float = 0.0):
         self.key = key
         self.max_batch = max(1, int(max_batch))
+        #: The longest a batch waits after its first request (the archive's max_batch_delay_ms).
+        self.wait_cap_s = max(0.0, float(wait_cap_s))
         self.queue: collections.deque[Request] = collections.deque()
         #: Requests admitted for this version and not answered yet (queued, running, or
         #: still being read by a protocol); kept by the data plane.
@@ -71,9 +73,8 @@ class Lane:
 class DeviceRunner:
     """The thread that owns torch for one device: control tasks (load, unload) and batches."""
 
-    def __init__(self, device: str, *, wait_cap_s: float, threads: int | None = None):
+    def __init__(self, device: str, *, threads: int | None = None):
         self.device = device
-        self.wait_cap_s = max(0.0, float(wait_cap_s))
         self.threads = threads
         self._cv = threading.Condition()
         self._tasks: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -183,7 +184,7 @@ class DeviceRunner:
 
     def _take(self, lane: Lane) -> list[Request]:
         """The next batch of ``lane`` (lock held): wait while it can still fill, then take it."""
-        deadline = lane.queue[0].arrived + self.wait_cap_s
+        deadline = lane.queue[0].arrived + lane.wait_cap_s
         while not self._stop and not self._tasks:
             target = batch_target(len(lane.queue), lane.in_flight, lane.last_batch, lane.max_batch)
             left = deadline - time.monotonic()
