@@ -1,6 +1,7 @@
 """Serving under load while it changes underneath (issue 7, points 3 and 4a).
 
-One real instance as ``modelctl serve`` composes it (ServingWithControl): TorchServe 0.12
+One real instance as ``modelctl serve`` composes it (ServingWithControl; the version swap also
+runs on the native engine, ``--engine native``, with the same control API): TorchServe 0.12
 with our handler, the nginx token proxy for REST, our gRPC gateway and the control API,
 with real archives written by the model store. The load is real HTTP and gRPC from 8
 client threads with the operator's API token, to the public endpoints only.
@@ -41,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._gen import inference_pb2, inference_pb2_grpc
 from service.control.client import ControlClient
 from service.control.config import ControlConfig
-from service.control.serve import ServingWithControl
+from service.control.serve import with_control
 from service.errors import Unavailable
 from service.modelstore import ModelStore
 from service.serving import readiness
@@ -64,16 +65,15 @@ def _bundle(seed: int, tag: str):
     return dataclasses.replace(bundle, labels=[f"{tag}-{i}" for i in range(len(bundle.labels))])
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resilience")
+def _serve(root, engine: str):
     store = ModelStore(root / "store")
     store.write(SWAP, _bundle(1, "old"))
     store.write(VICTIM, _bundle(3, "victim"))
-    settings = settings_for(root / "store", root / "state", startup_timeout_s=120, sync_interval_s=3600)
+    settings = settings_for(root / "store", root / "state", startup_timeout_s=120, sync_interval_s=3600,
+                            engine=engine)
     control = ControlConfig(port=0, db_path=root / "control.db", runs_dir=root / "runs", data_roots=(root,),
                             max_concurrent_jobs=1, poll_s=0.2, deploy_timeout_s=120)
-    serving = ServingWithControl(settings, control)
+    serving = with_control(engine)(settings, control)
     serving.start()
     try:
         assert all(r.ready for r in serving.report), readiness.summary(serving.report)
@@ -81,6 +81,18 @@ def served(tmp_path_factory):
                               control=ControlClient(serving.control.target, token=serving.api_token.value))
     finally:
         serving.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``modelctl serve`` on TorchServe."""
+    yield from _serve(tmp_path_factory.mktemp("resilience"), "torchserve")
+
+
+@pytest.fixture(scope="module")
+def native_served(tmp_path_factory):
+    """``modelctl serve --engine native``: the same control API deploys to it."""
+    yield from _serve(tmp_path_factory.mktemp("resilience-native"), "native")
 
 
 # ---- the load -------------------------------------------------------------------------------------
@@ -220,7 +232,9 @@ def _describe(failures: list[Result]) -> str:
 
 
 # ---- point 3: a version swap under load ------------------------------------------------------------
-def test_a_version_swap_under_load_fails_no_request(served):
+@pytest.mark.parametrize("engine", ["served", "native_served"])
+def test_a_version_swap_under_load_fails_no_request(engine, request):
+    served = request.getfixturevalue(engine)
     swap: dict[str, float] = {}
     # At least 2000 requests, and the load outlives the swap by 200 more.
     load = Load(served, SWAP, _stop_after(2000, swap, "rolled_back")).start()
