@@ -6,6 +6,10 @@ gRPC control API, it fine-tunes the CNN on ``builtin:digits`` and the LSTM on
 ``builtin:digits-seq``, showing the events, and deploys each new version only if it is
 better. Last, it predicts held-out digits over REST and gRPC and prints the served
 version's held-out accuracy next to the parent's.
+
+Then the same store is served by the native engine (``modelctl serve --engine native``, a
+child process on the same ports), and every deployed version answers the Open Inference
+Protocol v2 through NVIDIA's ``tritonclient``, over REST (binary tensors) and gRPC.
 """
 
 from __future__ import annotations
@@ -178,4 +182,75 @@ def run_demo(settings, control) -> int:
                   f"(parent version {parents[name]}: {parent_acc:.3f})")
             answer = predict.grpc(name, _inputs(name, x_val[:1]), k=3)
             print(f"{'':15} gRPC, a held-out {y_val[0]}: {_summary(answer)}")
-    return 0
+    return native_round(settings, x_val[:1], y_val[0])
+
+
+def _native_child(settings):
+    """``modelctl serve --engine native --no-control`` on the demo's store, state and ports."""
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    for field in ("model_store", "state_dir", "host", "inference_port", "grpc_inference_port", "exporter_port"):
+        env[settings.env_var(field)] = str(getattr(settings, field))
+    env[settings.env_var("engine")] = "native"
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--no-control"], env=env)
+
+
+def native_round(settings, images, label) -> int:
+    """The same store on the native engine; top-3 of each model through tritonclient."""
+    import time
+
+    import numpy as np
+    import requests
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    token = read_token(settings.state_dir)
+    headers = {"authorization": f"Bearer {token}"}
+    print("\n== the same archives on the native engine (modelctl serve --engine native), "
+          "through tritonclient (OIP v2) ==", flush=True)
+    started = time.monotonic()
+    child = _native_child(settings)
+    try:
+        ready_url = f"http://{settings.host}:{settings.inference_port}/v2/health/ready"
+        while True:
+            if child.poll() is not None:
+                logger.error("the native engine exited with %s before it was ready", child.returncode)
+                return 1
+            try:
+                if requests.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() - started > settings.startup_timeout_s:
+                logger.error("the native engine was not ready within %.0fs", settings.startup_timeout_s)
+                return 1
+            time.sleep(0.2)
+        print(f"every model READY in {time.monotonic() - started:.1f}s (process start included)")
+        clients = {"REST": (httpclient, httpclient.InferenceServerClient(f"{settings.host}:{settings.inference_port}")),
+                   "gRPC": (grpcclient, grpcclient.InferenceServerClient(f"{settings.host}:{settings.grpc_inference_port}"))}
+        png = digit_png(images[0])
+        for name in DEMO_SPECS:
+            for proto, (module, client) in clients.items():
+                if name == "demo-lstm":
+                    data = (np.asarray(images, dtype=np.float32) / 16.0)
+                    tensor = module.InferInput("sequences", list(data.shape), "FP32")
+                else:
+                    data = np.array([png], dtype=np.object_)
+                    tensor = module.InferInput("images", [1], "BYTES")
+                tensor.set_data_from_numpy(data, **({"binary_data": True} if module is httpclient else {}))
+                result = client.infer(name, [tensor], headers=headers, parameters={"top_k": 3})
+                labels = [b.decode() for b in result.as_numpy("labels")[0]]
+                probs = result.as_numpy("probabilities")[0]
+                version = result.get_response()["model_version"] if module is httpclient else \
+                    result.get_response().model_version
+                shown = ", ".join(f"{lab} ({p:.3f})" for lab, p in zip(labels, probs))
+                print(f"{name if proto == 'REST' else '':15} {proto:4} v{version}, a held-out {label}: {shown}")
+        return 0
+    finally:
+        child.terminate()
+        try:
+            child.wait(30)
+        except Exception:
+            child.kill()
