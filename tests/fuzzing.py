@@ -20,6 +20,7 @@ client timeout) is a failure, as is a worker that was restarted during the campa
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import struct
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
@@ -59,19 +61,42 @@ SEQ_SPEC = {
 BATCH_SIZE = 4
 MAX_BATCH_DELAY_MS = 10
 
+#: The categories every engine gets: TorchServe's inference API (REST ``/predictions``, gRPC
+#: ``Predictions``), which both engines serve.
 CATEGORIES = ("png_corrupt", "jpeg_corrupt", "decompression_bomb", "wrong_content_type",
               "empty_body", "oversize_body", "nan_inf_sequence", "wrong_nesting", "bad_k")
+#: Open Inference Protocol v2 (REST ``/v2/models/<m>/infer``, gRPC ``ModelInfer``): the
+#: native engine only (TorchServe does not speak it).
+OIP_CATEGORIES = ("oip",)
+ALL_CATEGORIES = CATEGORIES + OIP_CATEGORIES
 #: Cases per category in the default campaign (both transports together).
 DEFAULT_COUNTS = {
     "png_corrupt": 180, "jpeg_corrupt": 160, "decompression_bomb": 60, "wrong_content_type": 100,
     "empty_body": 40, "oversize_body": 8, "nan_inf_sequence": 150, "wrong_nesting": 150,
-    "bad_k": 160,
+    "bad_k": 160, "oip": 640,
 }
+#: The binary tensor extension's header: the length of the JSON part of a REST OIP body.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def categories(engine: str) -> tuple[str, ...]:
+    """The categories a campaign against ``engine`` sends."""
+    return ALL_CATEGORIES if engine == "native" else CATEGORIES
+
+
+def _itemsize(datatype: str) -> int:
+    """Bytes per element of an OIP datatype (0 for BYTES or an unknown one)."""
+    from service.serving.native.oip import NUMPY
+
+    dtype = NUMPY.get(datatype)
+    return dtype.itemsize if dtype is not None else 0
 
 
 @dataclass
 class Case:
-    """One bad request. REST: ``body`` with ``headers``; gRPC: the ``inputs`` map."""
+    """One bad request. TorchServe's API: REST ``body`` with ``headers``, gRPC the ``inputs``
+    map. OIP (``api="oip"``): REST ``body`` with ``headers`` to ``/v2/models/<model>[/versions/
+    <version>]/infer``; gRPC ``body`` is the serialized ``ModelInferRequest``."""
 
     id: int
     category: str
@@ -81,10 +106,16 @@ class Case:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     inputs: dict[str, bytes] = field(default_factory=dict)
+    api: str = "torchserve"  # or "oip"
+    version: str | None = None
 
     def describe(self) -> str:
-        size = len(self.body) if self.transport == "rest" else sum(map(len, self.inputs.values()))
-        return f"#{self.id} {self.category}/{self.kind} over {self.transport} to {self.model} ({size} bytes)"
+        size = len(self.body) if self.transport == "rest" or self.api == "oip" else sum(
+            map(len, self.inputs.values()))
+        api = " OIP" if self.api == "oip" else ""
+        version = f" version {self.version}" if self.version is not None else ""
+        return (f"#{self.id} {self.category}/{self.kind} over {self.transport}{api} to {self.model[:40]}{version} "
+                f"({size} bytes)")
 
 
 # --------------------------------------------------------------------------------------
@@ -180,6 +211,7 @@ class _Gen:
         self.g = torch.Generator().manual_seed(seed)
         self.cases: list[Case] = []
         self.dropped: Counter = Counter()
+        self._picks: dict[str, int] = {}
 
     def transport(self, i: int) -> str:
         return "rest" if i % 2 == 0 else "grpc"
@@ -629,6 +661,694 @@ class _Gen:
                 key = "data" if model == SEQ_MODEL else "img"
                 self.add("bad_k", "grpc_input_k", t, model, inputs={key: payload, "k": raw})
 
+    # ---- OIP v2 (native engine only) ----------------------------------------------------
+    #: What each kind breaks, over REST (``POST /v2/models/{m}[/versions/{v}]/infer``, JSON or the
+    #: binary tensor extension) and over gRPC (``ModelInfer``, typed contents or raw).
+    OIP_REST_KINDS = ("shape_mismatch", "wrong_datatype", "binary_size_over", "binary_size_under",
+                      "header_length_beyond", "header_length_not_number", "bytes_cut_short", "bad_dims",
+                      "unknown_input", "missing_input", "nested_too_deep", "non_json_header", "bad_top_k",
+                      "bad_lengths", "unknown_model", "unknown_output", "bad_parameters", "bad_values",
+                      "bad_batch")
+    OIP_GRPC_KINDS = ("shape_mismatch", "wrong_datatype", "bytes_cut_short", "bad_dims", "unknown_input",
+                      "missing_input", "bad_top_k", "bad_lengths", "raw_count_mismatch", "contents_and_raw",
+                      "unknown_model", "unknown_output", "bad_values", "bad_batch")
+
+    def _pick(self, key: str, options):
+        """The next of ``options`` for ``key``, in turn from a seeded start: over enough cases
+        every option is sent (a random choice would leave some out)."""
+        if key not in self._picks:
+            self._picks[key] = self.rng.randrange(len(options))
+        i = self._picks[key]
+        self._picks[key] = i + 1
+        return options[i % len(options)]
+
+    def oip(self, n: int) -> None:
+        for i in range(n):
+            t = self.transport(i)
+            kinds = self.OIP_REST_KINDS if t == "rest" else self.OIP_GRPC_KINDS
+            kind = kinds[(i // 2) % len(kinds)]
+            self._oip_kind = kind
+            (getattr(self, f"_oip_{t}_{kind}", None) or getattr(self, f"_oip_{kind}"))(t)
+
+    # building blocks: one request, as REST JSON / binary or as a gRPC message
+    def _png(self) -> bytes:
+        return sample_png(self.g, self.rng)
+
+    def _seq_rows(self, n: int | None = None, steps: int | None = None) -> np.ndarray:
+        n = n or self.rng.randint(1, 3)
+        steps = steps or self.rng.randint(1, 8)
+        return np.array([self._seq(steps) for _ in range(n)], dtype=np.float32)
+
+    def _oip_rest(self, kind: str, model: str, request: Any, blobs: list[bytes] | None = None, *,
+                  header_length: str | None = None, version: str | None = None, raw: bytes | None = None) -> None:
+        """A REST OIP case: ``request`` (a dict, or text) then ``blobs`` (binary extension,
+        with the JSON part's length as Inference-Header-Content-Length unless given)."""
+        head = raw if raw is not None else (request if isinstance(request, bytes) else
+                                             (request if isinstance(request, str) else json.dumps(request)).encode())
+        headers = {"Content-Type": "application/json"}
+        if blobs is not None or header_length is not None:
+            headers = {"Content-Type": "application/octet-stream",
+                       HEADER_LENGTH: str(len(head)) if header_length is None else header_length}
+        body = head + b"".join(blobs or [])
+        self._add_oip(kind, "rest", model, version, body, headers)
+
+    def _oip_grpc(self, kind: str, request) -> None:
+        self._add_oip(kind, "grpc", request.model_name, request.model_version or None,
+                      request.SerializeToString(deterministic=True), {})
+
+    def _add_oip(self, kind: str, transport: str, model: str, version: str | None, body: bytes,
+                 headers: dict) -> None:
+        case = Case(len(self.cases), "oip", f"{self._oip_kind}/{kind}", transport, model, body=body,
+                    headers=headers, api="oip", version=version)
+        self.cases.append(case)
+
+    @staticmethod
+    def _pb():
+        from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
+
+        return pb
+
+    def _grpc_request(self, model: str, inputs: list[tuple[str, str, list[int], Any]], *,
+                      raw: list[bytes] | None = None, version: str = "", top_k: Any = None,
+                      outputs: list[str] = ()):
+        """A ModelInferRequest; each input (name, datatype, shape, contents) carries
+        ``contents`` as typed contents ({field: values}) or None."""
+        pb = self._pb()
+        req = pb.ModelInferRequest(model_name=model, model_version=version, id=f"fuzz-{len(self.cases)}")
+        for name, datatype, shape, contents in inputs:
+            tensor = req.inputs.add(name=name, datatype=datatype, shape=shape)
+            if contents is not None:
+                tensor.contents.CopyFrom(pb.InferTensorContents(**contents))
+        for blob in raw or ():
+            req.raw_input_contents.append(blob)
+        if top_k is not None:
+            which, value = top_k
+            req.parameters["top_k"].CopyFrom(pb.InferParameter(**{which: value}))
+        for name in outputs:
+            req.outputs.add(name=name)
+        return req
+
+    @staticmethod
+    def _bytes_elems(*values: bytes) -> bytes:
+        return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+    def _valid_rest(self, model: str, binary: bool | None = None):
+        """(request dict, blobs) of a valid request for ``model``, JSON or binary."""
+        binary = self.rng.random() < 0.5 if binary is None else binary
+        if model == IMAGE_MODEL:
+            png = self._png()
+            if binary:
+                blob = self._bytes_elems(png)
+                return {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                    "parameters": {"binary_data_size": len(blob)}}]}, [blob]
+            return {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                "data": [base64.b64encode(png).decode()]}]}, None
+        rows = self._seq_rows()
+        if binary:
+            blob = rows.tobytes()
+            return {"inputs": [{"name": "sequences", "datatype": "FP32", "shape": list(rows.shape),
+                                "parameters": {"binary_data_size": len(blob)}}]}, [blob]
+        return {"inputs": [{"name": "sequences", "datatype": "FP32", "shape": list(rows.shape),
+                            "data": rows.tolist()}]}, None
+
+    def _valid_grpc_inputs(self, model: str, raw: bool | None = None):
+        raw = self.rng.random() < 0.5 if raw is None else raw
+        if model == IMAGE_MODEL:
+            png = self._png()
+            if raw:
+                return [("images", "BYTES", [1], None)], [self._bytes_elems(png)]
+            return [("images", "BYTES", [1], {"bytes_contents": [png]})], None
+        rows = self._seq_rows()
+        if raw:
+            return [("sequences", "FP32", list(rows.shape), None)], [rows.tobytes()]
+        return [("sequences", "FP32", list(rows.shape), {"fp32_contents": rows.reshape(-1).tolist()})], None
+
+    def _model(self) -> str:
+        return self._pick("_model.1", [IMAGE_MODEL, SEQ_MODEL])
+
+    # -- the kinds, REST and gRPC ---------------------------------------------------------
+    def _oip_rest_shape_mismatch(self, t: str) -> None:
+        way = self._pick("rest_shape_mismatch.1",
+                         ["images_json", "images_binary", "seq_json", "seq_binary", "seq_json_nested"])
+        if way.startswith("images"):
+            png = self._png()
+            count = self._pick("rest_shape_mismatch.2", [0, 2, 3])
+            if way == "images_json":
+                req = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [count],
+                                   "data": [base64.b64encode(png).decode()]}]}
+                return self._oip_rest(f"{way}_{count}", IMAGE_MODEL, req)
+            blob = self._bytes_elems(png)
+            req = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [count],
+                               "parameters": {"binary_data_size": len(blob)}}]}
+            return self._oip_rest(f"{way}_{count}", IMAGE_MODEL, req, [blob])
+        rows = self._seq_rows()
+        n, steps, feats = rows.shape
+        shape = self._pick("rest_shape_mismatch.3", [[n, steps + 1, feats], [n + 1, steps, feats],
+                                                     [n, steps, feats - 1], [n * steps * feats]])
+        if way == "seq_binary":
+            blob = rows.tobytes()
+            req = {"inputs": [{"name": "sequences", "datatype": "FP32", "shape": shape,
+                               "parameters": {"binary_data_size": len(blob)}}]}
+            return self._oip_rest(way, SEQ_MODEL, req, [blob])
+        data = rows.tolist() if way == "seq_json_nested" else rows.reshape(-1).tolist()
+        if shape == [n * steps * feats]:  # the count agrees: take one element off
+            data = rows.reshape(-1).tolist()[:-1]
+        self._oip_rest(way, SEQ_MODEL, {"inputs": [{"name": "sequences", "datatype": "FP32", "shape": shape,
+                                                    "data": data}]})
+
+    def _oip_grpc_shape_mismatch(self, t: str) -> None:
+        way = self._pick("grpc_shape_mismatch.1", ["images_typed", "images_raw", "seq_typed", "seq_raw"])
+        if way.startswith("images"):
+            png = self._png()
+            count = self._pick("grpc_shape_mismatch.2", [0, 2, 5])
+            if way == "images_typed":
+                req = self._grpc_request(IMAGE_MODEL, [("images", "BYTES", [count], {"bytes_contents": [png]})])
+            else:
+                req = self._grpc_request(IMAGE_MODEL, [("images", "BYTES", [count], None)],
+                                         raw=[self._bytes_elems(png)])
+            return self._oip_grpc(way, req)
+        rows = self._seq_rows()
+        n, steps, feats = rows.shape
+        shape = self._pick("grpc_shape_mismatch.3",
+                           [[n, steps + 1, feats], [n + 1, steps, feats], [n, steps, feats + 1]])
+        if way == "seq_typed":
+            req = self._grpc_request(SEQ_MODEL, [("sequences", "FP32", shape,
+                                                  {"fp32_contents": rows.reshape(-1).tolist()})])
+        else:
+            req = self._grpc_request(SEQ_MODEL, [("sequences", "FP32", shape, None)], raw=[rows.tobytes()])
+        self._oip_grpc(way, req)
+
+    WRONG_IMAGE_TYPES = ("FP64", "FP32", "INT64", "UINT8", "FP8", "fp32", "BF16", "STRING", "")
+    WRONG_SEQ_TYPES = ("BYTES", "FP64", "FP16", "INT64", "INT32", "FP8", "bytes", "TF32")
+
+    def _oip_rest_wrong_datatype(self, t: str) -> None:
+        rng = self.rng
+        if rng.random() < 0.5:
+            dt = self._pick("rest_wrong_datatype.1", self.WRONG_IMAGE_TYPES)
+            png = self._png()
+            if dt == "UINT8" or rng.random() < 0.4:  # the encoded image as raw numbers
+                size = len(png) if dt in ("UINT8", "INT8") else len(png) // max(1, _itemsize(dt))
+                blob = png[:size * max(1, _itemsize(dt))]
+                req = {"inputs": [{"name": "images", "datatype": dt, "shape": [size],
+                                   "parameters": {"binary_data_size": len(blob)}}]}
+                return self._oip_rest(f"images_{dt or 'empty'}_binary", IMAGE_MODEL, req, [blob])
+            data = [rng.uniform(0, 255) for _ in range(4)] if dt.upper().startswith(("FP", "BF")) else \
+                [rng.randint(0, 255) for _ in range(4)]
+            return self._oip_rest(f"images_{dt or 'empty'}_json", IMAGE_MODEL,
+                                  {"inputs": [{"name": "images", "datatype": dt, "shape": [4], "data": data}]})
+        dt = self._pick("rest_wrong_datatype.2", self.WRONG_SEQ_TYPES + (5, None))
+        rows = self._seq_rows()
+        if dt in ("BYTES", "bytes"):
+            data = [str(x) for x in rows.reshape(-1).tolist()]
+        elif dt in ("INT64", "INT32"):
+            data = [int(x * 10) for x in rows.reshape(-1).tolist()]
+        else:
+            data = rows.reshape(-1).tolist()
+        if dt in ("FP64", "FP16") and rng.random() < 0.5:
+            blob = rows.astype(np.float64 if dt == "FP64" else np.float16).tobytes()
+            req = {"inputs": [{"name": "sequences", "datatype": dt, "shape": list(rows.shape),
+                               "parameters": {"binary_data_size": len(blob)}}]}
+            return self._oip_rest(f"sequences_{dt}_binary", SEQ_MODEL, req, [blob])
+        self._oip_rest(f"sequences_{dt}_json", SEQ_MODEL,
+                       {"inputs": [{"name": "sequences", "datatype": dt, "shape": list(rows.shape), "data": data}]})
+
+    def _oip_grpc_wrong_datatype(self, t: str) -> None:
+        rng = self.rng
+        if rng.random() < 0.5:
+            dt = self._pick("grpc_wrong_datatype.1", self.WRONG_IMAGE_TYPES)
+            png = self._png()
+            if dt == "FP64":
+                inputs = [("images", dt, [4], {"fp64_contents": [rng.uniform(0, 255) for _ in range(4)]})]
+                return self._oip_grpc(f"images_{dt}_typed", self._grpc_request(IMAGE_MODEL, inputs))
+            if dt == "FP32":
+                inputs = [("images", dt, [4], {"fp32_contents": [rng.uniform(0, 255) for _ in range(4)]})]
+                return self._oip_grpc(f"images_{dt}_typed", self._grpc_request(IMAGE_MODEL, inputs))
+            size = len(png) // max(1, _itemsize(dt))
+            req = self._grpc_request(IMAGE_MODEL, [("images", dt, [size], None)],
+                                     raw=[png[:size * max(1, _itemsize(dt))]])
+            return self._oip_grpc(f"images_{dt or 'empty'}_raw", req)
+        dt = self._pick("grpc_wrong_datatype.2", self.WRONG_SEQ_TYPES)
+        rows = self._seq_rows()
+        flat = rows.reshape(-1).tolist()
+        typed = {"BYTES": {"bytes_contents": [str(x).encode() for x in flat]},
+                 "FP64": {"fp64_contents": flat}, "INT64": {"int64_contents": [int(x * 10) for x in flat]},
+                 "INT32": {"int_contents": [int(x * 10) for x in flat]}}.get(dt)
+        if typed is not None and rng.random() < 0.6:
+            return self._oip_grpc(f"sequences_{dt}_typed", self._grpc_request(
+                SEQ_MODEL, [("sequences", dt, list(rows.shape), typed)]))
+        if dt in ("FP16", "bytes") and rng.random() < 0.5:  # no typed field for these: said so
+            return self._oip_grpc(f"sequences_{dt}_typed", self._grpc_request(
+                SEQ_MODEL, [("sequences", dt, list(rows.shape), {"fp32_contents": flat})]))
+        blob = rows.astype(np.float64).tobytes() if dt == "FP64" else rows.astype(np.float16).tobytes() \
+            if dt == "FP16" else rows.tobytes()
+        self._oip_grpc(f"sequences_{dt}_raw", self._grpc_request(
+            SEQ_MODEL, [("sequences", dt, list(rows.shape), None)], raw=[blob]))
+
+    def _oip_rest_binary_size_over(self, t: str) -> None:
+        model = self._model()
+        req, blobs = self._valid_rest(model, binary=True)
+        over = self._pick("rest_binary_size_over.1", [1, 3, 100, 1 << 20, 1 << 40, 10**30])
+        req["inputs"][0]["parameters"]["binary_data_size"] += over
+        self._oip_rest(f"over_by_{over}", model, req, blobs)
+
+    def _oip_rest_binary_size_under(self, t: str) -> None:
+        rng = self.rng
+        model = self._model()
+        req, blobs = self._valid_rest(model, binary=True)
+        if rng.random() < 0.5:  # the size agrees with the shape; bytes follow the last input
+            extra = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+            return self._oip_rest("bytes_after_last_input", model, req, [blobs[0] + extra])
+        size = req["inputs"][0]["parameters"]["binary_data_size"]
+        req["inputs"][0]["parameters"]["binary_data_size"] = rng.randint(0, size - 1)
+        self._oip_rest("size_under_the_data", model, req, blobs)
+
+    def _oip_rest_header_length_beyond(self, t: str) -> None:
+        model = self._model()
+        req, blobs = self._valid_rest(model, binary=True)
+        head = json.dumps(req).encode()
+        total = len(head) + len(blobs[0])
+        length = self._pick("rest_header_length_beyond.1", [total + 1, total + 1000, 2**31, 10**12, 2**64 + 7])
+        self._oip_rest("beyond_body", model, req, blobs, header_length=str(length))
+
+    #: Inference-Header-Content-Length values that are not a length, by name. Headers go as
+    #: latin-1: "\xb2" is the byte 0xB2, a superscript two, which str.isdigit() takes for a
+    #: digit; int() refuses more than 4300 digits.
+    BAD_LENGTH_TEXT = (("abc", "abc"), ("minus", "-5"), ("decimal", "1.5"), ("hex", "0x10"), ("exponent", "1e3"),
+                       ("plus", "+3"), ("superscript_2", "\xb2"), ("superscripts_12", "\xb9\xb2"),
+                       ("two_numbers", "12 34"), ("nan", "NaN"), ("minus_zero", "-0"), ("5000_digits", "9" * 5000),
+                       ("4301_digits", "1" * 4301), ("5000_zeros_then_12", "0" * 5000 + "12"),
+                       ("one_half", "\xbd"))
+
+    def _oip_rest_header_length_not_number(self, t: str) -> None:
+        model = self._model()
+        req, blobs = self._valid_rest(model, binary=True)
+        name, value = self._pick("rest_header_length_not_number.1", self.BAD_LENGTH_TEXT)
+        self._oip_rest(name, model, req, blobs, header_length=value)
+
+    def _cut_bytes(self) -> tuple[str, int, bytes]:
+        """(kind, declared count, raw BYTES data) with an element cut short."""
+        rng = self.rng
+        png = self._png()
+        way = self._pick("_cut_bytes.1",
+                         ["prefix_over", "prefix_cut", "second_prefix_cut", "second_over", "fewer", "more"])
+        if way == "prefix_over":
+            return way, 1, struct.pack("<I", len(png) + self._pick("_cut_bytes.2", [1, 100, 2**31])) + png
+        if way == "prefix_cut":
+            return way, 1, struct.pack("<I", len(png))[:rng.randint(1, 3)]
+        if way == "second_prefix_cut":
+            return way, 2, self._bytes_elems(png) + struct.pack("<I", 10)[:rng.randint(1, 3)]
+        if way == "second_over":
+            return way, 2, self._bytes_elems(png) + struct.pack("<I", 0xFFFFFFFF) + png[:10]
+        if way == "fewer":
+            return way, self._pick("_cut_bytes.3", [2, 3, 64]), self._bytes_elems(png)
+        return way, 1, self._bytes_elems(png, png)
+
+    def _oip_bytes_cut_short(self, t: str) -> None:
+        kind, count, raw = self._cut_bytes()
+        if t == "rest":
+            req = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [count],
+                               "parameters": {"binary_data_size": len(raw)}}]}
+            return self._oip_rest(kind, IMAGE_MODEL, req, [raw])
+        self._oip_grpc(kind, self._grpc_request(IMAGE_MODEL, [("images", "BYTES", [count], None)], raw=[raw]))
+
+    #: Shapes that no tensor has, or that declare far more elements than any request holds.
+    BAD_SHAPES_JSON = ([-1], [1, -5, 4], [10**12], [1e12], [2**63], [2**64 + 1], [10**30], [65536, 65536, 65536],
+                       [1] * 9, [], "3", [True], [None], [1.0], [[1]], {"0": 1}, None, [2**31, 2**31])
+    BAD_SHAPES_GRPC = ([-1], [1, -5, 4], [10**12], [2**62], [2**63 - 1], [-(2**63)], [2**31, 2**31, 2**31],
+                       [1] * 9, [], [65536, 65536, 65536])
+
+    def _oip_rest_bad_dims(self, t: str) -> None:
+        model = self._model()
+        req, blobs = self._valid_rest(model)
+        shape = self._pick("rest_bad_dims.1", self.BAD_SHAPES_JSON)
+        req["inputs"][0]["shape"] = shape
+        name = json.dumps(shape).replace(" ", "")
+        self._oip_rest(f"shape_{name[:40]}{'_binary' if blobs else ''}", model, req, blobs)
+
+    def _oip_grpc_bad_dims(self, t: str) -> None:
+        model = self._model()
+        inputs, raw = self._valid_grpc_inputs(model)
+        shape = self._pick("grpc_bad_dims.1", self.BAD_SHAPES_GRPC)
+        name, dt, _, contents = inputs[0]
+        req = self._grpc_request(model, [(name, dt, shape, contents)], raw=raw)
+        self._oip_grpc(f"shape_{json.dumps(shape).replace(' ', '')[:40]}{'_raw' if raw else ''}", req)
+
+    UNKNOWN_INPUTS = ("image", "img", "input__0", "", "IMAGES", "sequence", "texts", "lengths", "inputs",
+                      "images\x00", "data")
+
+    def _oip_unknown_input(self, t: str) -> None:
+        model = self._model()
+        other = "sequences" if model == IMAGE_MODEL else "images"
+        name = self._pick("unknown_input.1", self.UNKNOWN_INPUTS + (other,))
+        if name == "lengths" and model == SEQ_MODEL:
+            name = "length"
+        if t == "rest":
+            req, blobs = self._valid_rest(model)
+            req["inputs"][0]["name"] = name
+            return self._oip_rest(f"named_{name!r}", model, req, blobs)
+        inputs, raw = self._valid_grpc_inputs(model)
+        _, dt, shape, contents = inputs[0]
+        self._oip_grpc(f"named_{name!r}", self._grpc_request(model, [(name, dt, shape, contents)], raw=raw))
+
+    def _oip_missing_input(self, t: str) -> None:
+        if t == "grpc":
+            way = self._pick("missing_input.1", ["no_inputs", "only_lengths", "lengths_and_top_k", "given_twice"])
+            if way == "no_inputs":
+                return self._oip_grpc(way, self._grpc_request(self._model(), []))
+            if way == "only_lengths":
+                return self._oip_grpc(way, self._grpc_request(
+                    SEQ_MODEL, [("lengths", "INT64", [1], {"int64_contents": [3]})]))
+            if way == "given_twice":  # the same input twice
+                png = self._png()
+                return self._oip_grpc(way, self._grpc_request(
+                    IMAGE_MODEL, [("images", "BYTES", [1], {"bytes_contents": [png]})] * 2))
+            return self._oip_grpc(way, self._grpc_request(
+                SEQ_MODEL, [("lengths", "INT64", [2], {"int64_contents": [1, 2]})], top_k=("int64_param", 2)))
+        way = self._pick("missing_input.2", [
+            "inputs_empty", "inputs_absent", "inputs_null", "inputs_object", "inputs_string", "input_not_object",
+            "no_name", "no_datatype", "name_not_string", "no_data", "only_lengths", "given_twice"])
+        model = self._model()
+        req, blobs = self._valid_rest(model, binary=False)
+        tensor = req["inputs"][0]
+        if way == "inputs_empty":
+            req["inputs"] = []
+        elif way == "inputs_absent":
+            req = {"parameters": {"top_k": 2}}
+        elif way == "inputs_null":
+            req["inputs"] = None
+        elif way == "inputs_object":
+            req["inputs"] = tensor
+        elif way == "inputs_string":
+            req["inputs"] = tensor["name"]
+        elif way == "input_not_object":
+            req["inputs"] = [self._pick("missing_input.3", [1, "images", [tensor], None])]
+        elif way == "no_name":
+            del tensor["name"]
+        elif way == "no_datatype":
+            del tensor["datatype"]
+        elif way == "name_not_string":
+            tensor["name"] = self._pick("missing_input.4", [1, None, ["images"], {"n": 1}])
+        elif way == "no_data":
+            del tensor["data"]
+        elif way == "only_lengths":
+            model = SEQ_MODEL
+            req = {"inputs": [{"name": "lengths", "datatype": "INT64", "shape": [1], "data": [2]}]}
+        else:
+            req["inputs"] = [tensor, dict(tensor)]
+        self._oip_rest(way, model, req)
+
+    def _oip_rest_nested_too_deep(self, t: str) -> None:
+        way = self._pick("rest_nested_too_deep.1", ["brackets", "objects", "data", "parameters", "shape"])
+        depth = self._pick("rest_nested_too_deep.2", [20, 1500, 5000, 100_000])
+        model = self._model()
+        if way == "brackets":
+            return self._oip_rest(f"{way}_{depth}", model, "[" * depth + "]" * depth)
+        if way == "objects":
+            return self._oip_rest(f"{way}_{depth}", model, '{"inputs":' * depth + "1" + "}" * depth)
+        req, _ = self._valid_rest(SEQ_MODEL, binary=False)
+        text = json.dumps(req)
+        if way == "data":  # one element nested deeper than any shape (9 .. 100000 levels)
+            depth = self._pick("rest_nested_too_deep.3", [9, 20, 1500, 100_000])
+            text = text.replace('"data": [[', '"data": [' + "[" * depth + "0.5" + "]" * depth + ", [", 1)
+        elif way == "parameters":  # unknown parameters are ignored: only depths the JSON reader refuses
+            depth = max(depth, 1500)
+            text = text[:-1] + ', "parameters": ' + '{"a":' * depth + "1" + "}" * depth + "}"
+        else:
+            text = text.replace('"shape": [', '"shape": [' + "[" * depth + "1" + "]" * depth + ", ", 1)
+        self._oip_rest(f"{way}_{depth}", SEQ_MODEL, text)
+
+    def _oip_rest_non_json_header(self, t: str) -> None:
+        rng = self.rng
+        model = self._model()
+        req, blobs = self._valid_rest(model, binary=True)
+        way = self._pick("rest_non_json_header.1", [
+            "random_bytes", "png", "not_utf8", "form", "json_array", "json_number", "json_string", "json_null",
+            "trailing_garbage", "nan_constant", "empty_header", "binary_without_header"])
+        text = json.dumps(req)
+        if way == "random_bytes":
+            head = bytes(rng.randrange(256) for _ in range(rng.randint(1, 200)))
+        elif way == "png":
+            head = self._png()
+        elif way == "not_utf8":
+            head = text.encode()[:-2] + b"\xff\xfe}"
+        elif way == "form":
+            head = b"inputs=images&datatype=BYTES"
+        elif way == "json_array":
+            head = json.dumps(req["inputs"]).encode()
+        elif way == "json_number":
+            head = b"12"
+        elif way == "json_string":
+            head = json.dumps(text).encode()
+        elif way == "json_null":
+            head = b"null"
+        elif way == "trailing_garbage":
+            head = text.encode() + b"}x"
+        elif way == "nan_constant":
+            head = text[:-1].encode() + b', "id": NaN}'
+        elif way == "empty_header":
+            head = b""
+        else:  # the binary body with no Inference-Header-Content-Length: not JSON
+            return self._oip_rest(way, model, text.encode() + blobs[0], raw=text.encode() + blobs[0])
+        self._oip_rest(way, model, req, blobs, raw=head)
+
+    #: top_k values no request may use: over REST as JSON, over gRPC as a typed parameter.
+    BAD_TOP_K_JSON = (0, -1, 10**30, "abc", 1.5, 1001, True, False, [3], {"k": 1}, 1e3, "", "\u00b2", "-0",
+                      "1.5", -(10**30), "0x10")
+    BAD_TOP_K_GRPC = (("int64_param", 0), ("int64_param", -1), ("int64_param", 1001), ("int64_param", 2**62),
+                      ("int64_param", -(2**63)), ("string_param", "abc"), ("string_param", "1.5"),
+                      ("string_param", ""), ("string_param", "\u00b2"), ("string_param", "9" * 5000),
+                      ("bool_param", True), ("bool_param", False), ("double_param", 1.5),
+                      ("double_param", 3.0), ("double_param", float("nan")), ("uint64_param", 10**19),
+                      ("uint64_param", 0))
+
+    def _oip_bad_top_k(self, t: str) -> None:
+        model = self._model()
+        if t == "rest":
+            req, blobs = self._valid_rest(model)
+            value = self._pick("bad_top_k.1", self.BAD_TOP_K_JSON)
+            req["parameters"] = {"top_k": value}
+            return self._oip_rest(f"top_k_{json.dumps(value)[:20]}", model, req, blobs)
+        inputs, raw = self._valid_grpc_inputs(model)
+        which, value = self._pick("bad_top_k.2", self.BAD_TOP_K_GRPC)
+        self._oip_grpc(f"top_k_{which}_{str(value)[:20]}",
+                       self._grpc_request(model, inputs, raw=raw, top_k=(which, value)))
+
+    def _oip_bad_lengths(self, t: str) -> None:
+        rng = self.rng
+        rows = self._seq_rows()
+        n, steps, _ = rows.shape
+        way = self._pick("bad_lengths.1", ["zero", "over_t", "negative", "shape_n_plus_1", "shape_n_1", "fp32", "int32",
+                          "huge", "to_image_model"])
+        values, shape, dt = [rng.randint(1, steps) for _ in range(n)], [n], "INT64"
+        bad = rng.randrange(n)
+        if way == "zero":
+            values[bad] = 0
+        elif way == "over_t":
+            values[bad] = steps + rng.randint(1, 100)
+        elif way == "negative":
+            values[bad] = -rng.randint(1, 5)
+        elif way == "shape_n_plus_1":
+            values, shape = values + [1], [n + 1]
+        elif way == "shape_n_1":
+            shape = [n, 1]
+        elif way == "fp32":
+            dt = "FP32"
+        elif way == "int32":
+            dt = "INT32"
+        elif way == "huge":
+            values[bad] = 2**62 if t == "grpc" else self._pick("bad_lengths.2", [2**62, 2**64])
+        model = IMAGE_MODEL if way == "to_image_model" else SEQ_MODEL
+        if t == "rest":
+            if model == IMAGE_MODEL:
+                req, blobs = self._valid_rest(IMAGE_MODEL)
+            else:
+                req, blobs = {"inputs": [{"name": "sequences", "datatype": "FP32", "shape": [n, steps, FEATURES],
+                                          "data": rows.tolist()}]}, None
+            req["inputs"].append({"name": "lengths", "datatype": dt, "shape": shape,
+                                  "data": [float(v) for v in values] if dt == "FP32" else values})
+            return self._oip_rest(way, model, req, blobs)
+        if model == IMAGE_MODEL:
+            inputs, raw = self._valid_grpc_inputs(IMAGE_MODEL, raw=False)
+        else:
+            inputs, raw = [("sequences", "FP32", [n, steps, FEATURES],
+                            {"fp32_contents": rows.reshape(-1).tolist()})], None
+        field_ = {"INT64": "int64_contents", "FP32": "fp32_contents", "INT32": "int_contents"}[dt]
+        if dt == "INT32" and way == "huge":
+            values[bad] = 2**31 - 1
+        inputs.append(("lengths", dt, shape, {field_: [float(v) for v in values] if dt == "FP32" else values}))
+        self._oip_grpc(way, self._grpc_request(model, inputs, raw=raw))
+
+    def _oip_grpc_raw_count_mismatch(self, t: str) -> None:
+        model = self._model()
+        inputs, raw = self._valid_grpc_inputs(model, raw=True)
+        way = self._pick("grpc_raw_count_mismatch.1",
+                         ["two_raw_for_one_input", "one_raw_for_two_inputs", "three_raw_for_two_inputs"])
+        if way == "two_raw_for_one_input":
+            raw = raw + raw
+        else:
+            rows = self._seq_rows()
+            model = SEQ_MODEL
+            inputs = [("sequences", "FP32", list(rows.shape), None), ("lengths", "INT64", [rows.shape[0]], None)]
+            raw = [rows.tobytes()]
+            if way == "three_raw_for_two_inputs":
+                raw = raw + [np.ones(rows.shape[0], dtype=np.int64).tobytes(), b"\x00" * 8]
+        self._oip_grpc(way, self._grpc_request(model, inputs, raw=raw))
+
+    def _oip_grpc_contents_and_raw(self, t: str) -> None:
+        model = self._model()
+        inputs, raw = self._valid_grpc_inputs(model, raw=False)
+        _, _, _, contents = inputs[0]
+        raw_inputs, raw_blobs = self._valid_grpc_inputs(model, raw=True)
+        name, dt, shape, _ = raw_inputs[0]
+        if self.rng.random() < 0.5:
+            contents = {}  # empty contents, still set
+        self._oip_grpc("contents_and_raw" if contents else "empty_contents_and_raw",
+                       self._grpc_request(model, [(name, dt, shape, contents)], raw=raw_blobs))
+
+    UNKNOWN_MODELS = (("no-such-model", None), (IMAGE_MODEL, "999"), (SEQ_MODEL, "0"), (IMAGE_MODEL, "01"),
+                      (SEQ_MODEL, "1.0"), ("fuzz", None), (IMAGE_MODEL.upper(), None), (SEQ_MODEL, "-1"),
+                      (IMAGE_MODEL, "latest"), ("x" * 300, None), (SEQ_MODEL + "%2F1", None))
+
+    def _oip_unknown_model(self, t: str) -> None:
+        model, version = self._pick("unknown_model.1", self.UNKNOWN_MODELS)
+        real = SEQ_MODEL if model.startswith(SEQ_MODEL) else IMAGE_MODEL
+        kind = f"{'model' if version is None else 'version'}_{(model if version is None else version)[:24]}"
+        if t == "rest":
+            req, blobs = self._valid_rest(real)
+            return self._oip_rest(kind, model, req, blobs, version=version)
+        inputs, raw = self._valid_grpc_inputs(real)
+        self._oip_grpc(kind, self._grpc_request(model, inputs, raw=raw, version=version or ""))
+
+    def _oip_unknown_output(self, t: str) -> None:
+        rng = self.rng
+        model = self._model()
+        name = self._pick("unknown_output.1",
+                          ["logits", "", "values", "positive", "LABELS", "labels ", "output__0", "\u00e9"])
+        if t == "grpc":
+            inputs, raw = self._valid_grpc_inputs(model)
+            outputs = [name] if rng.random() < 0.5 else ["labels", name]
+            return self._oip_grpc(f"output_{name!r}", self._grpc_request(model, inputs, raw=raw, outputs=outputs))
+        req, blobs = self._valid_rest(model)
+        way = self._pick("unknown_output.2", ["name", "name", "not_a_list", "no_name", "name_not_string"])
+        if way == "name":
+            req["outputs"] = [{"name": name}] if rng.random() < 0.5 else [{"name": "labels"}, {"name": name}]
+            return self._oip_rest(f"output_{name!r}", model, req, blobs)
+        req["outputs"] = {"not_a_list": "labels", "no_name": [{"nom": "labels"}],
+                          "name_not_string": [{"name": self._pick("unknown_output.3", [5, None, ["labels"]])}]}[way]
+        self._oip_rest(f"outputs_{way}", model, req, blobs)
+
+    def _oip_rest_bad_parameters(self, t: str) -> None:
+        rng = self.rng
+        model = self._model()
+        req, blobs = self._valid_rest(model, binary=rng.random() < 0.7)
+        way = self._pick("rest_bad_parameters.1", [
+            "request_list", "request_string", "request_number", "size_negative", "size_float", "size_string",
+            "size_bool", "size_null_no_data"])
+        if way == "request_list":
+            req["parameters"] = [1]
+        elif way == "request_string":
+            req["parameters"] = "top_k=3"
+        elif way == "request_number":
+            req["parameters"] = 5
+        else:
+            if not blobs:
+                req, blobs = self._valid_rest(model, binary=True)
+            value = {"size_negative": -1, "size_float": float(len(blobs[0])), "size_string": str(len(blobs[0])),
+                     "size_bool": True, "size_null_no_data": None}[way]
+            req["inputs"][0]["parameters"]["binary_data_size"] = value
+        self._oip_rest(way, model, req, blobs)
+
+    def _oip_bad_values(self, t: str) -> None:
+        rng = self.rng
+        if rng.random() < 0.4:  # images: not base64, not an image, empty
+            way = self._pick("bad_values.1",
+                             ["not_base64", "base64_garbage", "empty_image", "base64_url_alphabet", "not_a_string"])
+            png = self._png()
+            if t == "grpc":
+                way = way if way in ("base64_garbage", "empty_image") else "png_as_base64_text"
+                value = {"base64_garbage": bytes(rng.randrange(256) for _ in range(64)), "empty_image": b"",
+                         "png_as_base64_text": base64.b64encode(png)}[way]
+                return self._oip_grpc(way, self._grpc_request(
+                    IMAGE_MODEL, [("images", "BYTES", [1], {"bytes_contents": [value]})]))
+            data = {"not_base64": "not base64!!", "base64_garbage": base64.b64encode(bytes(64)).decode(),
+                    "empty_image": "", "base64_url_alphabet": base64.urlsafe_b64encode(png + b"\xfb\xff").decode(),
+                    "not_a_string": self._pick("bad_values.2", [1, None, [1, 2], {"b64": "x"}])}[way]
+            return self._oip_rest(way, IMAGE_MODEL, {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                                                 "data": [data]}]})
+        rows = self._seq_rows()
+        flat = rows.reshape(-1)
+        pos = rng.randrange(flat.size)
+        way = self._pick("bad_values.3", ["nan", "inf", "over_float32", "string", "bool", "null"] if t == "rest"
+                         else ["nan", "inf", "raw_nan", "raw_inf"])
+        if t == "grpc":
+            values = flat.copy()
+            values[pos] = {"nan": np.nan, "raw_nan": np.nan}.get(way, np.inf * self._pick("bad_values.4", [1, -1]))
+            if way.startswith("raw"):
+                req = self._grpc_request(SEQ_MODEL, [("sequences", "FP32", list(rows.shape), None)],
+                                         raw=[values.astype(np.float32).tobytes()])
+            else:
+                req = self._grpc_request(SEQ_MODEL, [("sequences", "FP32", list(rows.shape),
+                                                      {"fp32_contents": values.tolist()})])
+            return self._oip_grpc(way, req)
+        if way in ("nan", "inf") and rng.random() < 0.5:  # over the binary extension: no JSON reader to refuse it
+            values = flat.copy()
+            values[pos] = np.nan if way == "nan" else -np.inf
+            blob = values.astype(np.float32).tobytes()
+            req = {"inputs": [{"name": "sequences", "datatype": "FP32", "shape": list(rows.shape),
+                               "parameters": {"binary_data_size": len(blob)}}]}
+            return self._oip_rest(f"binary_{way}", SEQ_MODEL, req, [blob])
+        data = flat.tolist()
+        marker = "__BAD__"
+        data[pos] = marker
+        big = self._pick("bad_values.5", ["1e39", "-3.5e38", "1e400"])
+        token = {"nan": "NaN", "inf": "Infinity", "over_float32": big,
+                 "string": '"0.5"', "bool": "true", "null": "null"}[way]
+        text = json.dumps({"inputs": [{"name": "sequences", "datatype": "FP32", "shape": list(rows.shape),
+                                       "data": data}]}).replace(f'"{marker}"', token)
+        self._oip_rest(f"json_{way}", SEQ_MODEL, text)
+
+    def _oip_bad_batch(self, t: str) -> None:
+        rng = self.rng
+        way = self._pick("bad_batch.1", [
+            "too_long", "wrong_features", "too_many_sequences", "no_sequences", "empty_steps", "no_images",
+            "too_many_images", "images_rank_2", "sequences_rank_2"])
+        if way in ("no_images", "too_many_images", "images_rank_2"):
+            png = self._png()
+            count = {"no_images": 0, "too_many_images": self._pick("bad_batch.2", [65, 100]), "images_rank_2": 2}[way]
+            shape = [1, 2] if way == "images_rank_2" else [count]
+            if t == "rest":
+                req = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": shape,
+                                   "data": [base64.b64encode(png).decode()] * count}]}
+                return self._oip_rest(f"{way}_{count}", IMAGE_MODEL, req)
+            return self._oip_grpc(f"{way}_{count}", self._grpc_request(
+                IMAGE_MODEL, [("images", "BYTES", shape, {"bytes_contents": [png] * count})]))
+        if way == "too_long":
+            rows = self._seq_rows(n=1, steps=MAX_LENGTH + rng.randint(1, 100))
+        elif way == "wrong_features":
+            rows = np.full((1, rng.randint(1, 5), self._pick("bad_batch.3", [1, 3, 5, 16])), 0.25, dtype=np.float32)
+        elif way == "too_many_sequences":
+            rows = np.full((self._pick("bad_batch.4", [65, 300]), 1, FEATURES), 0.5, dtype=np.float32)
+        elif way == "no_sequences":
+            rows = np.zeros((0, 3, FEATURES), dtype=np.float32)
+        elif way == "empty_steps":
+            rows = np.zeros((rng.randint(1, 3), 0, FEATURES), dtype=np.float32)
+        else:  # sequences_rank_2
+            rows = np.full((3, FEATURES), 0.5, dtype=np.float32)
+        if t == "rest":
+            if rng.random() < 0.5:
+                blob = rows.tobytes()
+                req = {"inputs": [{"name": "sequences", "datatype": "FP32", "shape": list(rows.shape),
+                                   "parameters": {"binary_data_size": len(blob)}}]}
+                return self._oip_rest(f"{way}_binary", SEQ_MODEL, req, [blob])
+            req = {"inputs": [{"name": "sequences", "datatype": "FP32", "shape": list(rows.shape),
+                               "data": rows.reshape(-1).tolist()}]}
+            return self._oip_rest(way, SEQ_MODEL, req)
+        if rng.random() < 0.5:
+            return self._oip_grpc(f"{way}_raw", self._grpc_request(
+                SEQ_MODEL, [("sequences", "FP32", list(rows.shape), None)], raw=[rows.tobytes()]))
+        self._oip_grpc(way, self._grpc_request(
+            SEQ_MODEL, [("sequences", "FP32", list(rows.shape), {"fp32_contents": rows.reshape(-1).tolist()})]))
+
 
 _CACHE: dict[tuple, bytes] = {}
 _CACHE_LOCK = threading.Lock()
@@ -682,12 +1402,15 @@ def multipart(fields: dict[str, bytes], rng: random.Random) -> tuple[bytes, str]
 
 
 def generate(seed: int = 20260101, counts: dict[str, int] | None = None,
-             max_request_size: int = 16 * 1024 * 1024) -> tuple[list[Case], Counter]:
-    """The campaign's cases for ``seed``, and the candidates dropped because the reference
-    decoder took them (random JPEG bit flips that still decode are not bad payloads)."""
+             max_request_size: int = 16 * 1024 * 1024, engine: str = "torchserve") -> tuple[list[Case], Counter]:
+    """The campaign's cases for ``seed`` and ``engine``, and the candidates dropped because the
+    reference decoder took them (random JPEG bit flips that still decode are not bad payloads).
+
+    The cases of :data:`CATEGORIES` are the same for every engine; the native engine's
+    campaign adds :data:`OIP_CATEGORIES` after them."""
     counts = {**DEFAULT_COUNTS, **(counts or {})}
     gen = _Gen(seed)
-    for category in CATEGORIES:
+    for category in categories(engine):
         n = counts.get(category, 0)
         if not n:
             continue
@@ -701,34 +1424,75 @@ def generate(seed: int = 20260101, counts: dict[str, int] | None = None,
 # --------------------------------------------------------------------------------------
 # A real server for the campaign
 # --------------------------------------------------------------------------------------
+ENGINES = ("torchserve", "native")
+
+
 @dataclass
 class FuzzServer:
     serving: Any
     settings: Any
     token: str
+    engine: str = "torchserve"
 
     @property
     def rest_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.inference_port}"
+        port = self.serving.rest_port if self.engine == "native" else self.settings.inference_port
+        return f"http://127.0.0.1:{port}"
 
     @property
     def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.settings.grpc_inference_port}"
+        port = self.serving.grpc_port if self.engine == "native" else self.settings.grpc_inference_port
+        return f"127.0.0.1:{port}"
 
     def workers(self) -> dict[tuple[str, str], tuple[bool, tuple[int, ...]]]:
-        """(ready, worker pids) per model version."""
+        """(ready, worker pids) per model version (native: the engine's own pid, one copy)."""
         return {r.key: (r.ready, r.pids) for r in self.serving.readiness()}
 
+    def health(self) -> list[str]:
+        """What is wrong with the engine now (empty: alive and every model READY).
 
-def start_server(root: Path, startup_timeout_s: float = 120) -> FuzzServer:
-    """TorchServe + gateway on free ports serving the two fuzz models (one worker each)."""
-    from service.client import read_token
+        TorchServe: every registered version READY (its management API answers). Native:
+        the in-process engine's device threads and I/O loop alive, ``/v2/health/ready``
+        200, and every version of ``serving.models`` READY."""
+        import requests
+
+        problems = []
+        try:
+            not_ready = [f"{r.name}:{r.version} ({r.reason})" for r in self.serving.readiness() if not r.ready]
+        except Exception as exc:  # noqa: BLE001 - the management interface is down: reported
+            return [f"readiness unavailable: {type(exc).__name__}: {exc}"]
+        if not_ready:
+            problems.append("not ready: " + ", ".join(not_ready))
+        if self.engine != "native":
+            return problems
+        serving = self.serving
+        if serving.failure:
+            problems.append(f"engine failure: {serving.failure}")
+        if serving._io_thread is None or not serving._io_thread.is_alive():
+            problems.append("the REST/gRPC I/O thread is not running")
+        if serving.models is None or not serving.plane.live():
+            problems.append("a device thread died")
+        else:
+            versions = serving.models.versions()
+            if not versions or not all(v.ready for v in versions):
+                problems.append("versions not READY: " + ", ".join(
+                    f"{v.name}:{v.version} {v.state} {v.error}" for v in versions if not v.ready))
+        try:
+            resp = requests.get(f"{self.rest_url}/v2/health/ready", timeout=10)
+            if resp.status_code != 200:
+                problems.append(f"/v2/health/ready answered {resp.status_code}")
+        except requests.RequestException as exc:
+            problems.append(f"/v2/health/ready: {type(exc).__name__}: {exc}")
+        return problems
+
+    def stop(self) -> None:
+        self.serving.stop()
+
+
+def _write_store(root: Path):
     from service.models import ModelSpec, build_model
     from service.modelstore import ModelBundle, ModelStore
     from service.modelstore.store import ServingOptions
-    from service.serving.settings import ServeSettings
-    from service.serving.supervisor import Serving
-    from tests.helpers import free_port
 
     store = ModelStore(root / "store")
     options = ServingOptions(batch_size=BATCH_SIZE, max_batch_delay_ms=MAX_BATCH_DELAY_MS)
@@ -737,20 +1501,43 @@ def start_server(root: Path, startup_timeout_s: float = 120) -> FuzzServer:
         spec = ModelSpec.from_dict(spec_dict)
         labels = [f"{name}-{i}" for i in range(spec.num_classes)]
         store.write(name, ModelBundle(spec, build_model(spec).state_dict(), labels), options=options)
+    return store
+
+
+def start_server(root: Path, engine: str = "torchserve", startup_timeout_s: float = 120) -> FuzzServer:
+    """A real engine on free ports serving the two fuzz models (the same two archives):
+    ``torchserve`` (TorchServe + gateway, one worker each) or ``native`` (the native engine,
+    in this process)."""
+    from service.client import read_token
+    from service.serving.settings import ServeSettings
+    from tests.helpers import free_port
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    store = _write_store(root)
     settings = ServeSettings(
-        model_store=store.root, state_dir=root / "state", inference_port=free_port(),
+        engine=engine, model_store=store.root, state_dir=root / "state", inference_port=free_port(),
         management_port=free_port(), metrics_port=free_port(), grpc_inference_port=free_port(),
         grpc_management_port=free_port(), ts_grpc_inference_port=free_port(), exporter_port=free_port(),
         worker_port_base=random.Random(time.time_ns()).randint(20000, 40000),
         startup_timeout_s=startup_timeout_s,
     )
-    serving = Serving(settings)
+    if engine == "native":
+        from service.serving.native.engine import NativeServing
+
+        serving = NativeServing(settings)
+    else:
+        from service.serving.supervisor import Serving
+
+        serving = Serving(settings)
     report = serving.start()
     try:
         not_ready = [r for r in report if not r.ready]
         if not_ready:
-            raise RuntimeError(f"fuzz models not ready: {not_ready}")
-        return FuzzServer(serving, settings, _client_token(settings.state_dir, read_token))
+            raise RuntimeError(f"fuzz models not ready on {engine}: {not_ready}")
+        token = (serving.api_token.value if engine == "native"
+                 else _client_token(settings.state_dir, read_token))
+        return FuzzServer(serving, settings, token, engine)
     except BaseException:
         serving.stop()
         raise
@@ -781,7 +1568,11 @@ class Outcome:
     @property
     def verdict(self) -> str:
         """"expected", "server_error" (5xx / INTERNAL / UNKNOWN / UNAVAILABLE), "hang"
-        (no answer within the timeout), "accepted" (2xx: a bad payload taken) or "other"."""
+        (no answer within the timeout), "accepted" (2xx: a bad payload taken) or "other".
+
+        Expected: REST 4xx with a message (OIP routes: ``{"error": message}``); gRPC
+        INVALID_ARGUMENT with a message, and RESOURCE_EXHAUSTED for an oversize body; for OIP
+        also NOT_FOUND (an unknown model or version) and RESOURCE_EXHAUSTED."""
         s = self.status
         if s == "timeout":
             return "hang"
@@ -796,11 +1587,59 @@ class Outcome:
             return "accepted" if 200 <= code < 300 else "other"
         if s == "OK":
             return "accepted"
-        if s == "INVALID_ARGUMENT" or (s == "RESOURCE_EXHAUSTED" and self.case.category == "oversize_body"):
+        if s == "INVALID_ARGUMENT" or (s == "RESOURCE_EXHAUSTED" and self.case.category == "oversize_body") or (
+                self.case.api == "oip" and s in ("NOT_FOUND", "RESOURCE_EXHAUSTED")):
             return "expected" if self.message.strip() else "other"
         if s in ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS"):
             return "server_error"
         return "other"
+
+
+OIP_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def rest_path(case: Case) -> str:
+    """The REST route a case goes to."""
+    from urllib.parse import quote
+
+    if case.api != "oip":
+        return f"/predictions/{case.model}"
+    version = f"/versions/{quote(case.version, safe='')}" if case.version is not None else ""
+    return f"/v2/models/{quote(case.model, safe='%')}{version}/infer"
+
+
+def valid_oip_cases(image: bytes) -> list[Case]:
+    """Valid OIP requests: REST JSON (base64 image), REST binary (FP32 sequences with
+    lengths), gRPC raw (image), gRPC typed contents (sequences) with top_k."""
+    from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
+
+    rows = np.array([[[0.1 * j] * FEATURES for j in range(5)]] * 2, dtype=np.float32)
+    lengths = np.array([5, 3], dtype=np.int64)
+    head = json.dumps({"inputs": [
+        {"name": "sequences", "datatype": "FP32", "shape": list(rows.shape),
+         "parameters": {"binary_data_size": rows.nbytes}},
+        {"name": "lengths", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": lengths.nbytes}}],
+        "parameters": {"top_k": 2}}).encode()
+    rest_json = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                        "data": [base64.b64encode(image).decode()]}],
+                            "parameters": {"top_k": 2}}).encode()
+    grpc_image = pb.ModelInferRequest(model_name=IMAGE_MODEL)
+    grpc_image.inputs.add(name="images", datatype="BYTES", shape=[1])
+    grpc_image.raw_input_contents.append(struct.pack("<I", len(image)) + image)
+    grpc_seq = pb.ModelInferRequest(model_name=SEQ_MODEL, model_version="1")
+    grpc_seq.inputs.add(name="sequences", datatype="FP32", shape=list(rows.shape),
+                        contents=pb.InferTensorContents(fp32_contents=rows.reshape(-1).tolist()))
+    grpc_seq.parameters["top_k"].int64_param = 2
+    return [
+        Case(-1, "valid", "image", "rest", IMAGE_MODEL, body=rest_json, headers={"Content-Type": "application/json"},
+             api="oip"),
+        Case(-1, "valid", "sequence", "rest", SEQ_MODEL, body=head + rows.tobytes() + lengths.tobytes(),
+             headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}, api="oip",
+             version="1"),
+        Case(-1, "valid", "image", "grpc", IMAGE_MODEL, body=grpc_image.SerializeToString(), api="oip"),
+        Case(-1, "valid", "sequence", "grpc", SEQ_MODEL, body=grpc_seq.SerializeToString(), api="oip",
+             version="1"),
+    ]
 
 
 class Sender:
@@ -818,6 +1657,9 @@ class Sender:
         self._channel = grpc.insecure_channel(server.grpc_target, options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+        # OIP's ModelInfer with the request as bytes (serialized by the generator) and the
+        # answer as bytes: no generated stub needed to send what a case holds
+        self._model_infer = self._channel.unary_unary(OIP_MODEL_INFER)
         self._auth = {"Authorization": f"Bearer {server.token}"}
 
     def close(self) -> None:
@@ -846,10 +1688,19 @@ class Sender:
         import requests
 
         try:
-            resp = self._session().post(f"{self.server.rest_url}/predictions/{case.model}", data=case.body,
+            resp = self._session().post(f"{self.server.rest_url}{rest_path(case)}", data=case.body,
                                         headers={**self._auth, **case.headers}, timeout=(10, self.timeout_s))
         except requests.Timeout:
             return "timeout", "", False
+        if case.api == "oip":  # OIP's error answer is {"error": message}; nothing else counts
+            try:
+                body = resp.json()
+            except ValueError:
+                body = None
+            message = body.get("error") if isinstance(body, dict) else None
+            if resp.status_code >= 400 and not isinstance(message, str):
+                return f"HTTP {resp.status_code}", "", False
+            return f"HTTP {resp.status_code}", str(message or ""), False
         try:
             body = resp.json()
             message = body.get("message", "") if isinstance(body, dict) else ""
@@ -860,31 +1711,42 @@ class Sender:
         return f"HTTP {resp.status_code}", str(message), False
 
     def _grpc_call(self, case: Case) -> tuple[str, str]:
-        request = self._pb2.PredictionsRequest(model_name=case.model, input=case.inputs)
+        metadata = [("authorization", f"Bearer {self.server.token}")]
         try:
-            self._stub.Predictions(request, metadata=[("authorization", f"Bearer {self.server.token}")],
-                                   timeout=self.timeout_s)
+            if case.api == "oip":
+                self._model_infer(case.body, metadata=metadata, timeout=self.timeout_s)
+            else:
+                request = self._pb2.PredictionsRequest(model_name=case.model, input=case.inputs)
+                self._stub.Predictions(request, metadata=metadata, timeout=self.timeout_s)
         except self._grpc.RpcError as exc:
             if exc.code() == self._grpc.StatusCode.DEADLINE_EXCEEDED:
                 return "timeout", exc.details() or ""
             return exc.code().name, exc.details() or ""
         return "OK", ""
 
-    def valid_requests(self) -> list[str]:
-        """One valid request per model and transport; returns the failures (empty: all good)."""
+    def valid_cases(self) -> list[Case]:
+        """One valid request per model and transport (native: and per OIP transport)."""
         g = torch.Generator().manual_seed(1)
         image = encode_png(rgb_pixels(g, 24, 30)).numpy().tobytes()
         seq = json.dumps({"inputs": [[[0.1 * j] * FEATURES for j in range(5)]], "k": 2}).encode()
+        cases = [Case(-1, "valid", "image", "rest", IMAGE_MODEL, body=image,
+                      headers={"Content-Type": "image/png", "X-Top-K": "2"}),
+                 Case(-1, "valid", "sequence", "rest", SEQ_MODEL, body=seq,
+                      headers={"Content-Type": "application/json"}),
+                 Case(-1, "valid", "image", "grpc", IMAGE_MODEL, inputs={"img": image, "k": b"2"}),
+                 Case(-1, "valid", "sequence", "grpc", SEQ_MODEL, inputs={"data": seq})]
+        if self.server.engine == "native":
+            cases += valid_oip_cases(image)
+        return cases
+
+    def valid_requests(self) -> list[str]:
+        """:meth:`valid_cases`, sent; returns the failures (empty: all good)."""
         failures = []
-        for case in (Case(-1, "valid", "image", "rest", IMAGE_MODEL, body=image,
-                          headers={"Content-Type": "image/png", "X-Top-K": "2"}),
-                     Case(-1, "valid", "sequence", "rest", SEQ_MODEL, body=seq,
-                          headers={"Content-Type": "application/json"}),
-                     Case(-1, "valid", "image", "grpc", IMAGE_MODEL, inputs={"img": image, "k": b"2"}),
-                     Case(-1, "valid", "sequence", "grpc", SEQ_MODEL, inputs={"data": seq})):
+        for case in self.valid_cases():
             out = self.send(case)
             if out.status not in ("HTTP 200", "OK"):
-                failures.append(f"valid {case.kind} over {case.transport}: {out.status} {out.message[:200]}")
+                api = " OIP" if case.api == "oip" else ""
+                failures.append(f"valid {case.kind} over {case.transport}{api}: {out.status} {out.message[:200]}")
         return failures
 
 
@@ -896,6 +1758,9 @@ class CampaignResult:
     seconds: float
     workers_before: dict
     workers_after: dict
+    engine: str = "torchserve"
+    #: :meth:`FuzzServer.health` after the campaign: what is wrong with the engine (empty: nothing).
+    health_after: list[str] = field(default_factory=list)
 
     def failures(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.verdict != "expected"]
@@ -912,13 +1777,14 @@ class CampaignResult:
     def summary(self) -> dict:
         verdicts = Counter(o.verdict for o in self.outcomes)
         return {
+            "engine": self.engine,
             "inputs": len(self.outcomes),
             "by_category": dict(Counter(o.case.category for o in self.outcomes)),
             "by_transport": dict(Counter(o.case.transport for o in self.outcomes)),
             "answers": dict(sorted(Counter(o.status for o in self.outcomes).items())),
             "by_category_answers": {
                 c: dict(sorted(Counter(o.status for o in self.outcomes if o.case.category == c).items()))
-                for c in CATEGORIES if any(o.case.category == c for o in self.outcomes)},
+                for c in ALL_CATEGORIES if any(o.case.category == c for o in self.outcomes)},
             "expected": verdicts.get("expected", 0),
             "server_errors": verdicts.get("server_error", 0),
             "hangs": verdicts.get("hang", 0),
@@ -926,6 +1792,8 @@ class CampaignResult:
             "other": verdicts.get("other", 0),
             "worker_restarts": len(self.restarts()),
             "failed_valid_requests": sum(len(c["failures"]) for c in self.checkpoints),
+            "valid_requests": sum(c.get("valid", 0) for c in self.checkpoints),
+            "health_after": self.health_after,
             "dropped_still_decodable": sum(self.dropped.values()),
             "max_seconds": round(max((o.seconds for o in self.outcomes), default=0.0), 3),
             "seconds": round(self.seconds, 1),
@@ -936,7 +1804,8 @@ def run_campaign(server: FuzzServer, cases: list[Case], *, threads: int = 4, tim
                  checkpoints: int = 4, dropped: Counter | None = None) -> CampaignResult:
     """Send every case (``threads`` at a time) in ``checkpoints`` slices; after each slice a
     valid request per model and transport must succeed. Worker pids are read before and
-    after: a changed pid is a worker TorchServe had to restart."""
+    after: a changed pid is a worker TorchServe had to restart (native: one pid, the engine's
+    own, which must stay READY). After the last slice, :meth:`FuzzServer.health`."""
     sender = Sender(server, timeout_s)
     start = time.perf_counter()
     workers_before = server.workers()
@@ -950,9 +1819,10 @@ def run_campaign(server: FuzzServer, cases: list[Case], *, threads: int = 4, tim
             for first in range(0, len(order), size):
                 outcomes.extend(pool.map(sender.send, order[first:first + size]))
                 marks.append({"after": len(outcomes), "failures": sender.valid_requests(),
-                              "workers": server.workers()})
+                              "valid": len(sender.valid_cases()), "workers": server.workers()})
     finally:
         sender.close()
+    seconds = time.perf_counter() - start
     outcomes.sort(key=lambda o: o.case.id)
-    return CampaignResult(outcomes, marks, dropped or Counter(), time.perf_counter() - start,
-                          workers_before, server.workers())
+    return CampaignResult(outcomes, marks, dropped or Counter(), seconds, workers_before, server.workers(),
+                          engine=server.engine, health_after=server.health())

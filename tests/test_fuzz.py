@@ -1,14 +1,18 @@
-"""Bad input, fuzzed: over 1000 generated bad payloads against one real TorchServe, REST and gRPC.
+"""Bad input, fuzzed: over 1000 generated bad payloads against each real engine, REST and gRPC.
 
-One TorchServe (a tiny image CNN and a tiny float-sequence LSTM, one worker each) and the
-real gRPC gateway serve the whole module. The generator and the campaign are in
-``tests/fuzzing.py``; ``make fuzz`` runs the same campaign for BENCHMARKS.md.
+Every test with the ``server`` fixture runs once per engine: one TorchServe (a tiny image CNN
+and a tiny float-sequence LSTM, one worker each) with the real gRPC gateway, then the native
+engine (in this process) serving the same two archives. The native engine also gets the OIP
+v2 category (REST ``/v2/models/<m>/infer`` and gRPC ``ModelInfer``). The generator and the
+campaign are in ``tests/fuzzing.py``; ``make fuzz`` runs the same campaigns for BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import resource
+import struct
 import time
 from collections import Counter
 
@@ -27,29 +31,40 @@ from tests import fuzzing
 from tests.fuzzing import IMAGE_MODEL, SEQ_MODEL, generate, run_campaign, start_server
 
 #: Small counts for the determinism check: every category, a fraction of the cases.
-SMALL = {category: 12 for category in fuzzing.CATEGORIES} | {"oversize_body": 2}
+SMALL = {category: 12 for category in fuzzing.ALL_CATEGORIES} | {"oversize_body": 2, "oip": 80}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("fuzz"))
+@pytest.fixture(scope="module", params=fuzzing.ENGINES, ids=[f"engine={e}" for e in fuzzing.ENGINES])
+def server(request, tmp_path_factory):
+    s = start_server(tmp_path_factory.mktemp(f"fuzz-{request.param}"), engine=request.param)
     try:
         yield s
     finally:
-        s.serving.stop()
+        s.stop()
+
+
+def _native_only(server) -> None:
+    if server.engine != "native":
+        pytest.skip("OIP v2: the native engine only")
 
 
 def _fingerprint(cases):
-    return [(c.category, c.kind, c.transport, c.model, c.body, sorted(c.headers.items()), sorted(c.inputs.items()))
-            for c in cases]
+    return [(c.category, c.kind, c.transport, c.model, c.body, sorted(c.headers.items()), sorted(c.inputs.items()),
+             c.api, c.version) for c in cases]
 
 
 def test_generator_is_seeded_deterministic_and_covers_every_category():
-    a, dropped_a = generate(seed=5, counts=SMALL)
-    b, dropped_b = generate(seed=5, counts=SMALL)
-    c, _ = generate(seed=6, counts=SMALL)
+    a, dropped_a = generate(seed=5, counts=SMALL, engine="native")
+    b, dropped_b = generate(seed=5, counts=SMALL, engine="native")
+    c, _ = generate(seed=6, counts=SMALL, engine="native")
     assert _fingerprint(a) == _fingerprint(b) and dropped_a == dropped_b
     assert _fingerprint(a) != _fingerprint(c)
+    assert _fingerprint([x for x in a if x.api == "oip"]) != _fingerprint([x for x in c if x.api == "oip"])
+    # TorchServe's campaign is the native one without OIP: the same cases, first
+    ts, _ = generate(seed=5, counts=SMALL)
+    assert _fingerprint(ts) == _fingerprint(a[:len(ts)])
+    assert {x.category for x in ts} == set(fuzzing.CATEGORIES)
+    assert {x.api for x in a[len(ts):]} == {"oip"}
     full, _ = generate()
     assert len(full) >= 1000
     per = Counter((case.category, case.transport) for case in full)
@@ -58,24 +73,43 @@ def test_generator_is_seeded_deterministic_and_covers_every_category():
     kinds = {case.kind for case in full}
     assert {"png_huge_header", "jpeg_huge_header", "truncated", "bitflip", "header_k", "json_k",
             "grpc_input_k", "over_max_request_size"} <= kinds
+    native, _ = generate(engine="native")
+    oip_kinds = Counter((x.transport, x.kind.split("/")[0]) for x in native if x.api == "oip")
+    assert sum(oip_kinds.values()) >= 600
+    for kind in fuzzing._Gen.OIP_REST_KINDS:
+        assert oip_kinds[("rest", kind)] >= 10, kind
+    for kind in fuzzing._Gen.OIP_GRPC_KINDS:
+        assert oip_kinds[("grpc", kind)] >= 10, kind
+    # the value lists are sent in turn: every bad Inference-Header-Content-Length, top_k, shape
+    variants = {x.kind for x in native if x.api == "oip"}
+    for name, _ in fuzzing._Gen.BAD_LENGTH_TEXT:
+        assert f"header_length_not_number/{name}" in variants, name
 
 
-def test_a_thousand_bad_payloads_get_4xx_and_the_workers_survive(server):
-    cases, dropped = generate()
+def test_a_thousand_bad_payloads_get_4xx_and_the_engine_survives(server):
+    cases, dropped = generate(engine=server.engine)
     result = run_campaign(server, cases, threads=4, timeout_s=30, checkpoints=4, dropped=dropped)
     summary = result.summary()
     print(json.dumps(summary, indent=1))
     assert summary["inputs"] >= 1000
     failures = result.failures()
-    assert not failures, f"{len(failures)} bad answers, e.g.:\n" + "\n".join(
+    assert not failures, f"{len(failures)} bad answers on {server.engine}, e.g.:\n" + "\n".join(
         f"{o.case.describe()}: {o.status} {o.message[:200]!r}" for o in failures[:25])
-    # the workers TorchServe started are the ones still serving: none died on the way
+    # TorchServe: the workers it started are the ones still serving, none died on the way.
+    # Native: its one process (this one) serves every version, each still READY.
     assert result.restarts() == []
     assert len(result.checkpoints) == 4
     for mark in result.checkpoints:
         assert mark["failures"] == [], mark  # a valid request per model and transport succeeded
         assert mark["workers"] == result.workers_before
     assert all(ready for ready, pids in result.workers_before.values() if pids)
+    # alive and READY after the campaign (native: device threads and I/O loop running,
+    # /v2/health/ready 200, every version of serving.models READY)
+    assert result.health_after == []
+    if server.engine == "native":
+        assert all(v.ready for v in server.serving.models.versions())
+        assert len(server.serving.models.versions()) == 2
+        assert summary["valid_requests"] == 4 * 8  # the OIP requests too, at each checkpoint
     by_kind = {}
     for o in result.outcomes:
         by_kind.setdefault((o.case.category, o.case.kind, o.case.transport), set()).add(o.status)
@@ -91,6 +125,35 @@ def test_a_thousand_bad_payloads_get_4xx_and_the_workers_survive(server):
             assert any(why in o.message for why in ("k must", "not a finite number", "digits")), (
                 o.case.describe(), o.message)
     assert summary["max_seconds"] < 30
+    if server.engine == "native":
+        _check_oip_outcomes(result)
+
+
+def _check_oip_outcomes(result) -> None:
+    """The OIP category: the statuses that say why, and every REST answer {"error": ...}."""
+    oip = [o for o in result.outcomes if o.case.api == "oip"]
+    assert len(oip) >= 600
+    by_kind: dict[tuple[str, str], set] = {}
+    for o in oip:
+        by_kind.setdefault((o.case.kind.split("/")[0], o.case.transport), set()).add(o.status)
+        assert o.message.strip(), o.case.describe()  # REST: the body's "error" (Sender reads no other)
+    assert by_kind[("unknown_model", "rest")] == {"HTTP 404"}
+    assert by_kind[("unknown_model", "grpc")] == {"NOT_FOUND"}
+    for kind in ("shape_mismatch", "wrong_datatype", "bytes_cut_short", "unknown_input", "missing_input",
+                 "bad_top_k", "bad_lengths", "unknown_output", "bad_values"):
+        assert by_kind[(kind, "rest")] == {"HTTP 400"}, kind
+        assert by_kind[(kind, "grpc")] == {"INVALID_ARGUMENT"}, kind
+    for kind in ("binary_size_over", "binary_size_under", "header_length_beyond", "header_length_not_number",
+                 "nested_too_deep", "non_json_header", "bad_parameters"):
+        assert by_kind[(kind, "rest")] == {"HTTP 400"}, kind
+    for kind in ("raw_count_mismatch", "contents_and_raw"):
+        assert by_kind[(kind, "grpc")] == {"INVALID_ARGUMENT"}, kind
+    # shapes declaring up to 2**100 elements: refused before anything is allocated, at once
+    assert by_kind[("bad_dims", "rest")] == {"HTTP 400", "HTTP 413"}
+    assert by_kind[("bad_dims", "grpc")] == {"INVALID_ARGUMENT"}
+    huge = [o for o in oip if o.case.kind.startswith("bad_dims/")]
+    assert max(o.seconds for o in huge) < 2, max(huge, key=lambda o: o.seconds).case.describe()
+    assert by_kind[("bad_batch", "rest")] == {"HTTP 400", "HTTP 413"}  # 413: over 64 inputs
 
 
 def _rest(server, model, body, headers):
@@ -100,8 +163,9 @@ def _rest(server, model, body, headers):
 
 def test_body_over_max_request_size_is_413_and_the_server_stays_up(server):
     limit = server.settings.max_request_size_bytes
-    config = (server.settings.state_dir / "config.properties").read_text()
-    assert f"max_request_size={limit}" in config.splitlines()
+    if server.engine == "torchserve":  # TorchServe's frontend has the limit too
+        config = (server.settings.state_dir / "config.properties").read_text()
+        assert f"max_request_size={limit}" in config.splitlines()
     doc = json.dumps({"inputs": [[[0.5] * fuzzing.FEATURES] * 3], "k": 1}).encode()
     # valid JSON padded with blanks to just under the limit: answered
     under = doc + b" " * (limit - 1024 - len(doc))
@@ -118,6 +182,7 @@ def test_body_over_max_request_size_is_413_and_the_server_stays_up(server):
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in info.value.details()
     assert fuzzing.Sender(server, 30).valid_requests() == []
+    assert server.health() == []
 
 
 def test_pixel_budget_counts_every_image_of_a_request(server):
@@ -131,6 +196,73 @@ def test_pixel_budget_counts_every_image_of_a_request(server):
     assert resp.status_code == 413, resp.text
     assert "72000000 pixels together" in resp.json()["message"]
     assert time.perf_counter() - start < 10
+
+
+# ---- OIP v2 (native engine) ------------------------------------------------------------------
+def _oip_post(server, model, body, headers):
+    return requests.post(f"{server.rest_url}/v2/models/{model}/infer", data=body, timeout=60,
+                         headers={"Authorization": f"Bearer {server.token}", **headers})
+
+
+def test_oip_header_length_is_ascii_digits_or_400(server):
+    """Inference-Header-Content-Length arrives as latin-1 text: a superscript digit (byte
+    0xB2) passes str.isdigit() but not int(), and int() refuses more than 4300 digits. Each
+    was a 500 ("internal error"); each is a 400 naming the header, and the engine serves on."""
+    _native_only(server)
+    rows = np.full((1, 3, fuzzing.FEATURES), 0.5, dtype=np.float32)
+    head = json.dumps({"inputs": [{"name": "sequences", "datatype": "FP32", "shape": [1, 3, fuzzing.FEATURES],
+                                   "parameters": {"binary_data_size": rows.nbytes}}]}).encode()
+    body = head + rows.tobytes()
+    for value in ("\xb2", "\xb9\xb2", "\xb3" * 3, "9" * 5000, "1" * 4301, "0" * 5000 + "1", "12 34", "0x10"):
+        resp = _oip_post(server, SEQ_MODEL, body, {fuzzing.HEADER_LENGTH: value})
+        assert resp.status_code == 400, (value[:10], resp.status_code, resp.text)
+        assert "inference-header-content-length" in resp.json()["error"].lower()
+    # leading zeros are still a number: the header's length, written long
+    resp = _oip_post(server, SEQ_MODEL, body, {fuzzing.HEADER_LENGTH: "0" * 5000 + str(len(head))})
+    assert resp.status_code == 200, resp.text
+    assert _oip_post(server, SEQ_MODEL, body, {fuzzing.HEADER_LENGTH: str(len(head))}).status_code == 200
+    assert server.health() == []
+
+
+def test_oip_huge_shapes_are_refused_before_anything_is_allocated(server):
+    """A shape of 10**12 (or 2**100) elements with a few bytes of data: 413 or 400 at once,
+    and the engine (this process) does not grow: nothing of that size was allocated."""
+    _native_only(server)
+    from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    start = time.perf_counter()
+    for shape, datatype in (([10**12], "FP32"), ([2**100], "BYTES"), ([1, 10**6, 10**6], "FP32"),
+                            ([2**31, 2**31], "INT64")):
+        for binary in (False, True):
+            tensor = {"name": "sequences", "datatype": datatype, "shape": shape}
+            if binary:
+                tensor["parameters"] = {"binary_data_size": 8}
+                head = json.dumps({"inputs": [tensor]}).encode()
+                resp = _oip_post(server, SEQ_MODEL, head + bytes(8), {fuzzing.HEADER_LENGTH: str(len(head))})
+            else:
+                tensor["data"] = [0.5, 0.5]
+                resp = _oip_post(server, SEQ_MODEL, json.dumps({"inputs": [tensor]}).encode(),
+                                 {"Content-Type": "application/json"})
+            assert resp.status_code == 413, (shape, binary, resp.status_code, resp.text)
+            assert "elements" in resp.json()["error"]
+    resp = _oip_post(server, SEQ_MODEL, json.dumps({"inputs": [{"name": "sequences", "datatype": "FP32",
+                                                                "shape": [1e12], "data": [0.5]}]}).encode(), {})
+    assert resp.status_code == 400 and "not a size" in resp.json()["error"], resp.text
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        infer = channel.unary_unary(fuzzing.OIP_MODEL_INFER)
+        for shape in ([10**12], [2**62], [2**31, 2**31, 2**31]):
+            req = pb.ModelInferRequest(model_name=SEQ_MODEL)
+            req.inputs.add(name="sequences", datatype="FP32", shape=shape)
+            req.raw_input_contents.append(struct.pack("<ff", 0.5, 0.5))
+            with pytest.raises(grpc.RpcError) as info:
+                infer(req.SerializeToString(), metadata=[("authorization", f"Bearer {server.token}")], timeout=30)
+            assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert "elements" in info.value.details()
+    assert time.perf_counter() - start < 10
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mib < 256, f"peak RSS grew by {grown_mib:.0f} MiB"
+    assert server.health() == []
 
 
 # ---- in process: the PNG check keeps the pixels of valid PNGs ----------------------------
@@ -208,6 +340,8 @@ class _Payload:
 
 
 def test_archive_whose_weights_need_pickled_code_is_refused_by_the_real_worker(server, tmp_path):
+    """TorchServe: its worker refuses the weights and dies, again and again (crash-looping).
+    Native: the load in this process refuses them, and the version is FAILED with the reason."""
     from service.errors import AlreadyExists
     from service.modelstore import ModelStore
     from service.serving import readiness
@@ -223,6 +357,11 @@ def test_archive_whose_weights_need_pickled_code_is_refused_by_the_real_worker(s
                         modelName=name)
     mgmt = server.serving.mgmt
     try:
+        if server.engine == "native":
+            _native_refuses_pickled_weights(server, name)
+            assert not marker.exists()
+            assert fuzzing.Sender(server, 30).valid_requests() == []
+            return
         # the replica registers new archives of the store by itself; where it does not
         # (yet), register it as it would
         deadline = time.monotonic() + 10
@@ -250,3 +389,26 @@ def test_archive_whose_weights_need_pickled_code_is_refused_by_the_real_worker(s
             mgmt.unregister(name, 1)
         except Exception:  # noqa: BLE001 - not registered at all: nothing to undo
             pass
+    assert server.health() == []
+
+
+def _native_refuses_pickled_weights(server, name: str) -> None:
+    from service.errors import AlreadyExists, ServiceError
+    from service.serving import readiness
+    from service.serving.store_scan import link_archive
+
+    mgmt = server.serving.mgmt
+    why = "weights.pt needs pickled code to load (posix.system)"
+    try:  # loaded in this process: a synchronous registration says why it failed
+        mgmt.register(link_archive(server.settings, name, 1), initial_workers=1, synchronous=True)
+    except AlreadyExists:  # registered meanwhile by the replica itself
+        pass
+    except ServiceError as exc:
+        assert why in exc.message, exc.message
+    entry = server.serving.models.get(name, "1")
+    deadline = time.monotonic() + 60
+    while entry.state == "LOADING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert entry.state == "FAILED" and why in entry.error, (entry.state, entry.error)
+    found = next(r for r in readiness.check(mgmt) if r.key == (name, "1"))
+    assert not found.ready, found
