@@ -213,7 +213,7 @@ def test_oip_header_length_is_ascii_digits_or_400(server):
     head = json.dumps({"inputs": [{"name": "sequences", "datatype": "FP32", "shape": [1, 3, fuzzing.FEATURES],
                                    "parameters": {"binary_data_size": rows.nbytes}}]}).encode()
     body = head + rows.tobytes()
-    for value in ("\xb2", "\xb9\xb2", "\xb3" * 3, "9" * 5000, "1" * 4301, "0" * 5000 + "1", "12 34", "0x10"):
+    for value in ("\xb2", "\xb9\xb2", "\xb3" * 3, "9" * 5000, "1" * 4301, "12 34", "0x10", str(len(body) + 1)):
         resp = _oip_post(server, SEQ_MODEL, body, {fuzzing.HEADER_LENGTH: value})
         assert resp.status_code == 400, (value[:10], resp.status_code, resp.text)
         assert "inference-header-content-length" in resp.json()["error"].lower()

@@ -142,12 +142,14 @@ class RestApp:
         """The body, read within the size limit and the byte budget; (bytes, admission)."""
         declared = headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            size = _decimal(declared)
+            if size is None:
                 raise InvalidInput("Content-Length is not a number")
-            if int(declared) > self.max_body:
-                raise PayloadTooLarge(f"request body of {declared} bytes; the limit is {self.max_body} "
+            if size > self.max_body:
+                raise PayloadTooLarge(f"request body of {_short(declared)} bytes; the limit is {self.max_body} "
                                       "(max_request_size_bytes)")
-        reserved = self.plane.reserve_bytes(int(declared) if declared is not None else self.max_body)
+            declared = size
+        reserved = self.plane.reserve_bytes(declared if declared is not None else self.max_body)
         try:
             chunks, size = [], 0
             while True:
@@ -242,6 +244,23 @@ def _opt(part: str | None) -> str | None:
     return unquote(part) if part else None
 
 
+def _decimal(text: str) -> int | None:
+    """A header's non-negative decimal number (ASCII digits, blanks around), else None.
+
+    ``str.isdigit`` alone takes a superscript (a latin-1 header byte 0xB2 is ``²``) for a
+    digit, and ``int`` refuses more than 4300 digits: either was a 500. Leading zeros are
+    dropped; a number of more than 19 digits is returned as ``2**63``, beyond any body."""
+    text = text.strip(" \t")
+    if not text or not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else 1 << 63
+
+
+def _short(text: str, limit: int = 24) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _json(status: int, body) -> tuple[int, bytes, list]:
     return status, json.dumps(body).encode(), [(b"content-type", b"application/json")]
 
@@ -249,11 +268,12 @@ def _json(status: int, body) -> tuple[int, bytes, list]:
 def _parse_infer(body: bytes, header_length: str | None):
     """The request's JSON part, its input tensors, and whether BYTES came as JSON text."""
     if header_length is not None:
-        if not header_length.strip().isdigit():
+        n = _decimal(header_length)
+        if n is None:
             raise InvalidInput(f"{HEADER_LENGTH} is not a number")
-        n = int(header_length)
         if n > len(body):
-            raise InvalidInput(f"{HEADER_LENGTH} is {n}, beyond the body's {len(body)} bytes")
+            raise InvalidInput(f"{HEADER_LENGTH} is {_short(header_length.strip())}, beyond the body's "
+                               f"{len(body)} bytes")
         head, rest = body[:n], memoryview(body)[n:]
     else:
         head, rest = body, memoryview(b"")
