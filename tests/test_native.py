@@ -449,3 +449,21 @@ def test_torch_runs_on_the_device_thread_only(native):
     """The I/O thread never ran torch: its intra-op pool was never created there."""
     got = native.engine.models.runners[0].call(torch.get_num_threads).result(10)
     assert got == native.engine.models.runners[0].threads
+
+
+def test_not_ready_until_start_up_registered_the_whole_store(native):
+    """During start-up, versions registered so far may all be READY while others of the store
+    are not registered yet: the replica is not ready then (a probe must not send traffic)."""
+    plane = native.engine.plane
+    assert requests.get(f"{native.rest}/v2/health/ready", timeout=10).status_code == 200
+    plane.starting = True
+    try:
+        assert requests.get(f"{native.rest}/v2/health/ready", timeout=10).status_code == 503
+        assert requests.get(f"{native.rest}/v2/health/live", timeout=10).status_code == 200
+        native.engine.expected.append(("not-yet", 1))
+        report = {r.key: r for r in native.engine.readiness()}
+        assert not report[("not-yet", "1")].ready and report[("not-yet", "1")].reason == "not registered yet"
+    finally:
+        plane.starting = False
+        native.engine.expected.remove(("not-yet", 1))
+    assert requests.get(f"{native.rest}/v2/health/ready", timeout=10).status_code == 200

@@ -45,6 +45,9 @@ class DataPlane:
         self.byte_budget = settings.inflight_bytes_budget
         self._lock = threading.Lock()
         self._bytes = 0
+        #: True until the engine has registered the store and waited for it: not ready then,
+        #: even when every version registered so far is.
+        self.starting = True
 
     @property
     def bytes_in_flight(self) -> int:
@@ -56,9 +59,9 @@ class DataPlane:
         return all(r.alive() for r in self.models.runners)
 
     def ready(self) -> bool:
-        """Every registered version READY (and at least one registered)."""
+        """Start-up done, and every registered version READY (at least one registered)."""
         versions = self.models.versions()
-        return self.live() and bool(versions) and all(v.ready for v in versions)
+        return not self.starting and self.live() and bool(versions) and all(v.ready for v in versions)
 
     def version(self, name: str, version: str | None = None) -> Version:
         return self.models.get(name, version or None)

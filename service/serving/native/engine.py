@@ -156,6 +156,7 @@ class NativeServing:
             refused = refused_archives(self.settings.model_store)
             self.expected = [key for key in self.expected if key not in refused]
             report = self.wait_ready()
+            self.plane.starting = False
             self._converge_thread = ConvergeThread(self.converger, self.settings.sync_interval_s)
             self._converge_thread.start()
             return report
@@ -222,7 +223,15 @@ class NativeServing:
             raise errors[0] if errors else Unavailable("the REST and gRPC servers did not start within 30s")
 
     def readiness(self) -> list[ModelReadiness]:
-        return readiness.check(self._require_mgmt())
+        """Every registered version's readiness, and, during start-up, the store's versions
+        not registered yet (not ready), so that health says NOT_SERVING until all are."""
+        report = readiness.check(self._require_mgmt())
+        if self.plane is None or not self.plane.starting:
+            return report
+        known = {r.key for r in report}
+        return report + [ModelReadiness(name=n, version=str(v), is_default=False, workers=0, ready_workers=0,
+                                        ready=False, reason="not registered yet")
+                         for n, v in self.expected if (n, str(v)) not in known]
 
     def wait_ready(self, timeout_s: float | None = None) -> list[ModelReadiness]:
         timeout_s = self.settings.startup_timeout_s if timeout_s is None else timeout_s
