@@ -45,11 +45,13 @@ test: setup
 	$(VENV)/bin/ruff check service tests benchmarks scripts
 	$(PY) -m pytest -q
 
-# Serving benchmark (not part of `make test`; ~15 min on 2 cores): writes BENCHMARKS.md.
+# Serving benchmark (not part of `make test`; ~20 min on 2 cores): writes BENCHMARKS.md.
 # TorchServe's stock image_classifier (baseline (c)) imports captum and matplotlib, which are
 # no dependencies of ours: they go to a directory only that baseline's TorchServe sees.
+# wrk and h2load (apt: wrk, nghttp2-client) drive the native engine (d): scripts/bench_deps.sh.
 BENCH_PYDEPS := .modelctl/bench/pydeps
 bench: setup
+	bash scripts/bench_deps.sh
 	$(PY) -m pip install --quiet --no-deps --target $(BENCH_PYDEPS) captum==0.9.0 matplotlib==3.11.2 \
 		contourpy==1.3.3 cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 \
 		python-dateutil==4.0.0 six==1.17.0 tqdm==4.70.1 \

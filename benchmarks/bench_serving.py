@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serving.py [--out BENCHMARKS.md] [--work-dir .modelctl/bench]
                                        [--stock-pythonpath DIR] [--quick]
+                                       [--skip trainer b c compile native replica new-version]
 
 Same ResNet-18 weights and the same JPEG inputs everywhere, on this machine:
 
@@ -15,6 +16,17 @@ Same ResNet-18 weights and the same JPEG inputs everywhere, on this machine:
   file + state_dict, TorchServe's convention), over REST. Its base class imports captum, which
   is not a dependency of ours: ``make bench`` installs it into a directory used only by
   that TorchServe (``--stock-pythonpath``).
+
+* (d) the native engine (issue 11): ``modelctl serve --no-control --engine native`` as its own
+  process, serving the same archive as (b), driven by load tools outside Python: ``wrk`` over
+  REST (OIP v2 with the binary tensor extension, the main row; TorchServe's /predictions) and
+  ``h2load`` over gRPC (OIP ModelInfer, a pre-serialised frame), at concurrency 1, 8 and 32;
+  every run is checked from the server's side (answers against the in-process forward before
+  and after, the engine's own request counter against the tool's count; see
+  :func:`checked_run` and benchmarks/loadgen.py). The Python client of (b) and (c) beside it,
+  and wrk against (b) and (c) too, so that (d) and (c) are compared under the same tool.
+  Then a replica of each engine serving the three demo archives (start to every model READY,
+  RSS summed over every process), and a new ResNet-18 version's latency on the native engine.
 
 Concurrency 1 and 8: in process, batch 1 and batch 8; over REST, 1 and 8 client threads
 sending one JPEG per request. The load generator runs on the same 2 cores as the server.
@@ -36,7 +48,9 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -63,6 +77,7 @@ from service.modelstore.check import ALLOW_FOREIGN_ENV  # noqa: E402
 from service.serving.store_scan import link_archive  # noqa: E402
 from service.report import replace_section  # noqa: E402
 from service.serving.supervisor import Serving  # noqa: E402
+from benchmarks import loadgen  # noqa: E402
 
 log = logging.getLogger("bench")
 START, END = "<!-- serving-bench:start -->", "<!-- serving-bench:end -->"
@@ -268,8 +283,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_settings(store: Path, state: Path, workers: int = 1) -> ServeSettings:
-    return ServeSettings(workers_per_model=workers,
+def serve_settings(store: Path, state: Path, workers: int = 1, engine: str = "torchserve") -> ServeSettings:
+    return ServeSettings(workers_per_model=workers, engine=engine,
         model_store=store, state_dir=state, inference_port=free_port(), management_port=free_port(),
         metrics_port=free_port(), grpc_inference_port=free_port(), grpc_management_port=free_port(),
         ts_grpc_inference_port=free_port(), exporter_port=free_port(), ts_inference_port=free_port(),
@@ -322,6 +337,9 @@ def ours_in_torchserve(work: Path, bundle, jpegs, runtime: dict, checks: dict, q
 
         out.update(rest_phase(settings, MODEL, jpegs, quick, check))
         log.info("(b) ours in TorchServe, %d worker(s): %s", workers, out)
+        if loadgen.have("wrk"):
+            script = wrk_scripts(work, tag, read_token(settings.state_dir), jpegs, MODEL)["predictions"]
+            out["wrk"] = wrk_phase(f"http://127.0.0.1:{settings.inference_port}", script, quick)
         if new_versions:
             # The same model, the same TorchServe, right after: TorchServe's own loopback port
             # with its inference key, without the proxy. The difference is what nginx costs.
@@ -391,11 +409,13 @@ def job_to_first_answer(serving, settings: ServeSettings) -> dict:
             "deploy_outcome": pb.DeployOutcome.Name(final.deploy_outcome), "version": final.result_version}
 
 
-def new_version_latency(serving: Serving, settings: ServeSettings, store: ModelStore, jpeg: bytes) -> dict:
+def new_version_latency(serving, settings: ServeSettings, store: ModelStore, jpeg: bytes,
+                        bundle: ModelBundle | None = None) -> dict:
     """Archive written (what a job does just before it is SUCCEEDED) -> registered (worker
     READY) -> default -> first answer by the new version. The new version is written as the
-    trainer writes one: default serving options (fp32 eager)."""
-    new = resnet18_bundle(seed=1)
+    trainer writes one: default serving options (fp32 eager). ``serving``: either engine (its
+    ``mgmt`` is TorchServe's management API or the native engine's NativeModels)."""
+    new = bundle if bundle is not None else resnet18_bundle(seed=1)
     t0 = time.perf_counter()
     info = store.write(MODEL, new, version=2)
     t_written = time.perf_counter()
@@ -481,6 +501,9 @@ def stock_in_torchserve(work: Path, bundle, jpegs, quick: bool, pythonpath: str 
         out = {"workers": workers, "load_s": load_s}
         out.update(rest_phase(settings, STOCK, jpegs, quick, check))
         log.info("(c) stock image_classifier, %d worker(s): %s", workers, out)
+        if loadgen.have("wrk"):
+            script = wrk_scripts(work, tag, read_token(settings.state_dir), jpegs, STOCK)["predictions"]
+            out["wrk"] = wrk_phase(f"http://127.0.0.1:{settings.inference_port}", script, quick)
         return out
     finally:
         serving.stop()
@@ -489,6 +512,456 @@ def stock_in_torchserve(work: Path, bundle, jpegs, quick: bool, pythonpath: str 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ---- (d) the native engine, and wrk/h2load against every engine ----------------------------
+SERVE_PORTS = ("inference_port", "ts_inference_port", "management_port", "metrics_port", "grpc_inference_port",
+               "grpc_management_port", "ts_grpc_inference_port", "exporter_port")
+#: Concurrency levels of the native engine's runs (closed loop: each client waits for its answer).
+NATIVE_LEVELS = (1, 8, 32)
+
+
+def tool_seconds(quick: bool) -> tuple[float, float]:
+    """(measured, warm-up) seconds of one wrk or h2load run."""
+    return (4.0, 1.0) if quick else (15.0, 3.0)
+
+
+class ServeProcess:
+    """``modelctl serve --no-control`` (a serving replica) as its own process, either engine, on
+    free ports: what a deployment runs. :meth:`start` returns the seconds from the process's
+    start to every model of the store READY: for the native engine, each model's OIP
+    ``/v2/models/{m}/ready`` answering 200; for TorchServe, every model with its workers READY in
+    TorchServe's management API (what ``modelctl serve`` itself waits for)."""
+
+    def __init__(self, work: Path, store: Path, engine: str, tag: str, env: dict | None = None):
+        self.engine, self.store = engine, Path(store)
+        self.state = work / f"state-{tag}"
+        shutil.rmtree(self.state, ignore_errors=True)
+        self.state.mkdir(parents=True)
+        self.ports = {name: free_port() for name in SERVE_PORTS}
+        self.env = dict(os.environ)
+        self.env.update({f"MODELCTL_{k.upper()}": str(v) for k, v in self.ports.items()})
+        self.env.update({"MODELCTL_ENGINE": engine, "MODELCTL_MODEL_STORE": str(self.store),
+                         "MODELCTL_STATE_DIR": str(self.state), "MODELCTL_STARTUP_TIMEOUT_S": "900",
+                         "MODELCTL_WORKER_PORT_BASE": str(random.randint(20000, 40000))})
+        self.env.update(env or {})
+        self.log_path = work / f"serve-{tag}.log"
+        self.proc: subprocess.Popen | None = None
+        self.seen: dict[int, object] = {}
+        self._token: str | None = None
+
+    @property
+    def rest(self) -> str:
+        return f"http://127.0.0.1:{self.ports['inference_port']}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc_inference_port']}"
+
+    @property
+    def exporter(self) -> str:
+        return f"http://127.0.0.1:{self.ports['exporter_port']}/metrics"
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            self._token = read_token(self.state)
+        return self._token
+
+    def start(self, models: list[str], timeout_s: float = 900) -> float:
+        cmd = [str(Path(sys.executable).parent / "modelctl"), "serve", "--no-control"]
+        with open(self.log_path, "wb") as out:
+            t0 = time.perf_counter()
+            self.proc = subprocess.Popen(cmd, cwd=self.state, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        last = "not started"
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"modelctl serve ({self.engine}) exited ({self.proc.returncode}) while starting; "
+                                   f"see {self.log_path}")
+            if time.perf_counter() - t0 > timeout_s:
+                raise RuntimeError(f"modelctl serve ({self.engine}) not ready in {timeout_s:.0f} s ({last}); "
+                                   f"see {self.log_path}")
+            try:
+                missing = self._not_ready(models)
+                if not missing:
+                    took = time.perf_counter() - t0
+                    self.tree()
+                    return took
+                last = f"not READY: {', '.join(missing)}"
+            except Exception as exc:  # noqa: BLE001 - not up yet: the token, a port
+                last = f"{type(exc).__name__}: {str(exc)[:200]}"
+            time.sleep(0.05)
+
+    def _not_ready(self, models: list[str]) -> list[str]:
+        if self.engine == "native":
+            headers = {"Authorization": f"Bearer {self.token}"}
+            return [m for m in models
+                    if requests.get(f"{self.rest}/v2/models/{m}/ready", headers=headers, timeout=5).status_code != 200]
+        from service.serving import readiness
+        from service.serving.management import ManagementClient
+
+        mgmt = ManagementClient(f"http://127.0.0.1:{self.ports['management_port']}",
+                                lambda: read_token(self.state, "management"), timeout_s=5)
+        try:
+            ready = {r.name for r in readiness.check(mgmt) if r.ready}
+        finally:
+            mgmt.close()
+        return [m for m in models if m not in ready]
+
+    def tree(self) -> dict:
+        """The memory of the process and every descendant (and remember them all, for stop)."""
+        import psutil
+
+        mem = loadgen.tree_memory(self.proc.pid)
+        for p in mem["processes"]:
+            with contextlib.suppress(psutil.Error):
+                self.seen.setdefault(p["pid"], psutil.Process(p["pid"]))
+        return mem
+
+    def stop(self) -> None:
+        import psutil
+
+        if self.proc is None:
+            return
+        with contextlib.suppress(Exception):
+            self.tree()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                log.warning("modelctl serve (%s) did not stop in 60 s; killing it", self.engine)
+                self.proc.kill()
+                self.proc.wait(10)
+
+        def alive():
+            out = []
+            for p in self.seen.values():
+                with contextlib.suppress(psutil.Error):
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        out.append(p)
+            return out
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and alive():
+            time.sleep(0.2)
+        for p in alive():
+            with contextlib.suppress(psutil.Error):
+                log.warning("killing leftover %s (pid %d)", p.name(), p.pid)
+                p.kill()
+        self.proc = None
+
+
+def oip_grpc_request(jpeg: bytes):
+    """OIP v2 ModelInferRequest: input ``images`` BYTES [1] in raw_input_contents (a 4-byte
+    little-endian length, then the JPEG)."""
+    from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
+
+    return pb.ModelInferRequest(
+        model_name=MODEL, inputs=[pb.ModelInferRequest.InferInputTensor(name="images", datatype="BYTES", shape=[1])],
+        raw_input_contents=[struct.pack("<I", len(jpeg)) + jpeg])
+
+
+def oip_rest_body(jpeg: bytes) -> tuple[bytes, int]:
+    """OIP v2 REST with the binary tensor extension: (body, Inference-Header-Content-Length)."""
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": 4 + len(jpeg)}}]}).encode()
+    return head + struct.pack("<I", len(jpeg)) + jpeg, len(head)
+
+
+class Reference:
+    """The in-process forward that served answers are compared with: a Predictor on the same
+    weights with the served precision and memory format, eager (the served one may be
+    compiled; compiling again here would cost a minute), every class's probability."""
+
+    def __init__(self, bundle: ModelBundle, runtime: dict, jpegs: list[bytes]):
+        pred = Predictor(bundle, runtime=RuntimeOptions(runtime["precision"], runtime["channels_last"]))
+        self.jpegs = jpegs
+        self.probs = []
+        for j in jpegs:
+            answer = pred.predict([{"body": j}], [1000]).outputs[0]
+            p = np.zeros(1000)
+            for e in answer["predictions"][0]["top_k"]:
+                p[e["index"]] = e["probability"]
+            self.probs.append(p)
+
+    def compare(self, i: int, classes, probs, how: str) -> str | None:
+        """None when the served top-5 agrees with the in-process forward: each of its
+        probabilities within 2% (+1e-4) of the in-process one of the same class, and its top-1
+        among the in-process top 3 (bf16 ties may reorder); else what differs."""
+        ref = self.probs[i]
+        top3 = set(np.argsort(-ref)[:3].tolist())
+        classes, probs = [int(c) for c in classes], [float(q) for q in probs]
+        if len(classes) != 5:
+            return f"{how}: {len(classes)} classes, not 5"
+        if classes[0] not in top3:
+            return f"{how}: top-1 {classes[0]} not in the in-process top 3 {sorted(top3)}"
+        for c, q in zip(classes, probs):
+            if abs(q - ref[c]) > 0.02 * ref[c] + 1e-4:
+                return f"{how}: class {c} p={q:.5f}, in process {ref[c]:.5f}"
+        return None
+
+    def check(self, server: ServeProcess) -> list[str]:
+        """A few real calls over gRPC (the generated stub) and REST (OIP, binary extension),
+        each compared with the in-process forward; the problems found."""
+        import grpc
+
+        from service._gen.oip.v2 import open_inference_grpc_pb2_grpc as pb_grpc
+
+        problems = []
+        meta = [("authorization", f"Bearer {server.token}")]
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for i, j in enumerate(self.jpegs):
+                try:
+                    resp = stub.ModelInfer(oip_grpc_request(j), metadata=meta, timeout=60)
+                    out = {o.name: raw for o, raw in zip(resp.outputs, resp.raw_output_contents)}
+                    problem = self.compare(i, np.frombuffer(out["classes"], "<i8"),
+                                           np.frombuffer(out["probabilities"], "<f4"), f"gRPC input {i}")
+                except Exception as exc:  # noqa: BLE001 - a failed call is a problem to report
+                    problem = f"gRPC input {i}: {type(exc).__name__}: {str(exc)[:200]}"
+                if problem:
+                    problems.append(problem)
+        for i, j in enumerate(self.jpegs):
+            body, n = oip_rest_body(j)
+            try:
+                r = requests.post(f"{server.rest}/v2/models/{MODEL}/infer", data=body, timeout=60,
+                                  headers={"Authorization": f"Bearer {server.token}",
+                                           "Inference-Header-Content-Length": str(n)})
+                if r.status_code != 200:
+                    problem = f"REST input {i}: {r.status_code} {r.text[:200]}"
+                else:
+                    out = {o["name"]: o["data"] for o in r.json()["outputs"]}
+                    problem = self.compare(i, out["classes"], out["probabilities"], f"REST input {i}")
+            except Exception as exc:  # noqa: BLE001
+                problem = f"REST input {i}: {type(exc).__name__}: {str(exc)[:200]}"
+            if problem:
+                problems.append(problem)
+        return problems
+
+
+def checked_run(server: ServeProcess, ref: Reference, concurrency: int, warm, run) -> dict:
+    """``warm()``, then ``run()`` between two reads of the engine's own counters, with answers
+    checked against the in-process forward before and after (the calls of the check after the
+    run are taken off the counter). ``verified`` says that no call
+    failed (the tool's errors, the counter's failed outcomes, the checks) and that the engine
+    answered between the tool's completed count and that plus the clients still in flight
+    when the tool stopped."""
+    warm()
+    problems = ref.check(server)  # queued behind whatever the warm-up left in flight
+    time.sleep(0.2)  # the engine counts a batch just after answering it
+    before = loadgen.scrape(server.exporter)
+    r = run()
+    problems += ref.check(server)  # behind the run's last requests: once answered, those are done
+    time.sleep(0.2)
+    after = loadgen.scrape(server.exporter)
+    checked = 2 * len(ref.jpegs)  # the calls of one check (gRPC and REST), counted in the window
+    ok = loadgen.requests_ok(after, MODEL, "native") - loadgen.requests_ok(before, MODEL, "native") - checked
+    bad = loadgen.requests_not_ok(after, MODEL, "native") - loadgen.requests_not_ok(before, MODEL, "native")
+    r.update({"counter_ok": int(ok), "counter_not_ok": int(bad), "check_problems": problems[:5],
+              "batch": loadgen.batch_stats(before, after, MODEL, "native", singles=checked),
+              "engine_ms": loadgen.stage_means_ms(before, after, MODEL, "native")})
+    why = []
+    if r["errors"]:
+        why.append(f"{r['errors']} errors by the tool")
+    if bad:
+        why.append(f"{int(bad)} failed outcomes in the engine's counter")
+    if not r["n"] <= ok <= r["n"] + concurrency:
+        why.append(f"the engine answered {int(ok)} where the tool completed {r['n']}")
+    if problems:
+        why.append(f"{len(problems)} checked calls wrong: {problems[0]}")
+    r["verified"] = not why
+    r["why_not_verified"] = "; ".join(why)
+    if why:
+        log.warning("run not verified: %s", r["why_not_verified"])
+    return r
+
+
+def wrk_scripts(work: Path, tag: str, token: str, jpegs: list[bytes], model: str) -> dict[str, Path]:
+    """The wrk scripts of one server: ``predictions`` (raw JPEG to /predictions/<m>) and ``oip``
+    (OIP v2 binary extension to /v2/models/<m>/infer), the API token on every request."""
+    auth = {"Authorization": f"Bearer {token}"}
+    oip_bodies = []
+    for j in jpegs:
+        body, n = oip_rest_body(j)
+        oip_bodies.append((body, {"Inference-Header-Content-Length": str(n),
+                                  "Content-Type": "application/octet-stream"}))
+    return {
+        "predictions": loadgen.write_wrk_script(work / f"wrk-{tag}-predictions", f"/predictions/{model}",
+                                                [(j, {"Content-Type": "image/jpeg"}) for j in jpegs], auth),
+        "oip": loadgen.write_wrk_script(work / f"wrk-{tag}-oip", f"/v2/models/{model}/infer", oip_bodies, auth),
+    }
+
+
+def wrk_phase(base_url: str, script: Path, quick: bool, levels=(1, 8)) -> dict:
+    """wrk at each concurrency (TorchServe paths: /predictions through the public port)."""
+    seconds, warm = tool_seconds(quick)
+    out = {}
+    for c in levels:
+        try:
+            loadgen.run_wrk(base_url, script, c, warm)
+            out[f"c{c}"] = loadgen.run_wrk(base_url, script, c, seconds)
+        except Exception as exc:  # noqa: BLE001 - a row not measured says why
+            out[f"c{c}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        log.info("wrk c=%d %s: %s", c, script.parent.name, out[f"c{c}"])
+    return out
+
+
+def native_engine(work: Path, bundle: ModelBundle, jpegs: list[bytes], runtime: dict, checks: dict, quick: bool,
+                  cache_dir: Path) -> dict:
+    """(d): ``modelctl serve --no-control --engine native`` serving the same ResNet-18 archive
+    as (b) (same serving options), as its own process. wrk over REST (OIP binary extension, the
+    main row; TorchServe's /predictions), h2load over gRPC (OIP ModelInfer), each at c=1, 8, 32
+    and each run checked (:func:`checked_run`); then the Python client of (b) and (c)."""
+    shutil.rmtree(work / "store-native-w1", ignore_errors=True)
+    store = ModelStore(work / "store-native-w1")
+    precision = runtime["precision"]
+    options = ServingOptions(batch_size=BATCH, max_batch_delay_ms=MAX_BATCH_DELAY_MS, precision=precision,
+                             channels_last=runtime["channels_last"], compile=runtime["compile"],
+                             precision_check=checks.get(precision, {}).get("record") if precision != "fp32" else None)
+    store.write(MODEL, bundle, version=1, options=options)
+    server = ServeProcess(work, store.root, "native", "native-w1", env={"TORCHINDUCTOR_CACHE_DIR": str(cache_dir)})
+    ref = Reference(bundle, runtime, jpegs[:3])
+    seconds, warm = tool_seconds(quick)
+    out: dict = {"runs": {"oip": {}, "predictions": {}, "grpc": {}}}
+    try:
+        out["load_s"] = server.start([MODEL])
+        log.info("(d) native engine READY in %.1f s", out["load_s"])
+        out["initial_check"] = ref.check(server)
+        scripts = wrk_scripts(work, "native", server.token, jpegs, MODEL)
+        frame = work / "grpc-frame.bin"
+        frame.write_bytes(loadgen.grpc_frame(oip_grpc_request(jpegs[0]).SerializeToString()))
+        grpc_url = f"http://{server.grpc_target}/inference.GRPCInferenceService/ModelInfer"
+        for c in NATIVE_LEVELS:
+            for kind in ("oip", "predictions", "grpc"):
+                if kind == "predictions" and c == 32:
+                    continue
+                if kind == "grpc":
+                    def warm_fn(c=c):
+                        loadgen.run_h2load(grpc_url, frame, server.token, c, warm)
+
+                    def run_fn(c=c):
+                        return loadgen.run_h2load(grpc_url, frame, server.token, c, seconds)
+                else:
+                    def warm_fn(c=c, kind=kind):
+                        loadgen.run_wrk(server.rest, scripts[kind], c, warm)
+
+                    def run_fn(c=c, kind=kind):
+                        return loadgen.run_wrk(server.rest, scripts[kind], c, seconds)
+                try:
+                    r = checked_run(server, ref, c, warm_fn, run_fn)
+                except Exception as exc:  # noqa: BLE001 - a row not measured says why
+                    r = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                out["runs"][kind][f"c{c}"] = r
+                log.info("(d) %s c=%d: %s", kind, c, {k: v for k, v in r.items() if k != "raw"})
+
+        def check(answer):
+            assert answer["model"] == MODEL and len(answer["predictions"][0]["top_k"]) == 5
+
+        url = f"{server.rest}/predictions/{MODEL}"
+        out["python"] = {
+            "c1": rest_load(url, server.token, jpegs, 1, 40 if quick else 150, 10 if quick else 25, check),
+            "c8": rest_load(url, server.token, jpegs, 8, 80 if quick else 320, 10 if quick else 30, check)}
+        log.info("(d) Python client, /predictions: %s", out["python"])
+    finally:
+        server.stop()
+    return out
+
+
+def native_new_version_child(work: str, cache_dir: str, v1: ModelBundle, v2: ModelBundle, options: dict,
+                             jpeg: bytes) -> dict:
+    """In a fresh process (spawned: its main thread never runs torch, as in ``modelctl serve``):
+    the native engine in process over a store holding (b)'s version 1, then
+    :func:`new_version_latency` with the bundle ``v2``, as for (b)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    from service.serving.native.engine import NativeServing
+
+    work = Path(work)
+    shutil.rmtree(work / "store-native-nv-w1", ignore_errors=True)
+    store = ModelStore(work / "store-native-nv-w1")
+    store.write(MODEL, v1, version=1, options=ServingOptions(**options))
+    settings = serve_settings(store.root, work / "state-native-nv-w1", 1, engine="native")
+    serving = NativeServing(settings)
+    t = time.perf_counter()
+    report = serving.start()
+    load_s = time.perf_counter() - t
+    try:
+        if not all(r.ready for r in report):
+            return {"error": f"version 1 did not load: {report}"}
+        return {"load_s": load_s, **new_version_latency(serving, settings, store, jpeg, bundle=v2)}
+    finally:
+        serving.stop()
+
+
+def native_new_version(work: Path, cache_dir: Path, bundle: ModelBundle, runtime: dict, checks: dict,
+                       jpeg: bytes) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    precision = runtime["precision"]
+    options = {"batch_size": BATCH, "max_batch_delay_ms": MAX_BATCH_DELAY_MS, "precision": precision,
+               "channels_last": runtime["channels_last"], "compile": runtime["compile"],
+               "precision_check": checks.get(precision, {}).get("record") if precision != "fp32" else None}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(native_new_version_child, str(work), str(cache_dir), bundle, resnet18_bundle(seed=1),
+                           options, jpeg).result(timeout=900)
+
+
+def replica_footprint(work: Path, jpegs: list[bytes], rounds: int, cache_dir: Path) -> dict:
+    """The three demo archives (service/demo.py: ResNet-18, a CNN, an LSTM; default serving
+    options) served by a replica of each engine, ``modelctl serve --no-control``, started
+    ``rounds`` times in turn: seconds from the process's start to every model READY, then one
+    answer from each model, then the RSS (and PSS) summed over every process of the replica
+    (TorchServe: the ``modelctl serve`` process with the gRPC gateway, TorchServe's launcher,
+    its Java frontend, a worker per model, nginx), the median of 5 readings over 2 s."""
+    from service.demo import DEMO_SPECS, _inputs, digit_png, digits_samples, ensure_archives
+
+    src = work / "store-demo-w1"
+    shutil.rmtree(src, ignore_errors=True)
+    ensure_archives(ModelStore(src))
+    models = sorted(DEMO_SPECS)
+    images, _ = digits_samples(1)
+    bodies = {"demo-resnet18": (jpegs[0], "image/jpeg"), "demo-cnn": (digit_png(images[0]), "image/png"),
+              "demo-lstm": (_inputs("demo-lstm", images)["body"], "application/json")}
+    out: dict = {"models": models, "rounds": []}
+    for i in range(rounds):
+        for engine in ("torchserve", "native"):
+            store = work / f"store-demo-{engine}-r{i}-w1"
+            shutil.rmtree(store, ignore_errors=True)
+            shutil.copytree(src, store)
+            server = ServeProcess(work, store, engine, f"demo-{engine}-r{i}-w1",
+                                  env={"TORCHINDUCTOR_CACHE_DIR": str(cache_dir)})
+            try:
+                ready_s = server.start(models)
+                for m in models:
+                    body, ctype = bodies[m]
+                    r = requests.post(f"{server.rest}/predictions/{m}", data=body, timeout=60,
+                                      headers={"Authorization": f"Bearer {server.token}", "Content-Type": ctype})
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{engine}: {m} answered {r.status_code} {r.text[:200]}")
+                time.sleep(2.0)
+                samples = []
+                for _ in range(5):
+                    samples.append(server.tree())
+                    time.sleep(0.5)
+                samples.sort(key=lambda s: s["rss"])
+                mid = samples[len(samples) // 2]
+                row = {"engine": engine, "round": i, "ready_s": ready_s, "rss": mid["rss"], "pss": mid["pss"],
+                       "processes": [{k: p[k] for k in ("name", "cmd", "rss")} for p in mid["processes"]]}
+            except Exception as exc:  # noqa: BLE001 - a row not measured says why
+                row = {"engine": engine, "round": i, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            finally:
+                server.stop()
+            out["rounds"].append(row)
+            log.info("replica %s round %d: %s", engine, i, {k: v for k, v in row.items() if k != "processes"})
+    for engine in ("torchserve", "native"):
+        rows = [r for r in out["rounds"] if r["engine"] == engine and "rss" in r]
+        if rows:
+            out[engine] = {"ready_s": float(np.median([r["ready_s"] for r in rows])),
+                           "rss": float(np.median([r["rss"] for r in rows])),
+                           "pss": float(np.median([r["pss"] for r in rows]))}
+    return out
 
 
 # ---- the trainer ----------------------------------------------------------------------------
@@ -563,10 +1036,14 @@ def render(res: dict) -> str:
     a, b, c = res["a"], res.get("b"), res.get("c")
     rt = a["fast"]["runtime"]
     cfg = f"{rt['precision']}{', channels_last' if rt['channels_last'] else ''}{', compiled' if rt['compile'] else ''}"
+    run = ("A `--quick` smoke run (few requests: not figures to judge by)" if res.get("quick")
+           else "One run of `make bench`")
     lines = [START, "## Serving (`make bench`)", "",
-             f"One run of `make bench` ({res['seconds'] / 60:.1f} min), {res['date']}. Machine: {res['machine']}. "
-             f"Load average before the run: {res['load_before']}. The load generator shares the 2 cores with "
-             "the server (and with anything else running on the machine).", "",
+             f"{run} ({res['seconds'] / 60:.1f} min), {res['date']}: `{res.get('command', '')}`. "
+             f"Machine: {res['machine']}. "
+             f"Load average before the run: {res['load_before']}, after: {res.get('load_after', '?')}. The load "
+             "generator shares the 2 cores with the server (and with anything else running on the machine).", "",
+             *busy_lines(res),
              f"ResNet-18 (1000 classes, seeded random weights), 224x224 crops of 375x500 JPEGs "
              f"({res['inputs']} inputs, the same bytes on every path). Concurrency 1 / 8: in process, batch 1 / 8; "
              f"over REST, 1 / 8 client threads with one JPEG per request, TorchServe batching up to {BATCH} "
@@ -584,6 +1061,7 @@ def render(res: dict) -> str:
         if res.get(key) and "error" in res[key]:
             lines += [f"({key}) did not run: {res[key]['error']}", ""]
     lines += proxy_cost_lines(b)
+    lines += native_lines(res)
     lines += ["Candidates of (a), screened at batch 8 (compile: only the best eager one, for the batch sizes the worker compiles: 1, 2, 4, 8):", "",
               "| precision | channels_last | compile | img/s at batch 8 | compile s |", "|---|---|---|---|---|"]
     for cand in a["candidates"]:
@@ -597,7 +1075,7 @@ def render(res: dict) -> str:
     nv = (b or {}).get("new_version") or {}
     lines += ["", "### Targets", "", "| target | measured | |", "|---|---|---|"]
     for name, value, ok in targets(res):
-        lines.append(f"| {name} | {value} | {'-' if ok is None else 'met' if ok else '**missed**'} |")
+        lines.append(f"| {name} | {value} | {'-' if ok is None else 'PASS' if ok else '**MISS**'} |")
     lines += ["", f"Trainer: {t['trainer_samples_s']:.0f} samples/s with train_one_epoch, "
               f"{t['minimal_samples_s']:.0f} with a minimal loop (ResNet-18 at 3x32x32, Fashion-MNIST, "
               f"{t['samples']} samples, batch 64, AdamW; best of two epochs each)."]
@@ -621,6 +1099,214 @@ def render(res: dict) -> str:
                   f"{', '.join(loads)}."]
     lines.append(END)
     return "\n".join(lines)
+
+
+def _cell(r: dict | None) -> list[str]:
+    """img/s, p50, p99 of one run; a run whose answers were not all verified is marked †."""
+    if not r:
+        return ["", "", ""]
+    if "img_s" not in r:
+        return ["n/a", "", ""]
+    mark = "" if r.get("verified", True) else " †"
+    return [f"{r['img_s']:.1f}{mark}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}"]
+
+
+def _row_levels(label: str, tool: str, r: dict | None, levels=("c1", "c8", "c32")) -> str:
+    cells = [label, tool]
+    for lv in levels:
+        cells += _cell((r or {}).get(lv))
+    return "| " + " | ".join(cells) + " |"
+
+
+def _layout_best(res: dict, keys: tuple[str, ...], level: str, sub: str = "wrk") -> tuple[str | None, dict | None]:
+    """Of the TorchServe layouts ``keys``, the one with the most img/s at ``level`` under ``sub``."""
+    found = [(k, res[k][sub][level]) for k in keys
+             if res.get(k) and isinstance(res[k].get(sub), dict) and "img_s" in res[k][sub].get(level, {})]
+    return max(found, key=lambda kv: kv[1]["img_s"]) if found else (None, None)
+
+
+LAYOUT = {"b": "1 worker", "b2": "2 workers", "c": "1 worker", "c2": "2 workers"}
+
+
+def native_lines(res: dict) -> list[str]:
+    d = res.get("d")
+    if not d:
+        return []
+    if "runs" not in d:
+        return ["### Native engine (d)", "", f"(d) did not run: {d.get('error', 'no runs')}", "",
+                res.get("gpu_note", "GPU: not measured."), ""]
+    a = res["a"]["fast"]
+    runs = d.get("runs", {})
+    seconds, _ = tool_seconds(res.get("quick", False))
+    lines = ["### Native engine (d) and the same load tools on every path", "",
+             "(d) is `modelctl serve --no-control --engine native` as its own process, serving the same "
+             "ResNet-18 archive as (b) (same serving options, batch up to 8), on the same 2 cores. Load from "
+             f"tools outside Python, closed loop (each client sends its next request when its answer is in), "
+             f"{seconds:.0f} s measured after a warm-up run: `wrk` (1 thread, c keep-alive connections) over "
+             "REST, `h2load` (1 thread, c HTTP/2 connections, one stream each) over gRPC. OIP REST posts the "
+             "binary tensor extension (`images` BYTES [1], `Inference-Header-Content-Length`), /predictions the "
+             "raw JPEG; both cycle through the 64 JPEGs. h2load posts one pre-serialised gRPC frame "
+             "(`ModelInferRequest` with `raw_input_contents`: one of the JPEGs). Every request carries "
+             "`Authorization: Bearer <API token>`. (b) and (c) rows with wrk go through TorchServe's public "
+             "port (nginx checks the token) to /predictions. In-process (a) runs batch 1 for c=1 and batch 8 "
+             "for c=8; c=32 is compared with batch 8 too (the archive's largest batch).", "",
+             "| path | tool | c=1 img/s | c=1 p50 ms | c=1 p99 ms | c=8 img/s | c=8 p50 ms | c=8 p99 ms | "
+             "c=32 img/s | c=32 p50 ms | c=32 p99 ms |", "|---|---|---|---|---|---|---|---|---|---|---|",
+             _row_levels("(a) in process, our predictor, fastest passing", "batch 1 / 8", a),
+             _row_levels("(d) native, OIP REST (binary extension)", "wrk", runs.get("oip")),
+             _row_levels("(d) native, OIP gRPC ModelInfer", "h2load", runs.get("grpc")),
+             _row_levels("(d) native, /predictions (raw JPEG)", "wrk", runs.get("predictions")),
+             _row_levels("(d) native, /predictions (raw JPEG)", "Python client (8 threads at c=8)", d.get("python"))]
+    for key, what in (("b", "(b) ours in TorchServe"), ("b2", "(b) ours in TorchServe"),
+                      ("c", "(c) stock in TorchServe"), ("c2", "(c) stock in TorchServe")):
+        if res.get(key) and isinstance(res[key].get("wrk"), dict):
+            lines.append(_row_levels(f"{what}, {LAYOUT[key]}, /predictions via nginx", "wrk", res[key]["wrk"]))
+    lines += ["", "† a run whose answers were not all verified (see below).", ""]
+    lines += ["Each (d) run is checked from the server's side: a few real calls over gRPC (the generated stub) "
+              "and OIP REST before and after it, each compared with the in-process forward (top-5 probabilities "
+              "within 2%); the engine's own `modelctl_requests_total{engine=\"native\",outcome=\"ok\"}` must grow "
+              "by what the tool completed (up to c more: requests in flight when the tool stopped), with no other "
+              "outcome; `modelctl_batch_size` gives the batches.", "",
+              "| run | completed (tool) | engine ok | engine not ok | errors (tool) | checks | mean batch | "
+              "batches by size (≤ bucket: count) | engine ms per request: predict (decode, forward) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("oip", "grpc", "predictions"):
+        for lv, r in runs.get(kind, {}).items():
+            if "error" in r:
+                lines.append(f"| {kind} {lv} | not run: {r['error'][:150]} | | | | | | | |")
+                continue
+            bt = r.get("batch", {})
+            buckets = ", ".join(f"≤{float(k):g}: {n}" for k, n in bt.get("buckets", {}).items())
+            checks = "ok" if not r.get("check_problems") else f"**{len(r['check_problems'])} wrong**"
+            em = r.get("engine_ms", {})
+            stages = ", ".join(f"{em[k]:.1f}" for k in ("preprocess", "inference") if k in em)
+            engine = f"{em['request']:.1f} ({stages})" if "request" in em else ""
+            lines.append(f"| {kind} {lv} | {r['n']} | {r['counter_ok']} | {r['counter_not_ok']} | {r['errors']} | "
+                         f"{checks} | {bt.get('mean', 0):.2f} | {buckets} | {engine} |")
+    lines.append("")
+    fp = res.get("replica") or {}
+    if fp.get("error"):
+        lines += [f"Replica memory and start: not measured ({fp['error'][:300]}).", ""]
+    if fp.get("rounds"):
+        lines += [f"Replica of the three demo archives ({', '.join(fp['models'])}: service/demo.py, default "
+                  "serving options): `modelctl serve --no-control` of each engine, started in turn. Start: from "
+                  "the process's start to every model READY. Memory: after one answer from each model, RSS "
+                  "summed over the process and every descendant (TorchServe path: the `modelctl serve` "
+                  "process with the gRPC gateway, TorchServe's launcher, the Java frontend with its fixed "
+                  "512 MiB heap, one worker per model, nginx), median of 5 readings; PSS beside it (shared "
+                  "pages split between the processes that share them).", "",
+                  "| engine | round | start → every model READY s | RSS MiB | PSS MiB | processes |",
+                  "|---|---|---|---|---|---|"]
+        for r in fp["rounds"]:
+            if "error" in r:
+                lines.append(f"| {r['engine']} | {r['round']} | not run: {r['error'][:150]} | | | |")
+                continue
+            procs = ", ".join(f"{_role(p)} {p['rss'] / 2**20:.0f}" for p in r["processes"])
+            lines.append(f"| {r['engine']} | {r['round']} | {r['ready_s']:.1f} | {r['rss'] / 2**20:.0f} | "
+                         f"{r['pss'] / 2**20:.0f} | {procs} |")
+        lines.append("")
+    nv = res.get("native_new_version") or {}
+    if "written_to_first_answer_s" in nv:
+        lines += [f"ResNet-18 new version on the native engine (in a fresh process, the same calls as for (b) on "
+                  f"its management interface): archive written in {nv['archive_write_s']:.2f} s; registered and "
+                  f"READY after {nv['register_ready_s']:.2f} s, default after {nv['set_default_s']:.2f} s more, "
+                  f"first answer by it {nv['first_answer_s']:.2f} s later: {nv['written_to_first_answer_s']:.2f} s "
+                  "from archive to first answer.", ""]
+    elif nv.get("error"):
+        lines += [f"ResNet-18 new version on the native engine: not measured ({nv['error'][:200]}).", ""]
+    lines += [res.get("gpu_note", "GPU: not measured."), ""]
+    return lines
+
+
+def _role(p: dict) -> str:
+    name, cmd = p["name"], p["cmd"]
+    if name == "java":
+        return "frontend"
+    if "model_service_worker" in cmd:
+        return "worker"
+    if name.startswith("nginx"):
+        return "nginx"
+    if "modelctl" in cmd and "serve" in cmd:
+        return "modelctl serve"
+    if "torchserve" in cmd:
+        return "launcher"
+    return name
+
+
+def native_targets(res: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue 11's targets for the native engine (d), each with what was measured."""
+    d = res.get("d")
+    if not d:
+        return []
+    a = res["a"]["fast"]
+    runs = d.get("runs", {})
+    out: list[tuple[str, str, bool | None]] = []
+
+    def get(kind, lv):
+        r = runs.get(kind, {}).get(lv)
+        return r if r and "img_s" in r else None
+
+    def unverified(*rs):
+        return "" if all(r.get("verified", True) for r in rs) else " (run not verified)"
+
+    for kind, name in (("oip", "REST (OIP, wrk)"), ("grpc", "gRPC (h2load)")):
+        r = get(kind, "c1")
+        if r:
+            added = r["p50_ms"] - a["c1"]["p50_ms"]
+            out.append((f"(d) c=1 p50 added over (a) batch 1 ≤ 2 ms, {name}",
+                        f"{added:+.1f} ms ({r['p50_ms']:.1f} vs {a['c1']['p50_ms']:.1f}){unverified(r)}",
+                        added <= 2.0 and r.get("verified", True)))
+    for kind, name, bound in (("grpc", "gRPC (h2load)", 0.9), ("oip", "REST (OIP, wrk)", 0.85)):
+        r = get(kind, "c8")
+        if r:
+            ratio = r["img_s"] / a["c8"]["img_s"]
+            out.append((f"(d) c=8 ≥ {bound} × (a) batch 8, {name}",
+                        f"{ratio:.3f}× ({r['img_s']:.1f} vs {a['c8']['img_s']:.1f} img/s){unverified(r)}",
+                        ratio >= bound and r.get("verified", True)))
+    for kind, name in (("oip", "REST (OIP, wrk)"), ("grpc", "gRPC (h2load)")):
+        r = get(kind, "c32")
+        if r:
+            ratio = r["img_s"] / a["c8"]["img_s"]
+            out.append((f"(d) c=32 ≥ 0.95 × (a) batch 8, {name}",
+                        f"{ratio:.3f}× ({r['img_s']:.1f} vs {a['c8']['img_s']:.1f} img/s){unverified(r)}",
+                        ratio >= 0.95 and r.get("verified", True)))
+            out.append((f"(d) c=32 p99 ≤ 250 ms, {name}", f"{r['p99_ms']:.0f} ms{unverified(r)}",
+                        r["p99_ms"] <= 250 and r.get("verified", True)))
+    for lv in ("c8", "c1"):
+        r = get("oip", lv)
+        ck, cr = _layout_best(res, ("c", "c2"), lv)
+        if r and cr:
+            t = r["img_s"] / cr["img_s"]
+            p = r["p99_ms"] / cr["p99_ms"]
+            level = lv[1:]
+            out.append((f"(d) ≥ 3 × (c) throughput at c={level} (wrk both; OIP REST vs stock /predictions, "
+                        f"stock {LAYOUT[ck]})", f"{t:.2f}× ({r['img_s']:.1f} vs {cr['img_s']:.1f} img/s)"
+                        f"{unverified(r)}", t >= 3.0 and r.get("verified", True)))
+            out.append((f"(d) p99 ≤ 0.4 × (c) p99 at c={level} (same runs)",
+                        f"{p:.2f}× ({r['p99_ms']:.0f} vs {cr['p99_ms']:.0f} ms){unverified(r)}",
+                        p <= 0.4 and r.get("verified", True)))
+    fp = res.get("replica") or {}
+    if fp.get("native") and fp.get("torchserve"):
+        n, t = fp["native"], fp["torchserve"]
+        r = n["rss"] / t["rss"]
+        out.append(("(d) replica RSS ≤ 0.6 × the TorchServe path's (3 demo archives)",
+                    f"{r:.2f}× ({n['rss'] / 2**20:.0f} vs {t['rss'] / 2**20:.0f} MiB)", r <= 0.6))
+        s = n["ready_s"] / t["ready_s"]
+        out.append(("(d) start to every model READY ≤ 0.5 × TorchServe's (same archives)",
+                    f"{s:.2f}× ({n['ready_s']:.1f} vs {t['ready_s']:.1f} s)", s <= 0.5))
+    nv = res.get("native_new_version") or {}
+    if "written_to_first_answer_s" in nv:
+        s = nv["written_to_first_answer_s"]
+        ts = ((res.get("b") or {}).get("new_version") or {}).get("written_to_first_answer_s")
+        beside = f" (TorchServe path: {ts:.2f} s)" if ts is not None else ""
+        out.append(("(d) new ResNet-18 version: archive written → first answer ≤ 1 s", f"{s:.2f} s{beside}", s <= 1.0))
+    py, oip1 = d.get("python", {}).get("c1"), get("oip", "c1")
+    if py and "p50_ms" in py:
+        out.append(("(not a target) (d) Python client /predictions c=1 p50 added over (a) batch 1",
+                    f"{py['p50_ms'] - a['c1']['p50_ms']:+.1f} ms", None))
+    if oip1 and res.get("gpu_note"):
+        out.append(("(not a target) GPU", "not measured (no GPU on this machine)", None))
+    return out
 
 
 def proxy_cost_lines(b: dict | None) -> list[str]:
@@ -684,8 +1370,45 @@ def targets(res: dict) -> list[tuple[str, str, bool | None]]:
     nv = b.get("new_version")
     if nv:
         s = nv["written_to_first_answer_s"]
-        out.append(("(not a target) ResNet-18 archive written → first answer", f"{s:.2f} s", None))
-    return out
+        out.append(("(not a target) ResNet-18 archive written → first answer (TorchServe path)", f"{s:.2f} s", None))
+    return out + native_targets(res)
+
+
+def busy_lines(res: dict) -> list[str]:
+    """How much of the machine other work took during each phase (a lower bound: processes that
+    lived less than a 2 s sample are missed)."""
+    phases = res.get("others_cpu") or {}
+    if not phases:
+        return []
+    cores = os.cpu_count() or 1
+    parts = [f"{name} {p['others_share']:.0%}" for name, p in phases.items() if p["wall_s"] >= 1]
+    total_wall = sum(p["wall_s"] for p in phases.values())
+    total = sum(p["others_cpu_s"] for p in phases.values()) / (total_wall * cores) if total_wall else 0.0
+    quiet = total < 0.05
+    return [f"Other work on the machine during the run (CPU time of every process outside the benchmark's "
+            f"own tree, sampled every 2 s, as a share of the {cores} cores): {total:.0%} over the run; by "
+            f"phase: {', '.join(parts)}. "
+            + ("The machine was essentially the benchmark's own." if quiet else
+               "**The machine was busy with other work: every figure below is lower (throughput) or higher "
+               "(latency) than on an idle machine, by an amount that differs between phases; ratios between "
+               "phases measured at different times carry that difference.**"), ""]
+
+
+def _guarded(fn, *args) -> dict:
+    """``fn(*args)``, or ``{"error": why}``: a phase that fails leaves the others' figures."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("%s failed", fn.__name__)
+        return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+
+
+def gpu_note() -> str:
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        return f"GPU present ({names}) but not measured: every figure here is the CPU's."
+    return ("GPU: not measured. This machine has no GPU (torch.cuda.is_available() is False) and none was "
+            "lent to this run; every figure is the CPU's.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -695,7 +1418,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stock-pythonpath", default=None,
                         help="directory holding captum (and matplotlib) for the stock handler only")
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, not for the table)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["trainer", "b", "c", "compile"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["trainer", "b", "c", "compile", "native", "replica", "new-version"],
+                        help="native: the native engine's runs (d); replica: the memory and start of a "
+                             "replica of each engine; new-version: the native engine's new-version latency")
     parser.add_argument("--held-out", type=int, default=400, help="inputs of the agreement check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -709,7 +1435,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-                 "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+                 "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "quick": args.quick,
+                 "command": "python benchmarks/bench_serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "gpu_note": gpu_note()}
+    others = loadgen.OthersCpu().start()
     jpegs = photo_jpegs(32 if args.quick else 64, seed=0)
     held_out = photo_jpegs(args.held_out, seed=1)
     res["inputs"] = len(jpegs)
@@ -718,6 +1447,7 @@ def main(argv: list[str] | None = None) -> int:
     res["trainer"] = trainer_vs_minimal(args.quick) if "trainer" not in args.skip else \
         {"trainer_samples_s": 0, "minimal_samples_s": 0, "ratio": 0, "samples": 0}
     log.info("trainer: %s", res["trainer"])
+    others.mark("trainer")
 
     checks = {}
     for precision in ("bf16",):
@@ -726,16 +1456,39 @@ def main(argv: list[str] | None = None) -> int:
         checks[precision] = {**check.to_dict(), "record": check.to_dict(), "seconds": time.perf_counter() - t}
         log.info("agreement check %s: %.2f%% (%s)", precision, 100 * check.agreement, check.passed)
     res["checks"] = checks
+    others.mark("agreement check")
 
     res["a"] = in_process(bundle, jpegs, checks, args.quick, try_compile="compile" not in args.skip)
+    others.mark("(a)")
     runtime = res["a"]["fast"]["runtime"]
     if "b" not in args.skip:
         res["b"] = ours_in_torchserve(work, bundle, jpegs, runtime, checks, args.quick, cache_dir, workers=1)
         res["b2"] = ours_in_torchserve(work, bundle, jpegs, runtime, checks, args.quick, cache_dir, workers=2,
                                        new_versions=False)
+        others.mark("(b)")
     if "c" not in args.skip:
         res["c"] = stock_in_torchserve(work, bundle, jpegs, args.quick, args.stock_pythonpath, workers=1)
         res["c2"] = stock_in_torchserve(work, bundle, jpegs, args.quick, args.stock_pythonpath, workers=2)
+        others.mark("(c)")
+    if "native" not in args.skip:
+        missing = [tool for tool in ("wrk", "h2load") if not loadgen.have(tool)]
+        if missing:
+            res["d"] = {"error": f"{' and '.join(missing)} not installed (apt: "
+                                 f"{' '.join(loadgen.APT[t] for t in missing)}; `make bench` installs them as root)"}
+        else:
+            res["d"] = _guarded(native_engine, work, bundle, jpegs, runtime, checks, args.quick, cache_dir)
+        others.mark("(d)")
+        if "new-version" not in args.skip:
+            res["native_new_version"] = _guarded(native_new_version, work, cache_dir, bundle, runtime, checks,
+                                                 jpegs[0])
+            log.info("(d) new version: %s", res["native_new_version"])
+            others.mark("(d) new version")
+    if "replica" not in args.skip:
+        res["replica"] = _guarded(replica_footprint, work, jpegs, 1 if args.quick else 2, cache_dir)
+        others.mark("replicas")
+    others.stop()
+    res["others_cpu"] = others.phases
+    res["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     res["seconds"] = time.perf_counter() - started
     for chk in res["checks"].values():
         chk.pop("record", None)
