@@ -212,6 +212,7 @@ class _Gen:
         self.cases: list[Case] = []
         self.dropped: Counter = Counter()
         self._picks: dict[str, int] = {}
+        self.max_request_size = 16 * 1024 * 1024
 
     def transport(self, i: int) -> str:
         return "rest" if i % 2 == 0 else "grpc"
@@ -671,7 +672,7 @@ class _Gen:
                       "bad_batch")
     OIP_GRPC_KINDS = ("shape_mismatch", "wrong_datatype", "bytes_cut_short", "bad_dims", "unknown_input",
                       "missing_input", "bad_top_k", "bad_lengths", "raw_count_mismatch", "contents_and_raw",
-                      "unknown_model", "unknown_output", "bad_values", "bad_batch")
+                      "unknown_model", "unknown_output", "bad_values", "bad_batch", "not_protobuf")
 
     def _pick(self, key: str, options):
         """The next of ``options`` for ``key``, in turn from a seeded start: over enough cases
@@ -683,12 +684,18 @@ class _Gen:
         return options[i % len(options)]
 
     def oip(self, n: int) -> None:
+        """``n`` cases of the kinds in turn, then one element bomb of each way (heavy: 16 MiB)."""
         for i in range(n):
             t = self.transport(i)
             kinds = self.OIP_REST_KINDS if t == "rest" else self.OIP_GRPC_KINDS
             kind = kinds[(i // 2) % len(kinds)]
             self._oip_kind = kind
             (getattr(self, f"_oip_{t}_{kind}", None) or getattr(self, f"_oip_{kind}"))(t)
+        self._oip_kind = "element_bomb"
+        for t, ways in self.ELEMENT_BOMBS.items():
+            for way in ways:
+                model, body, headers = element_bomb(way, self.max_request_size)
+                self._add_oip(way, t, model, None, body, headers)
 
     # building blocks: one request, as REST JSON / binary or as a gRPC message
     def _png(self) -> bytes:
@@ -1307,6 +1314,41 @@ class _Gen:
                                        "data": data}]}).replace(f'"{marker}"', token)
         self._oip_rest(f"json_{way}", SEQ_MODEL, text)
 
+    #: Element bombs: a body just under the size limit holding millions of tiny elements
+    #: that agree with their shape (each is a few bytes; decoding them one by one in Python
+    #: takes seconds). One case per way.
+    ELEMENT_BOMBS = {"rest": ("binary_bytes", "json_fp32", "json_bytes", "binary_fp32"),
+                     "grpc": ("typed_bytes", "raw_bytes", "typed_fp32")}
+
+    def _oip_grpc_not_protobuf(self, t: str) -> None:
+        """Bytes that are no ModelInferRequest at all (gRPC decodes them before our code runs)."""
+        rng = self.rng
+        way = self._pick("grpc_not_protobuf.1", ["random", "truncated", "bad_wire_type", "json", "length_over"])
+        if way == "random":
+            data = bytes(rng.randrange(256) for _ in range(rng.randint(1, 300)))
+        elif way == "truncated":
+            inputs, raw = self._valid_grpc_inputs(self._model())
+            good = self._grpc_request(IMAGE_MODEL, inputs, raw=raw).SerializeToString()
+            data = good[:rng.randrange(1, len(good))]
+        elif way == "bad_wire_type":  # field 1 with wire types 6 and 7 (none such)
+            data = bytes([0x0E | (rng.randint(0, 1)), 0x01, 0x02])
+        elif way == "json":
+            data = json.dumps({"model_name": IMAGE_MODEL, "inputs": []}).encode()
+        else:  # a length prefix past the end
+            data = b"\x0a" + bytes([0xFF, 0xFF, 0x03]) + IMAGE_MODEL.encode()
+        if self._decodes(data):
+            data = b"\xff" + data  # 0xFF: field 31, wire type 7: never valid
+        self._add_oip(way, "grpc", IMAGE_MODEL, None, data, {})
+
+    def _decodes(self, data: bytes) -> bool:
+        from google.protobuf.message import DecodeError
+
+        try:
+            self._pb().ModelInferRequest.FromString(data)
+        except DecodeError:
+            return False
+        return True
+
     def _oip_bad_batch(self, t: str) -> None:
         rng = self.rng
         way = self._pick("bad_batch.1", [
@@ -1391,6 +1433,63 @@ def _cached_big(size: int) -> bytes:
         return _CACHE[key]
 
 
+def element_bomb(way: str, limit: int) -> tuple[str, bytes, dict[str, str]]:
+    """(model, body, REST headers) of an OIP element bomb (cached): just under ``limit``
+    bytes, millions of elements, each agreeing with the declared shape. gRPC ways: the body
+    is the serialized ModelInferRequest."""
+    with _CACHE_LOCK:
+        key = ("element_bomb", way, limit)
+        if key not in _CACHE:
+            _CACHE[key] = _element_bomb(way, limit - 64 * 1024)
+        return _CACHE[key]
+
+
+def _element_bomb(way: str, size: int) -> tuple[str, bytes, dict[str, str]]:
+    def binary(model: str, tensor: dict, blob: bytes):
+        tensor["parameters"] = {"binary_data_size": len(blob)}
+        head = json.dumps({"inputs": [tensor]}).encode()
+        return model, head + blob, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+
+    def json_body(model: str, tensor: dict):
+        return model, json.dumps({"inputs": [tensor]}, separators=(",", ":")).encode(), {
+            "Content-Type": "application/json"}
+
+    if way == "binary_bytes":  # zero-length BYTES elements: 4 bytes each
+        n = size // 4
+        return binary(IMAGE_MODEL, {"name": "images", "datatype": "BYTES", "shape": [n]}, bytes(4 * n))
+    if way == "binary_fp32":
+        steps = size // (4 * FEATURES)
+        return binary(SEQ_MODEL, {"name": "sequences", "datatype": "FP32", "shape": [1, steps, FEATURES]},
+                      bytes(4 * FEATURES * steps))
+    if way == "json_fp32":  # "0," per element
+        steps = size // (2 * FEATURES)
+        return json_body(SEQ_MODEL, {"name": "sequences", "datatype": "FP32", "shape": [1, steps, FEATURES],
+                                     "data": [0] * (steps * FEATURES)})
+    if way == "json_bytes":  # '"",' per element
+        n = size // 3
+        return json_body(IMAGE_MODEL, {"name": "images", "datatype": "BYTES", "shape": [n], "data": [""] * n})
+    from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
+
+    if way == "typed_bytes":  # 2 bytes per empty element
+        n = size // 2
+        req = pb.ModelInferRequest(model_name=IMAGE_MODEL)
+        req.inputs.add(name="images", datatype="BYTES", shape=[n],
+                       contents=pb.InferTensorContents(bytes_contents=[b""] * n))
+        return IMAGE_MODEL, req.SerializeToString(), {}
+    if way == "raw_bytes":
+        n = size // 4
+        req = pb.ModelInferRequest(model_name=IMAGE_MODEL, raw_input_contents=[bytes(4 * n)])
+        req.inputs.add(name="images", datatype="BYTES", shape=[n])
+        return IMAGE_MODEL, req.SerializeToString(), {}
+    if way == "typed_fp32":  # packed: 4 bytes per element
+        steps = size // (4 * FEATURES)
+        req = pb.ModelInferRequest(model_name=SEQ_MODEL)
+        req.inputs.add(name="sequences", datatype="FP32", shape=[1, steps, FEATURES],
+                       contents=pb.InferTensorContents(fp32_contents=np.zeros(steps * FEATURES, np.float32)))
+        return SEQ_MODEL, req.SerializeToString(), {}
+    raise ValueError(way)
+
+
 def multipart(fields: dict[str, bytes], rng: random.Random) -> tuple[bytes, str]:
     """A multipart/form-data body with a seeded boundary (deterministic bytes)."""
     boundary = "fuzz" + "".join(rng.choice("0123456789abcdef") for _ in range(16))
@@ -1410,6 +1509,7 @@ def generate(seed: int = 20260101, counts: dict[str, int] | None = None,
     campaign adds :data:`OIP_CATEGORIES` after them."""
     counts = {**DEFAULT_COUNTS, **(counts or {})}
     gen = _Gen(seed)
+    gen.max_request_size = max_request_size
     for category in categories(engine):
         n = counts.get(category, 0)
         if not n:

@@ -76,6 +76,7 @@ def test_generator_is_seeded_deterministic_and_covers_every_category():
     native, _ = generate(engine="native")
     oip_kinds = Counter((x.transport, x.kind.split("/")[0]) for x in native if x.api == "oip")
     assert sum(oip_kinds.values()) >= 600
+    assert oip_kinds[("rest", "element_bomb")] == 4 and oip_kinds[("grpc", "element_bomb")] == 3
     for kind in fuzzing._Gen.OIP_REST_KINDS:
         assert oip_kinds[("rest", kind)] >= 10, kind
     for kind in fuzzing._Gen.OIP_GRPC_KINDS:
@@ -146,8 +147,12 @@ def _check_oip_outcomes(result) -> None:
     for kind in ("binary_size_over", "binary_size_under", "header_length_beyond", "header_length_not_number",
                  "nested_too_deep", "non_json_header", "bad_parameters"):
         assert by_kind[(kind, "rest")] == {"HTTP 400"}, kind
-    for kind in ("raw_count_mismatch", "contents_and_raw"):
+    for kind in ("raw_count_mismatch", "contents_and_raw", "not_protobuf"):
         assert by_kind[(kind, "grpc")] == {"INVALID_ARGUMENT"}, kind
+    # millions of elements that agree with their shape: over what the model takes, refused
+    # before they are decoded one by one
+    assert by_kind[("element_bomb", "rest")] == {"HTTP 413"}
+    assert by_kind[("element_bomb", "grpc")] <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
     # shapes declaring up to 2**100 elements: refused before anything is allocated, at once
     assert by_kind[("bad_dims", "rest")] == {"HTTP 400", "HTTP 413"}
     assert by_kind[("bad_dims", "grpc")] == {"INVALID_ARGUMENT"}
@@ -232,19 +237,21 @@ def test_oip_huge_shapes_are_refused_before_anything_is_allocated(server):
 
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     start = time.perf_counter()
-    for shape, datatype in (([10**12], "FP32"), ([2**100], "BYTES"), ([1, 10**6, 10**6], "FP32"),
-                            ([2**31, 2**31], "INT64")):
+    for model, name, datatype, shape in ((SEQ_MODEL, "sequences", "FP32", [10**12]),
+                                         (IMAGE_MODEL, "images", "BYTES", [2**100]),
+                                         (SEQ_MODEL, "sequences", "FP32", [1, 10**6, 10**6]),
+                                         (SEQ_MODEL, "lengths", "INT64", [2**31, 2**31])):
         for binary in (False, True):
-            tensor = {"name": "sequences", "datatype": datatype, "shape": shape}
+            tensor = {"name": name, "datatype": datatype, "shape": shape}
             if binary:
                 tensor["parameters"] = {"binary_data_size": 8}
                 head = json.dumps({"inputs": [tensor]}).encode()
-                resp = _oip_post(server, SEQ_MODEL, head + bytes(8), {fuzzing.HEADER_LENGTH: str(len(head))})
+                resp = _oip_post(server, model, head + bytes(8), {fuzzing.HEADER_LENGTH: str(len(head))})
             else:
-                tensor["data"] = [0.5, 0.5]
-                resp = _oip_post(server, SEQ_MODEL, json.dumps({"inputs": [tensor]}).encode(),
+                tensor["data"] = [0, 0]
+                resp = _oip_post(server, model, json.dumps({"inputs": [tensor]}).encode(),
                                  {"Content-Type": "application/json"})
-            assert resp.status_code == 413, (shape, binary, resp.status_code, resp.text)
+            assert resp.status_code == 413, (name, shape, binary, resp.status_code, resp.text)
             assert "elements" in resp.json()["error"]
     resp = _oip_post(server, SEQ_MODEL, json.dumps({"inputs": [{"name": "sequences", "datatype": "FP32",
                                                                 "shape": [1e12], "data": [0.5]}]}).encode(), {})
@@ -262,6 +269,48 @@ def test_oip_huge_shapes_are_refused_before_anything_is_allocated(server):
     assert time.perf_counter() - start < 10
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
     assert grown_mib < 256, f"peak RSS grew by {grown_mib:.0f} MiB"
+    assert server.health() == []
+
+
+def test_oip_element_bombs_are_refused_before_decoding_and_the_engine_keeps_answering(server):
+    """16 MiB bodies of millions of tiny elements that agree with their shapes (4-byte empty
+    BYTES elements, "0," numbers, 2-byte empty gRPC strings). Decoded one by one on the I/O
+    loop they took 8 to 16 s each, and no other request (health probes included) was
+    answered meanwhile. Now each is refused by its element count, before decoding."""
+    _native_only(server)
+    import threading
+
+    sender = fuzzing.Sender(server, 60)
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe():
+        session = requests.Session()
+        while not stop.is_set():
+            start = time.perf_counter()
+            session.get(f"{server.rest_url}/v2/health/ready", timeout=60)
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        outcomes = []
+        for transport, ways in fuzzing._Gen.ELEMENT_BOMBS.items():
+            for way in ways:
+                model, body, headers = fuzzing.element_bomb(way, server.settings.max_request_size_bytes)
+                case = fuzzing.Case(-1, "oip", f"element_bomb/{way}", transport, model, body=body, headers=headers,
+                                    api="oip")
+                outcomes.append(sender.send(case))
+    finally:
+        stop.set()
+        prober.join(60)
+        sender.close()
+    for o in outcomes:
+        assert o.verdict == "expected", (o.case.describe(), o.status, o.message)
+        assert o.status in ("HTTP 413", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"), (o.case.describe(), o.status)
+        assert o.seconds < 5, (o.case.describe(), o.seconds)
+    assert max(latencies) < 3, f"a health probe waited {max(latencies):.1f} s"
     assert server.health() == []
 
 
