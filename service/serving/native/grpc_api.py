@@ -71,12 +71,13 @@ class StatusInterceptor(aio.ServerInterceptor):
                 try:
                     if check is not None:
                         check(metadata)
+                    _decoded(request)
                     return await inner(request, context)
                 except ServiceError as exc:
                     await self._abort(context, exc)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
+                unary, request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
@@ -85,13 +86,14 @@ class StatusInterceptor(aio.ServerInterceptor):
                 try:
                     if check is not None:
                         check(metadata)
+                    _decoded(request)
                     async for item in _aiter(inner_stream(request, context)):
                         yield item
                 except ServiceError as exc:
                     await self._abort(context, exc)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
+                stream, request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if check is None:
             return handler
@@ -107,6 +109,34 @@ class StatusInterceptor(aio.ServerInterceptor):
             context.set_trailing_metadata((("retry-after", str(self.retry_after_s)),
                                            ("grpc-retry-pushback-ms", str(self.retry_after_s * 1000))))
         await context.abort(grpc_status(exc), exc.message)
+
+
+class _Undecodable:
+    """A request message that did not parse (what :func:`_lenient` hands on instead)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer):
+    """``deserializer``, but a message that does not parse comes out as :class:`_Undecodable`
+    rather than raising inside grpc (which answers UNKNOWN and logs a traceback)."""
+    if deserializer is None:
+        return None
+
+    def parse(data):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever the parser raises
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _decoded(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidInput(f"the request is not a valid message ({type(request.error).__name__}: "
+                           f"{str(request.error)[:200]})")
 
 
 async def _aiter(result):
@@ -176,7 +206,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not entry.ready:
             raise Unavailable(f"{entry.name} version {entry.version} is not ready ({entry.state.lower()})")
         io = oip.model_io(entry.predictor)
-        tensors = _inputs(request)
+        tensors = _inputs(request, io)
         payload = oip.to_payload(io, tensors)
         k = _parameter(request.parameters.get(oip.TOP_K)) if oip.TOP_K in request.parameters else None
         wanted = [o.name for o in request.outputs] or None
@@ -194,7 +224,11 @@ def _parameter(p):
     return getattr(p, which) if which else None
 
 
-def _inputs(request) -> list[oip.Tensor]:
+def _inputs(request, io: oip.ModelIO | None = None) -> list[oip.Tensor]:
+    """The request's input tensors. ``io``: the model's; each input's name and datatype are
+    checked against it, and its shape against ``io.max_elements``, before any element is
+    copied or decoded."""
+    max_elements = io.max_elements if io is not None else 0
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
@@ -202,23 +236,25 @@ def _inputs(request) -> list[oip.Tensor]:
     out = []
     for i, t in enumerate(request.inputs):
         shape = list(t.shape)
+        if io is not None:
+            oip.check_input(io, t.name, t.datatype)
         if raw:
             if t.HasField("contents"):
                 raise InvalidInput(f"input {t.name!r} has both contents and raw_input_contents")
-            out.append(oip.from_raw(t.name, t.datatype, shape, raw[i]))
+            out.append(oip.from_raw(t.name, t.datatype, shape, raw[i], max_elements))
             continue
         field = CONTENTS_FIELD.get(t.datatype)
         if field is None:
             oip.check_shape(t.name, t.datatype, shape)  # names the bad datatype
             raise InvalidInput(f"input {t.name!r}: {t.datatype} has no typed contents; use raw_input_contents")
-        values = list(getattr(t.contents, field))
+        contents = getattr(t.contents, field)
+        count = oip.check_shape(t.name, t.datatype, shape, max_elements)
+        if len(contents) != count:
+            raise InvalidInput(f"input {t.name!r}: {len(contents)} elements where shape {shape} declares {count}")
         if t.datatype == "BYTES":
-            count = oip.check_shape(t.name, t.datatype, shape)
-            if len(values) != count:
-                raise InvalidInput(f"input {t.name!r}: {len(values)} elements where shape {shape} declares {count}")
-            out.append(oip.Tensor(t.name, t.datatype, shape, values))
+            out.append(oip.Tensor(t.name, t.datatype, shape, list(contents)))
         else:
-            out.append(oip.from_json(t.name, t.datatype, shape, values))
+            out.append(oip.from_json(t.name, t.datatype, shape, list(contents), max_elements))
     return out
 
 

@@ -21,7 +21,9 @@ The contract (model metadata says the same for each model):
 
 Everything a client can get wrong is checked here and raised as InvalidInput: an unknown
 input or datatype, a shape that disagrees with the data, a binary size over or under the
-declared one, ``BYTES`` elements cut short.
+declared one, ``BYTES`` elements cut short. A shape that declares more elements than the
+model takes in one request (:attr:`ModelIO.max_elements`) is PayloadTooLarge, before any
+element is decoded.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class ModelIO:
     outputs: tuple[tuple[str, str, tuple[int, ...]], ...]
     modality: str
     task: str
+    #: The most elements one input tensor of a request may declare: what the model takes in
+    #: one request (images or texts: its items per request; sequences: items x max_length
+    #: x features). Checked on the shape, before the elements are decoded one by one.
+    max_elements: int = 0
 
     def metadata(self) -> dict:
         return {"inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in self.inputs],
@@ -96,13 +102,21 @@ def model_io(predictor) -> ModelIO:
         outputs = ((LABELS, "BYTES", (-1, -1)), (PROBABILITIES, "FP32", (-1, -1)), (CLASSES, "INT64", (-1, -1)))
         if spec.task == "multilabel":
             outputs += ((POSITIVE, "BOOL", (-1, c)),)
-    return ModelIO(inputs, outputs, spec.modality, spec.task)
+    items = predictor.max_items_per_request
+    if spec.modality == "image":
+        max_elements = items
+    else:
+        features = spec.config.input_size if spec.sequence_kind == "features" else 1
+        max_elements = items * spec.input.max_length * features
+    return ModelIO(inputs, outputs, spec.modality, spec.task, min(max_elements, MAX_ELEMENTS))
 
 
 # ---- decoding inputs -----------------------------------------------------------------
 
-def check_shape(name: str, datatype: str, shape: Sequence[Any]) -> int:
-    """The element count of a declared shape; InvalidInput for a bad one."""
+def check_shape(name: str, datatype: str, shape: Sequence[Any], max_elements: int = 0) -> int:
+    """The element count of a declared shape; InvalidInput for a bad one, PayloadTooLarge
+    over ``max_elements`` (0: :data:`MAX_ELEMENTS`)."""
+    limit = max_elements or MAX_ELEMENTS
     if datatype not in DATATYPES:
         raise InvalidInput(f"input {name!r}: unknown datatype {_short(datatype)} (allowed: {', '.join(DATATYPES)})")
     if not isinstance(shape, (list, tuple)) or not shape or len(shape) > 8:
@@ -112,14 +126,16 @@ def check_shape(name: str, datatype: str, shape: Sequence[Any]) -> int:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
             raise InvalidInput(f"input {name!r}: shape {_short(shape)} holds {_short(dim)}, not a size >= 0")
         count *= dim
-        if count > MAX_ELEMENTS:
-            raise PayloadTooLarge(f"input {name!r}: shape {_short(shape)} declares more than {MAX_ELEMENTS} elements")
+        if count > limit:
+            raise PayloadTooLarge(f"input {name!r}: shape {_short(shape)} declares more than {limit} elements"
+                                  + ("" if limit == MAX_ELEMENTS else ", the most this model takes in one request"))
     return count
 
 
-def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> Tensor:
+def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview,
+             max_elements: int = 0) -> Tensor:
     """A tensor from its binary form (REST's binary extension, gRPC's raw_input_contents)."""
-    count = check_shape(name, datatype, shape)
+    count = check_shape(name, datatype, shape, max_elements)
     if datatype == "BYTES":
         return Tensor(name, datatype, list(shape), split_bytes(name, raw, count))
     dtype = NUMPY[datatype]
@@ -150,9 +166,9 @@ def split_bytes(name: str, raw: bytes | memoryview, count: int) -> list[bytes]:
     return out
 
 
-def from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> Tensor:
+def from_json(name: str, datatype: str, shape: Sequence[int], data: Any, max_elements: int = 0) -> Tensor:
     """A tensor from REST's JSON ``data`` (flat, or nested in row-major order)."""
-    count = check_shape(name, datatype, shape)
+    count = check_shape(name, datatype, shape, max_elements)
     flat = _flatten(name, data, count)
     if len(flat) != count:
         raise InvalidInput(f"input {name!r}: {len(flat)} elements of data where shape {list(shape)} declares {count}")
@@ -199,19 +215,25 @@ def _flatten(name: str, data: Any, limit: int) -> list:
     return out
 
 
+def check_input(io: ModelIO, name: str, datatype: str) -> None:
+    """InvalidInput unless the model takes an input ``name`` of ``datatype`` (checked before
+    its data is decoded, and again by :func:`to_payload`)."""
+    allowed = {n: d for n, d, _ in io.inputs}
+    if name not in allowed:
+        raise InvalidInput(f"unknown input {name!r}; this model takes {', '.join(allowed)}")
+    if datatype != allowed[name]:
+        raise InvalidInput(f"input {name!r} must be {allowed[name]}, got {_short(datatype)}")
+
+
 def to_payload(io: ModelIO, inputs: Sequence[Tensor], *, json_bytes: bool = False) -> dict[str, Any]:
     """The predictor's payload for one request's input tensors.
 
     ``json_bytes``: BYTES images came as JSON text, base64-encoded."""
     by_name: dict[str, Tensor] = {}
-    allowed = {n: d for n, d, _ in io.inputs}
     for t in inputs:
-        if t.name not in allowed:
-            raise InvalidInput(f"unknown input {t.name!r}; this model takes {', '.join(allowed)}")
+        check_input(io, t.name, t.datatype)
         if t.name in by_name:
             raise InvalidInput(f"input {t.name!r} is given twice")
-        if t.datatype != allowed[t.name]:
-            raise InvalidInput(f"input {t.name!r} must be {allowed[t.name]}, got {t.datatype}")
         by_name[t.name] = t
     if io.modality == "image":
         images = by_name.get(IMAGES)

@@ -175,8 +175,8 @@ class RestApp:
             entry = self.plane.version(name, version)
             if not entry.ready:
                 raise Unavailable(f"{entry.name} version {entry.version} is not ready ({entry.state.lower()})")
-            request, inputs, json_bytes = _parse_infer(body, headers.get(HEADER_LENGTH))
             io = oip.model_io(entry.predictor)
+            request, inputs, json_bytes = _parse_infer(body, headers.get(HEADER_LENGTH), io)
             payload = oip.to_payload(io, inputs, json_bytes=json_bytes)
             params = request.get("parameters") or {}
             if not isinstance(params, dict):
@@ -265,8 +265,12 @@ def _json(status: int, body) -> tuple[int, bytes, list]:
     return status, json.dumps(body).encode(), [(b"content-type", b"application/json")]
 
 
-def _parse_infer(body: bytes, header_length: str | None):
-    """The request's JSON part, its input tensors, and whether BYTES came as JSON text."""
+def _parse_infer(body: bytes, header_length: str | None, io: oip.ModelIO | None = None):
+    """The request's JSON part, its input tensors, and whether BYTES came as JSON text.
+
+    ``io``: the model's; each input's name and datatype are checked against it, and its shape
+    against ``io.max_elements``, before its data is decoded."""
+    max_elements = io.max_elements if io is not None else 0
     if header_length is not None:
         n = _decimal(header_length)
         if n is None:
@@ -293,6 +297,8 @@ def _parse_infer(body: bytes, header_length: str | None):
         name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise InvalidInput(f"input {i} needs a 'name' and a 'datatype' (strings)")
+        if io is not None:
+            oip.check_input(io, name, datatype)
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -301,12 +307,12 @@ def _parse_infer(body: bytes, header_length: str | None):
             if pos + size > len(rest):
                 raise InvalidInput(f"input {name!r}: binary_data_size {size} goes beyond the body "
                                    f"({len(rest) - pos} bytes left)")
-            tensors.append(oip.from_raw(name, datatype, shape, rest[pos:pos + size]))
+            tensors.append(oip.from_raw(name, datatype, shape, rest[pos:pos + size], max_elements))
             pos += size
         else:
             if "data" not in t:
                 raise InvalidInput(f"input {name!r} has neither 'data' nor a binary_data_size")
-            tensors.append(oip.from_json(name, datatype, shape, t["data"]))
+            tensors.append(oip.from_json(name, datatype, shape, t["data"], max_elements))
             json_bytes = json_bytes or datatype == "BYTES"
     if pos != len(rest):
         raise InvalidInput(f"{len(rest) - pos} bytes of binary data after the last input's")
