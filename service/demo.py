@@ -240,7 +240,8 @@ def native_round(settings, images, label) -> int:
                     data = np.array([png], dtype=np.object_)
                     tensor = module.InferInput("images", [1], "BYTES")
                 tensor.set_data_from_numpy(data, **({"binary_data": True} if module is httpclient else {}))
-                result = client.infer(name, [tensor], headers=headers, parameters={"top_k": 3})
+                # A fresh dict each call: tritonclient.http adds its own headers to the one given.
+                result = client.infer(name, [tensor], headers=dict(headers), parameters={"top_k": 3})
                 labels = [b.decode() for b in result.as_numpy("labels")[0]]
                 probs = result.as_numpy("probabilities")[0]
                 version = result.get_response()["model_version"] if module is httpclient else \
