@@ -64,9 +64,9 @@ bench: setup
 eval: setup
 	$(PY) -m service.training.bench --out BENCHMARKS.md
 
-# Bad-input fuzzing (issue 7): ~1000 generated bad payloads against a real TorchServe over
-# REST and gRPC (the campaign of tests/test_fuzz.py); its figures go into BENCHMARKS.md.
-# About a minute on 2 cores.
+# Bad-input fuzzing (issues 7 and 11): ~1000 generated bad payloads against a real TorchServe and
+# against the native engine over REST and gRPC, plus ~650 OIP v2 ones against the native engine
+# (the campaigns of tests/test_fuzz.py); their figures go into BENCHMARKS.md. About 2 minutes on 2 cores.
 .PHONY: fuzz
 fuzz: setup
 	$(PY) benchmarks/fuzz_report.py --out BENCHMARKS.md

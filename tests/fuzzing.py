@@ -1617,7 +1617,7 @@ def start_server(root: Path, engine: str = "torchserve", startup_timeout_s: floa
     store = _write_store(root)
     settings = ServeSettings(
         engine=engine, model_store=store.root, state_dir=root / "state", inference_port=free_port(),
-        management_port=free_port(), metrics_port=free_port(), grpc_inference_port=free_port(),
+        ts_inference_port=free_port(), management_port=free_port(), metrics_port=free_port(), grpc_inference_port=free_port(),
         grpc_management_port=free_port(), ts_grpc_inference_port=free_port(), exporter_port=free_port(),
         worker_port_base=random.Random(time.time_ns()).randint(20000, 40000),
         startup_timeout_s=startup_timeout_s,
