@@ -156,8 +156,7 @@ def section(results: dict[str, fuzzing.CampaignResult], meta: dict) -> str:
               "request, a limit on the resized size, at most 500 JPEG scans, and counts checked "
               "before anything is decoded.",
               "",
-              "What the native engine's campaign found, fixed in `service/serving/native` (each now a 4xx, "
-              "answered at once):",
+              "What the native engine's campaign found, fixed in `service/serving/native` (each now a 4xx):",
               "",
               "- `Inference-Header-Content-Length` of a superscript digit (the latin-1 byte 0xB2 is `²`, "
               "which `str.isdigit()` accepts and `int()` refuses) or of more than 4300 digits: 500 "
