@@ -7,6 +7,41 @@ below, so a status code is decided in exactly one place.
 
 from __future__ import annotations
 
+import reprlib
+
+#: The most characters of a caller's value that an error message shows (:func:`shown`).
+MAX_SHOWN_CHARS = 200
+
+
+class _BoundedRepr(reprlib.Repr):
+    """``repr`` that never walks or builds more than a bounded part of a value: three levels,
+    eight items a level, 80 characters a string (a YAML alias bomb is small in memory and
+    exponential as text)."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 8, 8, 8, 8
+        self.maxfrozenset = self.maxdeque = self.maxarray = 8
+        self.maxstring = self.maxother = 80
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 128:  # str() of a huge int is slow, and refused past 4300 digits
+            return f"<an integer of about {int(x.bit_length() * 0.30103) + 1} digits>"
+        return repr(x)
+
+
+_REPR = _BoundedRepr()
+
+
+def shown(value, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters however large or
+    deep ``value`` is (nested values are elided with ``...``)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - an odd object's __repr__ must not turn an error into another
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class ServiceError(Exception):
     """Base of every error the service reports to a caller."""

@@ -157,7 +157,7 @@ class Deployer:
         except NotFound:
             return None
         value = str(entries[0].get("modelVersion", "")) if entries else ""
-        return int(value) if value.isdigit() else None
+        return int(value) if value.isascii() and value.isdigit() else None
 
     def _previous(self, name: str, version: int) -> int | None:
         """The default a deployment of ``version`` replaces. Deploying the version that is

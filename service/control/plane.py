@@ -23,7 +23,7 @@ from service.control.events import EVENTS_FILE, EventTail
 from service.control.runner import LOG_FILE, RUNNERS, SPEC_FILE
 from service.control.scheduler import Scheduler
 from service.control.store import FINAL_STATES, QUEUED, RUNNING, Job, JobStore, new_job_id
-from service.errors import FailedPrecondition, InvalidSpec, NotFound, ServiceError
+from service.errors import FailedPrecondition, InvalidSpec, NotFound, ServiceError, shown
 from service.modelstore import ArchiveInfo, ModelStore, known_refusal
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,9 @@ class ControlPlane:
                    runner: str = "") -> Job:
         runner = runner or self.config.default_runner
         if runner not in self.runners:
-            raise InvalidSpec("runner", f"unknown runner {runner!r}", allowed=list(self.runners))
+            raise InvalidSpec("runner", f"unknown runner {shown(runner)}", allowed=list(self.runners))
         if deploy_policy not in DEPLOY_POLICIES:
-            raise InvalidSpec("deploy_policy", f"unknown deploy policy {deploy_policy!r}",
+            raise InvalidSpec("deploy_policy", f"unknown deploy policy {shown(deploy_policy)}",
                               allowed=list(DEPLOY_POLICIES))
         if deploy_workers < 0:
             raise InvalidSpec("deploy_workers", f"must be >= 0, got {deploy_workers}")
@@ -170,11 +170,11 @@ class ControlPlane:
             raise InvalidSpec("page_size", f"must be 0..{MAX_PAGE_SIZE}, got {page_size}")
         bad = [s for s in states if s not in FINAL_STATES | {QUEUED, RUNNING}]
         if bad:
-            raise InvalidSpec("states", f"unknown state {bad[0]!r}")
+            raise InvalidSpec("states", f"unknown state {shown(bad[0])}")
         before = None
         if page_token:
-            if not page_token.isdigit():
-                raise InvalidSpec("page_token", f"{page_token!r} is not a token this service gave")
+            if not (page_token.isascii() and page_token.isdigit()) or len(page_token) > 18:
+                raise InvalidSpec("page_token", f"{shown(page_token, 60)} is not a token this service gave")
             before = int(page_token)
         size = page_size or DEFAULT_PAGE_SIZE
         jobs = self.jobs.list(states=states, output_model=output_model or None, limit=size + 1,

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from service.errors import FailedPrecondition, NotFound
+from service.errors import FailedPrecondition, NotFound, shown
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 
@@ -242,7 +242,7 @@ class JobStore:
         with self._lock:
             row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise NotFound(f"no fine-tuning job {job_id!r}")
+            raise NotFound(f"no fine-tuning job {shown(job_id, 80)}")
         return _job(row)
 
     def list(self, states=(), output_model: str | None = None, limit: int = 100,
@@ -286,7 +286,7 @@ class JobStore:
         def move(conn):
             row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise NotFound(f"no fine-tuning job {job_id!r}")
+                raise NotFound(f"no fine-tuning job {shown(job_id, 80)}")
             state = row["state"]
             if expect is not None and state != expect:
                 raise FailedPrecondition(f"job {job_id} is {state}, not {expect}")
@@ -309,7 +309,7 @@ class JobStore:
         def apply(conn):
             row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise NotFound(f"no fine-tuning job {job_id!r}")
+                raise NotFound(f"no fine-tuning job {shown(job_id, 80)}")
             if expect is not None and row["state"] != expect:
                 raise FailedPrecondition(f"job {job_id} is {row['state']}, not {expect}")
             _update(conn, job_id, dict(changes, updated_at=time.time()))

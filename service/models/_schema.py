@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from service.errors import InvalidSpec
+from service.errors import InvalidSpec, shown
 
 
 def field(default: Any = None, *, choices: tuple | None = None, ge: float | None = None,
@@ -64,7 +64,7 @@ def _check_value(value: Any, tp: Any, meta: Mapping, path: str) -> None:
         return
     if typing.get_origin(tp) is tuple:
         if not isinstance(value, tuple):
-            raise InvalidSpec(path, f"must be a list, got {value!r}")
+            raise InvalidSpec(path, f"must be a list, got {shown(value)}")
         for i, item in enumerate(value):
             _check_value(item, typing.get_args(tp)[0], meta, f"{path}[{i}]")
         return
@@ -72,24 +72,25 @@ def _check_value(value: Any, tp: Any, meta: Mapping, path: str) -> None:
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
-        raise InvalidSpec(path, f"must be {_TYPE_NAMES[tp]}, got {value!r}")
+        raise InvalidSpec(path, f"must be {_TYPE_NAMES[tp]}, got {shown(value)}")
     if "choices" in meta and value not in meta["choices"]:
-        raise InvalidSpec(path, f"unknown value {value!r}", allowed=meta["choices"])
+        raise InvalidSpec(path, f"unknown value {shown(value)}", allowed=meta["choices"])
     if "ge" in meta and value < meta["ge"]:
-        raise InvalidSpec(path, f"must be >= {meta['ge']}, got {value!r}")
+        raise InvalidSpec(path, f"must be >= {meta['ge']}, got {shown(value)}")
     if "gt" in meta and value <= meta["gt"]:
-        raise InvalidSpec(path, f"must be > {meta['gt']}, got {value!r}")
+        raise InvalidSpec(path, f"must be > {meta['gt']}, got {shown(value)}")
     if "lt" in meta and value >= meta["lt"]:
-        raise InvalidSpec(path, f"must be < {meta['lt']}, got {value!r}")
+        raise InvalidSpec(path, f"must be < {meta['lt']}, got {shown(value)}")
 
 
 def check_keys(data: Any, allowed: list[str], path: str) -> Mapping:
     """``data`` as a mapping whose keys are all in ``allowed``; else InvalidSpec."""
     if not isinstance(data, Mapping):
-        raise InvalidSpec(path, f"must be an object, got {data!r}")
+        raise InvalidSpec(path, f"must be an object, got {shown(data)}")
     for key in data:
         if key not in allowed:
-            raise InvalidSpec(f"{path}.{key}" if path else str(key), "unknown key", allowed=allowed)
+            name = key if isinstance(key, str) and len(key) <= 64 and key.isprintable() else shown(key, 64)
+            raise InvalidSpec(f"{path}.{name}" if path else name, "unknown key", allowed=allowed)
     return data
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from service.errors import InvalidSpec
+from service.errors import InvalidSpec, shown
 from service.models._schema import Schema, check_keys, field
 from service.models.registry import FAMILIES
 
@@ -80,20 +80,20 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.family, str) or self.family not in FAMILIES:
-            raise InvalidSpec("family", f"unknown family {self.family!r}", allowed=list(FAMILIES))
+            raise InvalidSpec("family", f"unknown family {shown(self.family)}", allowed=list(FAMILIES))
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1:
-            raise InvalidSpec("num_classes", f"must be an integer >= 1, got {self.num_classes!r}")
+            raise InvalidSpec("num_classes", f"must be an integer >= 1, got {shown(self.num_classes)}")
         if self.task not in TASKS:
-            raise InvalidSpec("task", f"unknown task {self.task!r}", allowed=TASKS)
+            raise InvalidSpec("task", f"unknown task {shown(self.task)}", allowed=TASKS)
         family = FAMILIES[self.family]
         if self.config is None:
             object.__setattr__(self, "config", family.config())
         if not isinstance(self.config, family.config):
-            raise InvalidSpec("config", f"family {self.family!r} takes a {family.config.__name__}")
+            raise InvalidSpec("config", f"family {shown(self.family)} takes a {family.config.__name__}")
         if self.input is None:
             object.__setattr__(self, "input", INPUTS[family.modality]())
         if getattr(self.input, "type", None) != family.modality:
-            raise InvalidSpec("input.type", f"family {self.family!r} takes {family.modality} input",
+            raise InvalidSpec("input.type", f"family {shown(self.family)} takes {family.modality} input",
                               allowed=[family.modality])
         self.config.validate("config")
         self.input.validate("input")
@@ -114,7 +114,7 @@ class ModelSpec:
         check_keys(data, _KEYS, "")
         name = data.get("family")
         if not isinstance(name, str) or name not in FAMILIES:
-            raise InvalidSpec("family", f"unknown family {name!r}", allowed=list(FAMILIES))
+            raise InvalidSpec("family", f"unknown family {shown(name)}", allowed=list(FAMILIES))
         if "num_classes" not in data:
             raise InvalidSpec("num_classes", "is required")
         family = FAMILIES[name]
@@ -122,9 +122,9 @@ class ModelSpec:
         raw_input = {} if data.get("input") is None else data["input"]
         kind = raw_input.get("type", family.modality) if isinstance(raw_input, Mapping) else family.modality
         if kind not in INPUTS:
-            raise InvalidSpec("input.type", f"unknown input type {kind!r}", allowed=list(INPUTS))
+            raise InvalidSpec("input.type", f"unknown input type {shown(kind)}", allowed=list(INPUTS))
         if kind != family.modality:
-            raise InvalidSpec("input.type", f"family {name!r} takes {family.modality} input",
+            raise InvalidSpec("input.type", f"family {shown(name)} takes {family.modality} input",
                               allowed=[family.modality])
         inp = INPUTS[kind].from_dict(raw_input, "input")
         return cls(name, data["num_classes"], config, inp, data.get("task", "multiclass"))

@@ -46,7 +46,7 @@ from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
-from service.errors import ArchiveRefused, InvalidSpec
+from service.errors import ArchiveRefused, InvalidSpec, shown
 from service.modelstore.bundle import (
     LABELS_FILE,
     LINEAGE_FILE,
@@ -100,7 +100,7 @@ def verify_archive(path: os.PathLike | str, *, name: str | None = None, version:
         for info in archive.infolist():
             parts = PurePosixPath(info.filename.replace("\\", "/")).parts
             if info.filename.startswith(("/", "\\")) or ".." in parts:
-                refuse(f"member {info.filename!r} would unpack outside the archive's directory")
+                refuse(f"member {shown(info.filename)} would unpack outside the archive's directory")
         # What ZipFile.testzip does (every member read to its end, where its CRC-32 is
         # compared), keeping weights.pt's bytes: the archive is decompressed once.
         weights = None
@@ -142,19 +142,20 @@ def verify_archive(path: os.PathLike | str, *, name: str | None = None, version:
         if not isinstance(model, dict):
             refuse(f"{MANIFEST_FILE} has no \"model\" object")
         if name is not None and model.get("modelName") != name:
-            refuse(f"{MANIFEST_FILE} names the model {model.get('modelName')!r}; it is stored as {name!r}")
+            refuse(f"{MANIFEST_FILE} names the model {shown(model.get('modelName'))}; it is stored as {shown(name)}")
         if version is not None and str(model.get("modelVersion")) != str(int(version)):
-            refuse(f"{MANIFEST_FILE} names version {model.get('modelVersion')!r}; it is stored as version "
+            refuse(f"{MANIFEST_FILE} names version {shown(model.get('modelVersion'))}; it is stored as version "
                    f"{int(version)}")
         handler = model.get("handler")
         if handler != HANDLER_FILE:
             if foreign_archives_allowed():
                 return  # a stand-in archive of a test: nothing more can be known of it
-            refuse(f"{MANIFEST_FILE} names the handler {handler!r}, not modelctl's {HANDLER_FILE}")
+            refuse(f"{MANIFEST_FILE} names the handler {shown(handler)}, not modelctl's {HANDLER_FILE}")
         if text(HANDLER_FILE) != HANDLER_SHIM:
             refuse(f"{HANDLER_FILE} is not modelctl's generated handler shim (an archive holds no user code)")
         if model.get("serializedFile") != WEIGHTS_FILE:
-            refuse(f"{MANIFEST_FILE} names the serialized file {model.get('serializedFile')!r}, not {WEIGHTS_FILE}")
+            refuse(f"{MANIFEST_FILE} names the serialized file {shown(model.get('serializedFile'))}, "
+                   f"not {WEIGHTS_FILE}")
         config_file = model.get("configFile")
         if config_file:
             import yaml

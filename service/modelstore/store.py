@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import service
-from service.errors import AlreadyExists, InvalidSpec, NotFound, StoreUnwritable
+from service.errors import AlreadyExists, InvalidSpec, NotFound, StoreUnwritable, shown
 from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, state_dict_sha256
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: A model name, matched in full (``fullmatch``: ``$`` would also take a trailing newline).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 ARCHIVE_SUFFIX = ".mar"
 #: ``<root>/<name>/deployment.json``: the model's desired serving state, shared by replicas.
 DEPLOYMENT_FILE = "deployment.json"
@@ -43,10 +44,10 @@ from service.handlers.torchserve import handle  # noqa: F401
 
 
 def validate_model_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidSpec(
             "name",
-            f"{name!r} is not a valid model name: use 1-64 letters, digits, '-' or '_', "
+            f"{shown(name, 80)} is not a valid model name: use 1-64 letters, digits, '-' or '_', "
             "starting with a letter or digit",
         )
     return name
@@ -225,7 +226,7 @@ class ModelStore:
         if not self.root.is_dir():
             return found
         for model_dir in sorted(self.root.iterdir()):
-            if model_dir.is_dir() and NAME_RE.match(model_dir.name):
+            if model_dir.is_dir() and NAME_RE.fullmatch(model_dir.name):
                 versions = self._versions_in(model_dir)
                 if versions:
                     found[model_dir.name] = versions
@@ -236,7 +237,8 @@ class ModelStore:
         versions = []
         for path in model_dir.glob(f"*{ARCHIVE_SUFFIX}"):
             stem = path.name[: -len(ARCHIVE_SUFFIX)]
-            if stem.isdigit() and int(stem) > 0 and str(int(stem)) == stem and path.is_file():
+            if (stem.isascii() and stem.isdigit() and len(stem) <= 18 and int(stem) > 0 and str(int(stem)) == stem
+                    and path.is_file()):
                 versions.append(int(stem))
         return sorted(versions)
 
@@ -354,7 +356,7 @@ class ModelStore:
         """
         validate_model_name(name)
         if version is not None and (not isinstance(version, int) or version < 1):
-            raise InvalidSpec("version", f"must be an integer >= 1, got {version!r}")
+            raise InvalidSpec("version", f"must be an integer >= 1, got {shown(version)}")
         bundle.validate()
         options = options or ServingOptions()
         check = options.precision_check

@@ -35,7 +35,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
-from service.errors import FailedPrecondition, InvalidSpec, NotFound
+from service.errors import FailedPrecondition, InvalidSpec, NotFound, shown
 from service.models import ModelSpec, Vocabulary, image_eval_transform
 from service.models.text import UNK_ID
 
@@ -317,7 +317,7 @@ def load_jsonl(ctx: LoadContext) -> RawData:
             kind = _JSONL_INPUTS[keys[0]]
             split = row.get("split", "train")
             if split not in rows:
-                raise InvalidSpec(SOURCE_FIELD, f"{where}: unknown split {split!r}", allowed=list(rows))
+                raise InvalidSpec(SOURCE_FIELD, f"{where}: unknown split {shown(split)}", allowed=list(rows))
             value = row[keys[0]]
             if kind == FEATURES:
                 value = np.asarray(value, dtype=np.float32)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.errors import InvalidSpec, NotFound
+from service.errors import InvalidSpec, NotFound, shown
 from service.models import ModelSpec
 from service.models._schema import Schema, check_keys, field
 from service.modelstore import validate_model_name
@@ -167,7 +167,7 @@ def _reraise(exc: InvalidSpec, prefix: str) -> InvalidSpec:
 def parse_base(value: Any) -> tuple[str, int | None]:
     """``name`` or ``name:version`` -> (name, version or None)."""
     if not isinstance(value, str) or not value:
-        raise InvalidSpec("base", f"must be 'name' or 'name:version', got {value!r}")
+        raise InvalidSpec("base", f"must be 'name' or 'name:version', got {shown(value)}")
     name, _, version = value.partition(":")
     try:
         validate_model_name(name)
@@ -175,8 +175,9 @@ def parse_base(value: Any) -> tuple[str, int | None]:
         raise InvalidSpec("base", exc.message.removeprefix("name: ")) from None
     if not version:
         return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidSpec("base", f"version must be an integer >= 1, got {version!r}")
+    # str.isdigit alone takes "²" and other non-ASCII digits, which int() then refuses
+    if not (version.isascii() and version.isdigit()) or len(version) > 18 or int(version) < 1:
+        raise InvalidSpec("base", f"version must be an integer >= 1, got {shown(version)}")
     return name, int(version)
 
 
@@ -250,7 +251,7 @@ class RunSpec:
                               "or model (a family spec)", allowed=["base", "model"])
         task = data.get("task")
         if task is not None and task not in TASKS:
-            raise InvalidSpec("task", f"unknown task {task!r}", allowed=list(TASKS))
+            raise InvalidSpec("task", f"unknown task {shown(task)}", allowed=list(TASKS))
         base = data.get("base")
         if base is not None:
             parse_base(base)
@@ -298,7 +299,7 @@ class RunSpec:
         allowed = [f"{BUILTIN_PREFIX}{n}" for n in BUILTINS] + ["<ImageFolder dir>", "<file>.npz", "<file>.jsonl"]
         if source.startswith(BUILTIN_PREFIX):
             if source[len(BUILTIN_PREFIX):] not in BUILTINS:
-                raise InvalidSpec("dataset.source", f"unknown built-in {source!r}", allowed=allowed)
+                raise InvalidSpec("dataset.source", f"unknown built-in {shown(source)}", allowed=allowed)
             return "builtin", None, dataset
         path = policy.resolve(source, "dataset.source")
         if not path.exists():
