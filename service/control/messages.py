@@ -13,6 +13,7 @@ import math
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from service._gen.modelctl.v1 import control_pb2 as pb
+from service import spectext
 from service.control import specs
 from service.errors import InvalidSpec
 
@@ -76,7 +77,7 @@ def spec_of(request: pb.CreateFineTuneJobRequest):
     if which == "spec_text":
         return specs.parse_text(request.spec_text)
     if which == "spec_struct":
-        return specs.whole_numbers(struct_to_dict(request.spec_struct))
+        return specs.whole_numbers(spectext.check_shape(struct_to_dict(request.spec_struct)))
     raise InvalidSpec("spec", "is required: give spec_text (JSON or YAML) or spec_struct")
 
 

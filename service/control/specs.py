@@ -14,26 +14,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from service import spectext
 from service.errors import AlreadyExists, InvalidSpec
 
 
 def parse_text(text: str) -> Any:
-    """A JSON or YAML document (JSON first); InvalidSpec("spec") if it is neither."""
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidSpec("spec", "is empty: give the run spec as JSON or YAML text, or as a struct")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as json_error:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InvalidSpec("spec", f"neither JSON ({json_error.msg}) nor YAML ({first})") from None
-        if isinstance(data, str):  # a bare YAML scalar: surely meant as JSON
-            raise InvalidSpec("spec", f"not a JSON object: {json_error.msg} at line {json_error.lineno}")
-        return data
+    """A JSON or YAML document (JSON first), bounded (:mod:`service.spectext`: its size, no
+    YAML aliases, its depth and number of values); InvalidSpec("spec") if it is neither or
+    out of bounds."""
+    return spectext.parse(text)
 
 
 def whole_numbers(value: Any) -> Any:
@@ -59,6 +48,7 @@ def validate(data: Any, policy, model_store):
     """The validated ``RunSpec`` of ``data``; InvalidSpec / NotFound / AlreadyExists."""
     from service.training.spec import RunSpec
 
+    spectext.check_shape(data)
     if not isinstance(data, dict):
         raise InvalidSpec("spec", f"must be an object with keys base|model, dataset, hyperparameters, "
                                   f"output; got {type(data).__name__}")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service import spectext
 from service.errors import InvalidSpec, NotFound, shown
 from service.models import ModelSpec
 from service.models._schema import Schema, check_keys, field
@@ -227,24 +228,20 @@ class RunSpec:
         path = Path(path)
         if not path.is_file():
             raise NotFound(f"run spec {path} does not exist")
-        text = path.read_text()
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read(spectext.MAX_SPEC_CHARS + 1)  # more is refused: nothing beyond is read
         try:
-            if path.suffix in (".yaml", ".yml"):
-                data = _yaml(text)
-            else:
-                try:
-                    data = json.loads(text)
-                except json.JSONDecodeError:
-                    if path.suffix == ".json":
-                        raise
-                    data = _yaml(text)
+            data = spectext.parse(text, yaml_too=path.suffix != ".json")
+        except InvalidSpec as exc:
+            raise InvalidSpec("spec", f"cannot parse {path}: {exc.message.removeprefix('spec: ')}") from None
         except Exception as exc:  # noqa: BLE001 - any parse error is the spec's fault
-            raise InvalidSpec("spec", f"cannot parse {path}: {str(exc).splitlines()[0]}") from exc
+            raise InvalidSpec("spec", f"cannot parse {path}: {str(exc).splitlines()[0][:200]}") from exc
         return cls.from_dict(data, policy)
 
     @classmethod
     def from_dict(cls, data: Any, policy: Policy) -> RunSpec:
         """Validate ``data`` against the schema and ``policy``; InvalidSpec names the field."""
+        spectext.check_shape(data)
         check_keys(data, TOP_KEYS, "")
         if ("base" in data and data["base"] is not None) == ("model" in data and data["model"] is not None):
             raise InvalidSpec("base", "give exactly one of base (a model of the store, name[:version]) "
@@ -327,8 +324,3 @@ class RunSpec:
         out["output"] = self.output.to_dict()
         return out
 
-
-def _yaml(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text)
