@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from service import bounds
 from service.errors import InvalidArgument
 
 #: The control API's port unless configured.
@@ -53,6 +54,25 @@ class ControlConfig:
     #: Workers per deployed version unless the request says otherwise; 0 = the serving
     #: settings' ``workers_per_model``.
     deploy_workers: int = 0
+    #: The most workers a deployment may ask for (DeployModel, RollbackModel, a job's
+    #: deploy_workers; INVALID_ARGUMENT beyond, before anything is registered). 0 = one per
+    #: GPU a replica sees where it sees any, else one per core, and never less than the
+    #: default workers (service/bounds.py).
+    max_deploy_workers: int = 0
+    # The operator's bounds on run specs (service/bounds.py): each may lower this service's
+    # ceiling, which is also its default, never raise it. They reach the trainers too.
+    #: Epochs of a run.
+    max_epochs: int = bounds.MAX_EPOCHS
+    #: Examples per process and step.
+    max_batch_size: int = bounds.MAX_BATCH_SIZE
+    #: Training processes of a run.
+    max_nproc: int = bounds.MAX_NPROC
+    #: DataLoader worker processes per training process.
+    max_dataloader_workers: int = bounds.MAX_DATALOADER_WORKERS
+    #: Examples of a dataset (and train_size, val_size).
+    max_examples: int = bounds.MAX_EXAMPLES
+    #: Elements of a .npz dataset's arrays, all together, read from their headers.
+    max_dataset_elements: int = bounds.MAX_DATASET_ELEMENTS
     #: How often the scheduler looks at running jobs, and watchers at event files.
     poll_s: float = 0.2
     #: What a deployment changes: "torchserve" registers the version in the TorchServe beside
@@ -89,6 +109,14 @@ class ControlConfig:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
         if self.deploy_workers < 0:
             raise InvalidArgument(f"deploy_workers must be >= 0, got {self.deploy_workers}")
+        if self.max_deploy_workers < 0:
+            raise InvalidArgument(f"{self.env_var('max_deploy_workers')} must be >= 0 (0: automatic), "
+                                  f"got {self.max_deploy_workers}")
+        if self.max_deploy_workers and self.deploy_workers > self.max_deploy_workers:
+            raise InvalidArgument(f"{self.env_var('deploy_workers')} ({self.deploy_workers}) is above "
+                                  f"{self.env_var('max_deploy_workers')} ({self.max_deploy_workers})")
+        for name in bounds.RUN_BOUNDS:
+            bounds.check_run_bound(name, getattr(self, name))
         if self.deploy_target not in DEPLOY_TARGETS:
             raise InvalidArgument(f"deploy_target must be one of {', '.join(DEPLOY_TARGETS)}, "
                                   f"got {self.deploy_target!r}")
@@ -109,6 +137,21 @@ class ControlConfig:
             model_store=self.model_store or Path(serve_settings.model_store),
             data_roots=self.data_roots or (Path.cwd(),),
         )
+
+    def run_bounds(self) -> dict[str, int]:
+        """The run-spec bounds as :class:`service.training.spec.Policy` fields."""
+        return {policy: getattr(self, name) for name, (policy, _, _) in bounds.RUN_BOUNDS.items()}
+
+    def deploy_workers_limit(self, default_workers: int) -> int:
+        """The most workers a deployment may have: ``max_deploy_workers``, or when it is 0,
+        one per GPU (else per core) and at least ``default_workers``."""
+        if self.max_deploy_workers:
+            if default_workers > self.max_deploy_workers:
+                raise InvalidArgument(f"the default workers of a deployment ({default_workers}, MODELCTL_DEPLOY_WORKERS "
+                                      f"or MODELCTL_WORKERS_PER_MODEL) is above {self.env_var('max_deploy_workers')} "
+                                      f"({self.max_deploy_workers})")
+            return self.max_deploy_workers
+        return max(bounds.default_max_deploy_workers(), default_workers)
 
     @classmethod
     def env_var(cls, name: str) -> str:

@@ -19,6 +19,9 @@ A deployment (:meth:`Deployer.deploy`):
    (replicas elsewhere, as on Kubernetes) this is all it does;
 4. pushes it on the model's deployment history with the default it replaced.
 
+The workers asked for are checked first (1 to ``max_workers``, or 0 for the default):
+beyond, InvalidSpec (INVALID_ARGUMENT), and nothing is registered or started.
+
 :meth:`Deployer.rollback` pops the history: the default before the latest deployment is
 deployed the same way. :meth:`Deployer.reconcile` copies the history's defaults into the
 store for models that have no desired state there yet.
@@ -32,7 +35,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from service.errors import AlreadyExists, FailedPrecondition, NotFound, ServiceError, Unavailable
+from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec, NotFound, ServiceError, Unavailable
 from service.serving import readiness
 from service.serving.converge import ModelLocks
 from service.modelstore import require_archive
@@ -110,13 +113,17 @@ class Deployer:
     """
 
     def __init__(self, settings, mgmt: Callable, jobs, model_store, *, timeout_s: float = 120.0,
-                 default_workers: int = 0, target: str = "torchserve", locks: ModelLocks | None = None):
+                 default_workers: int = 0, max_workers: int | None = None, target: str = "torchserve",
+                 locks: ModelLocks | None = None):
         self.settings = settings
         self._mgmt = mgmt
         self.jobs = jobs
         self.model_store = model_store
         self.timeout_s = timeout_s
         self.default_workers = default_workers or settings.workers_per_model
+        #: The most workers a deployment may ask for (None: no bound; the control plane
+        #: always sets one, ControlConfig.deploy_workers_limit).
+        self.max_workers = max_workers
         self.target = target
         #: Shared with the converger of a TorchServe in this process (service.serving.converge).
         self._lock = locks or ModelLocks()
@@ -130,6 +137,18 @@ class Deployer:
         return self._mgmt()
 
     # ---- facts ---------------------------------------------------------------------------
+    def check_workers(self, workers, field: str = "workers") -> int:
+        """The workers a deployment asking for ``workers`` gets (0: the default); InvalidSpec
+        naming ``field`` when it is not 0..max_workers. Called before anything else."""
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise InvalidSpec(field, f"must be an integer, got {type(workers).__name__}")
+        limit = self.max_workers
+        if workers < 0 or (limit is not None and workers > limit):
+            bound = f"from 1 to {limit} (this service's limit, MODELCTL_MAX_DEPLOY_WORKERS)" if limit is not None \
+                else ">= 1"
+            raise InvalidSpec(field, f"must be {bound}, or 0 for the default ({self.default_workers}); got {workers}")
+        return workers or self.default_workers
+
     def _versions(self, name: str) -> list[int]:
         versions = self.model_store.versions(name)  # InvalidSpec for a malformed name
         if not versions:
@@ -211,11 +230,9 @@ class Deployer:
     def deploy(self, name: str, version: int, workers: int = 0, *, timeout_s: float | None = None,
                job_id: str | None = None):
         """Deploy ``name`` ``version`` and make it the default; returns the Deployment."""
+        workers = self.check_workers(workers)
         version = int(version)
         self._check_version(name, version)
-        workers = int(workers) or self.default_workers
-        if workers < 0:
-            raise FailedPrecondition(f"workers must be >= 0, got {workers}")
         with self._lock(name):
             top = self.jobs.top_deployment(name)
             if job_id is not None and top is not None and top.job_id == job_id and top.version == version:
@@ -233,8 +250,8 @@ class Deployer:
 
     def rollback(self, name: str, version: int = 0, workers: int = 0, *, timeout_s: float | None = None):
         """Restore the default before the latest deployment (or ``version``)."""
+        workers = self.check_workers(workers)
         self._versions(name)
-        workers = int(workers) or self.default_workers
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         with self._lock(name):
             if version:

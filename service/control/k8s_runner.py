@@ -115,6 +115,8 @@ class K8sSettings:
     python: str = "python"
     model_store: str = ""
     data_roots: tuple[str, ...] = ()
+    #: (variable, value) of the operator's run bounds, for the trainer (service/bounds.py).
+    run_bounds: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, config=None, environ=None) -> "K8sSettings":
@@ -155,7 +157,15 @@ class K8sSettings:
                    memory_request=get("MEMORY_REQUEST"), ttl_s=integer("TTL_S", 86400),
                    kubeconfig=get("KUBECONFIG"),
                    grace_s=max(1, int(round(float(getattr(config, "cancel_grace_s", 30) or 30)))),
-                   model_store=store, data_roots=roots)
+                   model_store=store, data_roots=roots, run_bounds=_run_bounds(config))
+
+
+def _run_bounds(config) -> tuple[tuple[str, str], ...]:
+    from service.bounds import RUN_BOUNDS, trainer_env
+
+    if config is None or not all(hasattr(config, name) for name in RUN_BOUNDS):
+        return ()
+    return tuple(sorted(trainer_env(config).items()))
 
 
 def _parse_mount(text: str) -> Mount:
@@ -247,6 +257,7 @@ def build_job(job, attempt: int, settings: K8sSettings) -> tuple[dict, dict | No
         env.append({"name": "MODELCTL_MODEL_STORE", "value": settings.model_store})
     if settings.data_roots:
         env.append({"name": "MODELCTL_DATA_ROOTS", "value": os.pathsep.join(settings.data_roots)})
+    env += [{"name": name, "value": value} for name, value in settings.run_bounds]
     requests, limits = {}, {}
     if settings.cpu_request:
         requests["cpu"] = settings.cpu_request

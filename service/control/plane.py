@@ -101,9 +101,11 @@ class ControlPlane:
         self.jobs = JobStore(self.config.db_path)
         self.models = ModelStore(self.config.model_store)
         self.runners = {name: factory(self.config) for name, factory in RUNNERS.items()}
+        default_workers = self.config.deploy_workers or serve_settings.workers_per_model
         self.deployer = Deployer(serve_settings, mgmt, self.jobs, self.models,
                                  timeout_s=self.config.deploy_timeout_s,
                                  default_workers=self.config.deploy_workers,
+                                 max_workers=self.config.deploy_workers_limit(default_workers),
                                  target=self.config.deploy_target, locks=locks)
         self.scheduler = Scheduler(self.jobs, self.runners, self._on_result,
                                    max_concurrent_jobs=self.config.max_concurrent_jobs,
@@ -147,8 +149,7 @@ class ControlPlane:
         if deploy_policy not in DEPLOY_POLICIES:
             raise InvalidSpec("deploy_policy", f"unknown deploy policy {shown(deploy_policy)}",
                               allowed=list(DEPLOY_POLICIES))
-        if deploy_workers < 0:
-            raise InvalidSpec("deploy_workers", f"must be >= 0, got {deploy_workers}")
+        self.deployer.check_workers(deploy_workers, "deploy_workers")
         spec = specs.validate(spec_data, self.policy, self.models)
         job_id = new_job_id()
         run_dir = self.config.runs_dir / job_id
@@ -263,8 +264,7 @@ class ControlPlane:
     def deploy(self, name: str, version: int, *, workers: int = 0, timeout_s: float = 0.0):
         if version < 1:
             raise InvalidSpec("version", f"must be >= 1, got {version}")
-        if workers < 0:
-            raise InvalidSpec("workers", f"must be >= 0, got {workers}")
+        self.deployer.check_workers(workers)
         if timeout_s < 0:
             raise InvalidSpec("timeout_s", f"must be >= 0, got {timeout_s}")
         return self.deployer.deploy(name, version, workers, timeout_s=timeout_s or None)
@@ -272,8 +272,7 @@ class ControlPlane:
     def rollback(self, name: str, version: int = 0, *, workers: int = 0):
         if version < 0:
             raise InvalidSpec("version", f"must be >= 0 (0: the previous default), got {version}")
-        if workers < 0:
-            raise InvalidSpec("workers", f"must be >= 0, got {workers}")
+        self.deployer.check_workers(workers)
         return self.deployer.rollback(name, version, workers)
 
     # ---- a finished run --------------------------------------------------------------------------

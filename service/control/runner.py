@@ -73,11 +73,13 @@ class LocalRunner:
     outlives_service = False
 
     def __init__(self, *, model_store: Path, data_roots=(), python: str | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, extra_env: dict[str, str] | None = None):
         self.model_store = Path(model_store)
         self.data_roots = tuple(Path(r) for r in data_roots)
         self.python = python or sys.executable
         self.env = env
+        #: Set on top of the environment (the operator's run bounds, service/bounds.py).
+        self.extra_env = dict(extra_env or {})
 
     def command(self, run_dir: Path) -> list[str]:
         cmd = [self.python, "-m", "service.training", "run", str(run_dir / SPEC_FILE),
@@ -92,6 +94,7 @@ class LocalRunner:
         from service.auth import scrubbed_env
 
         env = scrubbed_env(os.environ if self.env is None else self.env)  # never the API token
+        env.update(self.extra_env)
         env["PYTHONUNBUFFERED"] = "1"
         with open(job.log_path, "ab") as logf:
             stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -175,7 +178,9 @@ def _same_process_alive(pid: int, started: float | None) -> bool:
 
 
 def local_runner(config) -> LocalRunner:
-    return LocalRunner(model_store=config.model_store, data_roots=config.data_roots)
+    from service.bounds import trainer_env
+
+    return LocalRunner(model_store=config.model_store, data_roots=config.data_roots, extra_env=trainer_env(config))
 
 
 #: Runner name -> factory taking the ControlConfig.

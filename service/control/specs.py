@@ -38,10 +38,10 @@ def whole_numbers(value: Any) -> Any:
 
 
 def policy_for(config):
-    """The trainer's Policy for this service: its data roots, default bounds."""
+    """The trainer's Policy for this service: its data roots and the operator's bounds."""
     from service.training.spec import Policy
 
-    return Policy(tuple(config.data_roots))
+    return Policy(tuple(config.data_roots), **config.run_bounds())
 
 
 def validate(data: Any, policy, model_store):

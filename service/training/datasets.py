@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import json
 import struct
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
+from service.bounds import MAX_DATASET_ELEMENTS, MAX_EXAMPLES
 from service.errors import FailedPrecondition, InvalidSpec, NotFound, shown
 from service.models import ModelSpec, Vocabulary, image_eval_transform
 from service.models.text import UNK_ID
@@ -55,19 +57,21 @@ TOKENS = "tokens"            # list of int64 arrays (T_i,)
 TEXT = "text"                # list[str]
 
 
-#: Examples a dataset may hold (service.training.spec.MAX_EXAMPLES; a Policy may set another).
-MAX_EXAMPLES = 2_000_000
+# MAX_EXAMPLES: examples a dataset may hold; MAX_DATASET_ELEMENTS: elements of a .npz's
+# arrays, all together (service/bounds.py; a Policy may set lower ones).
 
 
 @dataclass
 class LoadContext:
     """What a loader may use: the checked ``source`` path (None for built-ins), the run's
-    task, the data roots every file must resolve into, and the size limit."""
+    task, the data roots every file must resolve into, and the size limits (examples; the
+    elements of a .npz's arrays, all together)."""
 
     source: Path | None
     task: str
     roots: tuple[Path, ...] = ()
     max_examples: int = MAX_EXAMPLES
+    max_elements: int = MAX_DATASET_ELEMENTS
 
 
 @dataclass
@@ -348,43 +352,78 @@ def _default_labels(y: np.ndarray, task: str) -> list[str]:
     return [str(i) for i in range(y.shape[1])]
 
 
-def _npz_rows(archive, key: str) -> int | None:
-    """Rows of the array ``key`` of an open .npz, from its .npy header: the array itself is
-    not read (a compressed member can hold far more than the file's size). None when the
-    header is not one numpy's public readers know; loading it then reports any error."""
+#: The arrays of a .npz that the loader reads; any other member is never read.
+NPZ_ARRAYS = ("x", "y", "lengths", "x_val", "y_val", "lengths_val", "label_names")
+#: Bytes of one element of a .npz array: numbers (bool, integers, floats) of at most 8 bytes,
+#: and label names of at most 256 characters (4 bytes each).
+_NPZ_MAX_ITEMSIZE = {"b": 1, "i": 8, "u": 8, "f": 8, "U": 1024, "S": 256}
+
+
+def _npz_header(archive, key: str, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the array ``key`` of an open .npz, from its .npy header alone: the
+    array is not read (a compressed member can declare far more than the file holds).
+    A header that cannot be read, or that declares anything but plain numbers or short
+    strings, is an InvalidSpec: nothing is loaded that was not measured first."""
     fmt = np.lib.format
     try:
         with archive.zip.open(f"{key}.npy") as fh:
             version = fmt.read_magic(fh)
             read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
             if read is None:
-                return None
-            shape = read(fh)[0]
-    except (KeyError, ValueError, OSError):
-        return None
-    return int(shape[0]) if shape else 0
+                raise ValueError(f".npy format version {version} (this service reads 1.0 and 2.0)")
+            shape, _, dtype = read(fh, max_header_size=10_000)
+    except KeyError:
+        raise InvalidSpec(SOURCE_FIELD, f"{where}: {key} is not a .npy member") from None
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise InvalidSpec(SOURCE_FIELD, f"{where}: cannot read the header of {key}: {str(exc)[:160]}") from None
+    limit = _NPZ_MAX_ITEMSIZE.get(dtype.kind)
+    if limit is None or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize > limit:
+        raise InvalidSpec(SOURCE_FIELD, f"{where}: {key} holds {str(dtype)[:60]}; the arrays hold numbers (bool, "
+                                        "int or float of at most 64 bits), and label_names strings of at most 256")
+    return tuple(int(n) for n in shape), dtype
+
+
+def _npz_measure(archive, ctx: LoadContext, where: str) -> None:
+    """Refuse a .npz whose arrays, by their headers, hold more than the policy allows: more
+    rows than ``max_examples`` in any split, or more than ``max_elements`` elements in all
+    the arrays the loader reads together."""
+    total = 0
+    for key in NPZ_ARRAYS:
+        if key not in archive.files:
+            continue
+        shape, _ = _npz_header(archive, key, where)
+        if key[0] in "xy" and shape and shape[0] > ctx.max_examples:
+            raise InvalidSpec(SOURCE_FIELD, f"{where}: {key} has {shape[0]} rows; at most "
+                              f"{ctx.max_examples} examples are allowed (this service's limit)")
+        elements = 1
+        for n in shape:
+            elements *= n
+        total += elements
+        if total > ctx.max_elements:
+            raise InvalidSpec(SOURCE_FIELD, f"{where}: its arrays declare {total} elements (through {key}, shape "
+                              f"{shown(shape, 80)}); at most {ctx.max_elements} are allowed (this service's limit, "
+                              "MODELCTL_MAX_DATASET_ELEMENTS); nothing was loaded")
 
 
 def load_npz(ctx: LoadContext) -> RawData:
     """Arrays ``x`` (N, T, F) float or (N, T) int token ids, ``y``, optional ``lengths``,
-    ``label_names``, and an official split as ``x_val``/``y_val``/``lengths_val``."""
+    ``label_names``, and an official split as ``x_val``/``y_val``/``lengths_val``. Measured
+    by their headers (rows, elements, dtypes) before any is loaded."""
     path = ctx.source
     try:
+        if not zipfile.is_zipfile(path):  # np.load would read a bare .npy array whole, unmeasured
+            raise ValueError("not a zip archive of .npy arrays")
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise InvalidSpec(SOURCE_FIELD, f"cannot read {path} as .npz: {exc}") from exc
+        raise InvalidSpec(SOURCE_FIELD, f"cannot read {path} as .npz: {str(exc)[:160]}") from exc
     with archive:
         if "x" not in archive or "y" not in archive:
-            raise InvalidSpec(SOURCE_FIELD, f"{path.name} needs arrays x and y (has {sorted(archive.files)})")
+            raise InvalidSpec(SOURCE_FIELD, f"{path.name} needs arrays x and y (has {shown(sorted(archive.files))})")
+        _npz_measure(archive, ctx, path.name)
         parts = {}
         for suffix in ("", "_val"):
             if f"x{suffix}" not in archive:
                 continue
-            for key in (f"x{suffix}", f"y{suffix}"):
-                rows = _npz_rows(archive, key)
-                if rows is not None and rows > ctx.max_examples:
-                    raise InvalidSpec(SOURCE_FIELD, f"{path.name}: {key} has {rows} rows; at most "
-                                      f"{ctx.max_examples} examples are allowed (this service's limit)")
             x, y = archive[f"x{suffix}"], archive[f"y{suffix}"]
             if len(x) != len(y):
                 raise InvalidSpec(SOURCE_FIELD, f"{path.name}: x{suffix} has {len(x)} rows, y{suffix} {len(y)}")

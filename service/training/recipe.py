@@ -298,7 +298,7 @@ class FineTuneRecipe:
         # data
         raw = load_raw(self.spec.dataset_kind, self.spec.builtin_name,
                        LoadContext(self.spec.dataset_path, self._task_name(base_bundle), self.policy.data_roots,
-                                   self.policy.max_examples))
+                                   self.policy.max_examples, self.policy.max_elements))
         self.model_spec, self.head = self._final_spec(base_bundle, raw.labels)
         self.task = TASKS[self.model_spec.task]
         self.data: PreparedData = prepare(

@@ -29,28 +29,32 @@ from pathlib import Path
 from typing import Any
 
 from service import spectext
+from service.bounds import (
+    MAX_BATCH_SIZE,
+    MAX_DATALOADER_WORKERS,
+    MAX_DATASET_ELEMENTS,
+    MAX_EPOCHS,
+    MAX_EXAMPLES,
+    MAX_NPROC,
+    POLICY_FIELDS,
+    check_run_bound,
+    run_bounds_from_env,
+)
 from service.errors import InvalidSpec, NotFound, shown
 from service.models import ModelSpec
 from service.models._schema import Schema, check_keys, field
 from service.modelstore import validate_model_name
-from service.training.datasets import BUILTIN_PREFIX, BUILTINS, MAX_EXAMPLES
+from service.training.datasets import BUILTIN_PREFIX, BUILTINS
 from service.training.optim import OPTIMIZERS
 from service.training.tasks import TASKS
 
 DATA_ROOTS_ENV = "MODELCTL_DATA_ROOTS"
 
-# This service's bounds on a run spec: the defaults of Policy (an operator's Policy may
-# set others; a spec never can). A value outside is an InvalidSpec naming the field and
-# the allowed range.
-MAX_EPOCHS = 1000
-#: Examples per process and step.
-MAX_BATCH_SIZE = 8192
-#: Training processes of one run (torchrun's nproc_per_node x nodes).
-MAX_NPROC = 64
-#: DataLoader worker processes per training process.
-MAX_DATALOADER_WORKERS = 32
-# MAX_EXAMPLES (from service.training.datasets): examples a dataset, train_size and
-# val_size may hold.
+# This service's bounds on a run spec (service/bounds.py): the defaults of Policy, and its
+# ceilings. An operator's Policy may set lower ones (MODELCTL_MAX_*); a spec never can. A
+# value outside is an InvalidSpec naming the field and the allowed range.
+# MAX_EXAMPLES: examples a dataset, train_size and val_size may hold; MAX_DATASET_ELEMENTS:
+# the elements of a .npz's arrays, all together.
 #: numpy and scikit-learn take 32-bit seeds only.
 MAX_SEED = 2**32 - 1
 AUGMENT_CHOICES = ("auto", "none", "crop", "crop_flip")
@@ -61,7 +65,8 @@ TOP_KEYS = ["base", "model", "dataset", "task", "hyperparameters", "output"]
 
 @dataclass(frozen=True)
 class Policy:
-    """Where datasets may be read from, and the bounds a run spec must stay within."""
+    """Where datasets may be read from, and the bounds a run spec must stay within: the
+    operator's, each at most this service's ceiling (InvalidArgument otherwise)."""
 
     data_roots: tuple[Path, ...] = ()
     max_epochs: int = MAX_EPOCHS
@@ -69,18 +74,22 @@ class Policy:
     max_nproc: int = MAX_NPROC
     max_workers: int = MAX_DATALOADER_WORKERS
     max_examples: int = MAX_EXAMPLES
+    max_elements: int = MAX_DATASET_ELEMENTS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_roots", tuple(Path(r).resolve() for r in self.data_roots))
+        for policy_field, config_field in POLICY_FIELDS.items():
+            check_run_bound(config_field, getattr(self, policy_field))
 
     @classmethod
     def from_env(cls, data_roots=None, environ: Mapping[str, str] | None = None, **bounds) -> Policy:
         """``data_roots`` if given, else ``$MODELCTL_DATA_ROOTS`` (os.pathsep-separated), else
-        the current directory."""
+        the current directory; each bound from ``bounds``, else its ``MODELCTL_MAX_*``
+        variable (service/bounds.py), else the ceiling."""
         environ = os.environ if environ is None else environ
         if not data_roots:
             data_roots = [p for p in environ.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p] or [Path.cwd()]
-        return cls(tuple(Path(r) for r in data_roots), **bounds)
+        return cls(tuple(Path(r) for r in data_roots), **{**run_bounds_from_env(environ), **bounds})
 
     def resolve(self, raw: str, where: str) -> Path:
         """``raw`` resolved and checked to lie inside a data root; InvalidSpec naming ``where``."""
