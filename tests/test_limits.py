@@ -212,3 +212,152 @@ def test_archive_command_refuses_weights_that_need_pickled_code(tmp_path, capsys
     assert "weights: evil.pt needs pickled code to load (posix.system)" in capsys.readouterr().err
     assert not marker.exists()
     assert ModelStore(store).models() == {}
+
+
+# ---- issue 12, point 4: bounds set by the operator ------------------------------------------------
+def test_the_operator_lowers_the_run_bounds_by_environment_never_raises_them(roots):
+    from service import bounds
+    from service.control import specs
+    from service.control.config import ControlConfig
+    from service.control.runner import local_runner
+    from service.errors import InvalidArgument
+
+    env = {"MODELCTL_MAX_EPOCHS": "5", "MODELCTL_MAX_BATCH_SIZE": "64", "MODELCTL_MAX_NPROC": "2",
+           "MODELCTL_MAX_DATALOADER_WORKERS": "0", "MODELCTL_MAX_EXAMPLES": "100",
+           "MODELCTL_MAX_DATASET_ELEMENTS": "1000"}
+    policy = Policy.from_env([roots], environ=env)  # the trainer's
+    assert (policy.max_epochs, policy.max_batch_size, policy.max_nproc, policy.max_workers, policy.max_examples,
+            policy.max_elements) == (5, 64, 2, 0, 100, 1000)
+    config = ControlConfig.from_env(environ=env, data_roots=[roots], model_store=roots)  # the control API's
+    assert specs.policy_for(config) == policy
+    with pytest.raises(InvalidSpec, match="between 0 and 0"):
+        RunSpec.from_dict(spec(workers=1), policy)
+    # the trainers it starts get the same bounds, whatever their environment
+    assert local_runner(config).extra_env == env
+    assert Policy.from_env([roots], environ={}) == Policy((roots,))  # unset: the ceilings
+    for name, ceiling in (("MODELCTL_MAX_EPOCHS", MAX_EPOCHS), ("MODELCTL_MAX_NPROC", MAX_NPROC),
+                          ("MODELCTL_MAX_DATASET_ELEMENTS", bounds.MAX_DATASET_ELEMENTS)):
+        for value in (str(ceiling + 1), "0", "-1", "many"):
+            for make in (lambda e: Policy.from_env([roots], environ=e), lambda e: ControlConfig.from_env(environ=e)):
+                with pytest.raises(InvalidArgument, match=name):
+                    make({name: value})
+    with pytest.raises(InvalidArgument, match=f"MODELCTL_MAX_EPOCHS must be an integer from 1 to {MAX_EPOCHS}"):
+        Policy((roots,), max_epochs=MAX_EPOCHS + 1)
+
+
+def _npz_declaring(path, shape, dtype="<f4", version=(1, 0)):
+    """A .npz whose x.npy header declares ``shape`` over 64 bytes of data."""
+    header = io.BytesIO()
+    write = np.lib.format.write_array_header_1_0 if version == (1, 0) else np.lib.format.write_array_header_2_0
+    write(header, {"descr": dtype, "fortran_order": False, "shape": shape})
+    y = io.BytesIO()
+    np.save(y, np.zeros(shape[0] if shape else 1, np.int64))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", header.getvalue() + bytes(64))
+        z.writestr("y.npy", y.getvalue())
+
+
+def test_an_npz_declaring_a_billion_elements_is_refused_before_any_allocation(roots, monkeypatch):
+    import tracemalloc
+
+    _npz_declaring(roots / "wide.npz", (10, 10**9, 1))  # 10 rows: within the example bound
+    read = []
+    monkeypatch.setattr(np.lib.format, "read_array", lambda *a, **k: read.append(a) or pytest.fail("read"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidSpec) as err:
+            _load("npz", roots / "wide.npz", roots, MAX_EXAMPLES)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.field == "dataset.source"
+    assert ("wide.npz: its arrays declare 10000000000 elements (through x, shape (10, 1000000000, 1)); at most "
+            f"{2**28} are allowed (this service's limit, MODELCTL_MAX_DATASET_ELEMENTS); nothing was loaded"
+            in err.value.message), err.value.message
+    assert read == [] and peak < 2**20, peak  # no array was read, nothing large was allocated
+    # the operator's lower bound counts every array the loader reads, all together
+    np.savez(roots / "small.npz", x=np.zeros((4, 5, 2), np.float32), y=np.zeros(4, np.int64),
+             lengths=np.full(4, 5))
+    monkeypatch.undo()
+    ctx = ds.LoadContext(roots / "small.npz", "multiclass", (roots,), MAX_EXAMPLES, 48)
+    assert len(ds.load_raw("npz", None, ctx).x) == 4  # 40 + 4 + 4 elements
+    with pytest.raises(InvalidSpec, match="declare 48 elements .through lengths.*at most 47"):
+        ds.load_raw("npz", None, ds.LoadContext(roots / "small.npz", "multiclass", (roots,), MAX_EXAMPLES, 47))
+
+
+@pytest.mark.parametrize("what, dtype, needle", [
+    ("a structured dtype", [("a", "<f4"), ("b", "<f4")], "x holds"),
+    ("a sub-array dtype", ("<f4", (10**6,)), "x holds"),
+    ("objects", "|O", "x holds object"),
+    ("long strings", "<U100000", "x holds <U100000"),
+])
+def test_an_npz_array_of_anything_but_numbers_is_refused_from_its_header(roots, what, dtype, needle):
+    header = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": (3,)})
+    with zipfile.ZipFile(roots / "odd.npz", "w") as z:
+        z.writestr("x.npy", header.getvalue())
+        z.writestr("y.npy", b"")
+    with pytest.raises(InvalidSpec, match=needle):
+        _load("npz", roots / "odd.npz", roots, MAX_EXAMPLES)
+
+
+def test_a_bare_npy_named_npz_is_refused_unread(roots):
+    np.save(roots / "bare.npy", np.zeros((3, 2, 2), np.float32))
+    (roots / "bare.npy").rename(roots / "bare.npz")
+    with pytest.raises(InvalidSpec, match="cannot read .*bare.npz as .npz: not a zip archive"):
+        _load("npz", roots / "bare.npz", roots, MAX_EXAMPLES)
+
+
+def test_a_spec_value_is_bounded_in_size_and_depth_whatever_its_source(roots, tmp_path):
+    import time
+
+    from service import spectext
+    from service.control import specs
+
+    # a value that shares its parts, as YAML aliases would make it, given as a Python value
+    bomb = ["x"] * 9
+    for _ in range(8):
+        bomb = [bomb] * 9
+    start = time.perf_counter()
+    for data in ({**spec(), "hyperparameters": {"epochs": bomb}}, {**spec(), "model": {**CNN, "config": bomb}}):
+        with pytest.raises(InvalidSpec, match=f"more than {spectext.MAX_SPEC_NODES} values"):
+            RunSpec.from_dict(data, Policy((roots,)))
+    assert time.perf_counter() - start < 0.5
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(InvalidSpec, match="nests deeper than 32 levels"):
+        RunSpec.from_dict({**spec(), "hyperparameters": {"lr": deep}}, Policy((roots,)))
+    # YAML aliases, in a spec file the trainer or `modelctl finetune run` reads
+    (tmp_path / "bomb.yaml").write_text("model: &m {family: cnn}\ndataset: builtin:digits\nother: *m\n")
+    with pytest.raises(InvalidSpec, match=r"cannot parse .*bomb.yaml: YAML aliases are not accepted \(\*m at line 3\)"):
+        RunSpec.from_file(tmp_path / "bomb.yaml", Policy((roots,)))
+    with pytest.raises(InvalidSpec, match="YAML aliases"):
+        specs.parse_text("a: &x 1\nb: {<<: *x}\n")  # merge keys are aliases too
+    big = tmp_path / "big.yaml"
+    big.write_text("a: 1\n" * 100_000)
+    with pytest.raises(InvalidSpec, match="longer than 65536 characters"):
+        RunSpec.from_file(big, Policy((roots,)))
+    assert specs.parse_text("a: &x 1\n") == {"a": 1}  # an anchor alone is harmless
+
+
+def test_names_and_versions_are_matched_in_full_in_process(tmp_path):
+    from service.modelstore import validate_model_name
+    from service.training.spec import parse_base
+
+    for bad in ("m\n", "m\r\n", "\nm", "m/x", "", "a" * 65, "m²"):
+        with pytest.raises(InvalidSpec, match="not a valid model name"):
+            validate_model_name(bad)
+    for bad in ("m:²", "m:١٢", "m:1\n", "m: 1", "m:0", "m:" + "9" * 40):
+        with pytest.raises(InvalidSpec) as err:
+            parse_base(bad)
+        assert err.value.field == "base" and len(err.value.message) < 300
+    assert parse_base("m:12") == ("m", 12) and parse_base("m") == ("m", None)
+    store = ModelStore(tmp_path)
+    (tmp_path / "m").mkdir()
+    for name in ("².mar", "١.mar", "01.mar", "0.mar"):
+        (tmp_path / "m" / name).write_bytes(b"")
+    (tmp_path / "m\n").mkdir()
+    (tmp_path / "m\n" / "1.mar").write_bytes(b"")
+    assert store.versions("m") == [] and store.models() == {}
