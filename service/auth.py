@@ -8,7 +8,8 @@ same across replicas and never expires, because the operator provides it:
 2. ``MODELCTL_API_TOKEN``: the token itself;
 3. otherwise ``<state_dir>/api_token``. A server (``load_token(..., create=True)``)
    generates it there once, mode 0600, and logs where it is; local clients (the CLI, the
-   demo, :func:`service.client.read_token`) read it from there.
+   demo, :func:`service.client.read_token`) read it from there. It is written to a
+   temporary file, fsynced, then linked into place: never visible empty or partial.
 
 A token is 16 to 4096 characters of RFC 6750's ``b64token`` alphabet
 (``A-Z a-z 0-9 - . _ ~ + /``, then ``=`` padding): it travels in an HTTP header and in
@@ -26,6 +27,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service import faultpoints
+from service.atomic import fsync_dir
 from service.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -149,23 +152,17 @@ def load_token(state_dir: Path | str, environ: typing.Mapping[str, str] | None =
         log.info("API token from %s", token.source)
         return token
     path = state_token_path(state_dir)
+    if create and path.exists() and _blank(path):
+        # left empty by a crash of an older version, which created the file before writing it:
+        # no client can hold a token from it, so a new one replaces it
+        log.warning("API token file %s is empty; generating a new token into it", path)
+        _generate(path, replace=True)
     if not path.exists():
         if not create:
             raise FailedPrecondition(
                 f"no API token: set {TOKEN_FILE_ENV} or {TOKEN_ENV}, or start `modelctl serve` "
                 f"with state dir {Path(state_dir)} once to generate {path}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process generated it just now
-            pass
-        except OSError as exc:
-            raise FailedPrecondition(
-                f"no API token: {TOKEN_FILE_ENV} and {TOKEN_ENV} are unset, and {path} cannot "
-                f"be generated ({exc.strerror or exc})") from None
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
+        if _generate(path):
             log.info("API token: generated %s (mode 0600); clients on this machine read it "
                      "from there. Set %s or %s to give every instance the same token.",
                      path, TOKEN_FILE_ENV, TOKEN_ENV)
@@ -177,6 +174,46 @@ def load_token(state_dir: Path | str, environ: typing.Mapping[str, str] | None =
     token = _read_state_file(path)
     log.info("API token from %s", path)
     return token
+
+
+def _blank(path: Path) -> bool:
+    try:
+        return not path.read_text().strip()
+    except OSError:
+        return False
+
+
+def _generate(path: Path, *, replace: bool = False) -> bool:
+    """Write a new token to ``path``: into a temporary file (mode 0600, fsynced), then
+    published with ``os.link`` (which fails if another process published one first: theirs
+    is kept) or, with ``replace``, ``os.replace``; the directory is fsynced. The file is
+    never visible empty or partial. Returns whether this call's token was published."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        faultpoints.point("token.temp_written")
+        if replace:
+            os.replace(tmp, path)
+            published = True
+        else:
+            try:
+                os.link(tmp, path)
+                published = True
+            except FileExistsError:  # another process generated it just now
+                published = False
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"no API token: {TOKEN_FILE_ENV} and {TOKEN_ENV} are unset, and {path} cannot "
+            f"be generated ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return published
 
 
 def scrubbed_env(environ: typing.Mapping[str, str]) -> dict[str, str]:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service import spectext
+from service import atomic, spectext
 from service.errors import AlreadyExists, InvalidSpec
 
 
@@ -66,10 +66,7 @@ def validate(data: Any, policy, model_store):
 
 
 def write_spec(spec, run_dir: Path, filename: str) -> Path:
-    """The validated spec as the trainer reads it, in the job's run directory."""
+    """The validated spec as the trainer reads it, in the job's run directory (fsynced, then
+    renamed into place: service/atomic.py)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / filename
-    tmp = path.with_name(f".{filename}.tmp")
-    tmp.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic.write_text(run_dir / filename, json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -7,6 +7,12 @@ so a reader never sees a partial archive and two writers never clobber each othe
 staging directory is removed whatever happens. A store that cannot take the write (full,
 read-only) raises StoreUnwritable naming the cause (ENOSPC, EROFS, ...), and nothing of
 the version is left visible.
+
+A version is its ``<version>.mar``. Its lineage sidecar ``<version>.json`` is published
+(renamed into place, directory fsynced) before the archive is linked, so an archive is
+never visible without its lineage, whatever step a crash interrupts; a sidecar left alone
+by a crash is invisible and replaced by the next write of that version. ``deployment.json``
+is replaced atomically and durably (service/atomic.py).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import service
+from service import atomic, faultpoints
 from service.errors import AlreadyExists, InvalidSpec, NotFound, StoreUnwritable, shown
 from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, state_dict_sha256
 
@@ -171,13 +178,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync = atomic.fsync_path  # flush a file's (or a directory's entries') data to disk
 
 
 #: errno values that mean the store's filesystem is full, and that it is not writable.
@@ -314,17 +315,7 @@ class ModelStore:
 
     @staticmethod
     def _write_desired(model_dir: Path, state: DesiredState) -> None:
-        tmp = model_dir / f".{DEPLOYMENT_FILE}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w") as fh:
-                fh.write(json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, model_dir / DEPLOYMENT_FILE)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync(model_dir)
+        atomic.write_text(model_dir / DEPLOYMENT_FILE, json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
 
     # ---- writing -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -370,6 +361,8 @@ class ModelStore:
                 final = model_dir / f"{version}{ARCHIVE_SUFFIX}"
                 if final.exists():
                     raise AlreadyExists(f"model {name!r} version {version} exists; versions are immutable")
+                for stale in model_dir.glob(".staging-*"):  # a writer's, killed: writers hold this lock
+                    shutil.rmtree(stale, ignore_errors=True)
                 if keep_default and existing and not (model_dir / DEPLOYMENT_FILE).exists():
                     self._write_desired(model_dir, DesiredState(name, existing[-1], 0, _now(),
                                                                 f"kept when version {version} was written"))
@@ -382,16 +375,23 @@ class ModelStore:
                     sidecar_tmp.write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
                     _fsync(mar)
                     _fsync(sidecar_tmp)
+                    sidecar = final.with_suffix(".json")
+                    # The lineage first: a version is its .mar, so a sidecar alone is invisible (one
+                    # left by a crash here is replaced by the next write of that version).
+                    os.replace(sidecar_tmp, sidecar)
                     try:
-                        os.link(mar, final)  # atomic publish; never overwrites
-                    except FileExistsError as exc:
-                        raise AlreadyExists(f"model {name!r} version {version} exists") from exc
-                    try:
-                        os.replace(sidecar_tmp, final.with_suffix(".json"))
                         _fsync(model_dir)
+                        faultpoints.point("store.lineage_published")
+                        try:
+                            os.link(mar, final)  # atomic publish; never overwrites
+                        except FileExistsError as exc:
+                            raise AlreadyExists(f"model {name!r} version {version} exists") from exc
                     except BaseException:
-                        final.unlink(missing_ok=True)  # no archive without its lineage
+                        if not final.exists():
+                            sidecar.unlink(missing_ok=True)
                         raise
+                    faultpoints.point("store.archive_published")
+                    _fsync(model_dir)
                 finally:
                     shutil.rmtree(staging, ignore_errors=True)
         except OSError as exc:

@@ -7,8 +7,11 @@ a checkpoint every epoch, resume, DDP, and a new archive version at the end.
 
 The run directory holds ``run.json`` (the validated spec and the run id: the config
 beside the weights), ``checkpoint.pt`` (every epoch), ``events.jsonl`` and, once the
-archive is written, ``result.json``. Started again on the same directory, a run resumes
-from its checkpoint; a finished run is not trained nor archived again.
+archive is written, ``result.json`` (``run.json`` and ``result.json`` are fsynced, then
+renamed into place: service/atomic.py). Started again on the same directory, a run resumes
+from its checkpoint; a finished run is not trained nor archived again, and a run that
+wrote its archive but not its result.json finds that archive by its run id (the lineage
+is published before the archive) instead of writing another version.
 
 The archive holds the best weights by the monitored value (``hyperparameters.keep:
 last`` for the last ones). Evaluation runs in fp32 through the shared eval transform,
@@ -23,7 +26,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import tempfile
@@ -41,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import service
+from service import atomic, faultpoints
 from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec
 from service.models import FAMILIES, ImageInput, ModelSpec, build_model, load_model
 from service.modelstore import ArchiveInfo, ModelBundle, ModelStore
@@ -361,9 +364,7 @@ class FineTuneRecipe:
             if record is None:
                 record = {"run_id": uuid.uuid4().hex, "created_at": now(), "spec": spec_dict}
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                tmp = run_file.with_name(f".{RUN_FILE}.tmp")
-                tmp.write_text(json.dumps(record, indent=2) + "\n")
-                os.replace(tmp, run_file)
+                atomic.write_text(run_file, json.dumps(record, indent=2) + "\n")
         record = self.dist.gather(record)[0]  # every rank takes rank 0's record
         self.run_id, self.created_at = record["run_id"], record["created_at"]
         result = self.run_dir / RESULT_FILE
@@ -597,12 +598,11 @@ class FineTuneRecipe:
         info = None
         if d.is_main:
             info = self._write_archive(weights, metrics)
+            faultpoints.point("train.archive_written")
             result = {"name": info.name, "version": info.version, "path": str(info.path), "epochs": epoch,
                       "run_id": self.run_id,
                       **{k: metrics[k] for k in ("metric", "val_metric", "val_loss", "parent_val_metric")}}
-            tmp = self.run_dir / f".{RESULT_FILE}.tmp"
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, self.run_dir / RESULT_FILE)
+            atomic.write_text(self.run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
             self.events.append("done", name=info.name, version=info.version, epochs=epoch,
                                val_metric=metrics["val_metric"], metric=metrics["metric"])
             logger.info("wrote %s version %d (%s %.4f on %d validation examples, %s weights of epoch %d): %s",
