@@ -26,6 +26,17 @@ beyond, InvalidSpec (INVALID_ARGUMENT), and nothing is registered or started.
 deployed the same way. :meth:`Deployer.reconcile` copies the history's defaults into the
 store for models that have no desired state there yet.
 
+**Crash-safe order.** ``deployment.json`` is the commit point of a deployment. The history
+row is written first as an intent (``done = 0``, invisible to rollbacks and to
+reconcile), then ``deployment.json``, then the row is marked done (for a rollback: the
+popped row is taken off the stack in that same transaction). A deployment that fails
+deletes its intent. After a crash at any step, :meth:`Deployer.recover` (run when the
+control service starts, before any call) settles every intent left: done when
+``deployment.json`` names its version (the switch happened), deleted otherwise (it did
+not; the converger of each replica follows ``deployment.json``, so TorchServe comes back
+to it too). The history and ``deployment.json`` then agree, and a rollback goes to the
+version before the one ``deployment.json`` names.
+
 Deploy policies are plain functions of a finished run's facts, in :data:`DEPLOY_POLICIES`.
 """
 
@@ -35,6 +46,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from service import faultpoints
 from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec, NotFound, ServiceError, Unavailable
 from service.serving import readiness
 from service.serving.converge import ModelLocks
@@ -188,6 +200,18 @@ class Deployer:
         top = self.jobs.top_deployment(name)
         return top.previous_version if top is not None and top.version == version else None
 
+    def _committed(self, name: str, intent, step: str, **done) -> object:
+        """Mark ``intent`` done once deployment.json names its version (the fault point
+        ``<step>.desired_written`` falls between the two)."""
+        faultpoints.point(f"{step}.desired_written")
+        return self.jobs.complete_deployment(intent.id, **done)
+
+    def _abandon(self, intent) -> None:
+        try:
+            self.jobs.discard_deployment(intent.id)
+        except Exception:  # noqa: BLE001 - recover() settles it at the next start
+            log.exception("could not discard the deployment intent %s of %s", intent.id, intent.model)
+
     def serving_report(self) -> list[readiness.ModelReadiness]:
         return readiness.check(self.mgmt())
 
@@ -240,10 +264,17 @@ class Deployer:
                 if self.current_default(name) == version:
                     return top
             previous = self._previous(name, version)
-            ready = self._switch(name, version, workers, self.timeout_s if timeout_s is None else timeout_s,
-                                 f"deploy {job_id}" if job_id else "deploy")
-            dep = self.jobs.push_deployment(model=name, version=version, previous_version=previous,
-                                            workers=workers, ready_workers=ready, action="deploy", job_id=job_id)
+            intent = self.jobs.push_deployment(model=name, version=version, previous_version=previous,
+                                               workers=workers, ready_workers=0, action="deploy", job_id=job_id,
+                                               done=False)
+            faultpoints.point("deploy.intent_recorded")
+            try:
+                ready = self._switch(name, version, workers, self.timeout_s if timeout_s is None else timeout_s,
+                                     f"deploy {job_id}" if job_id else "deploy")
+            except BaseException:
+                self._abandon(intent)
+                raise
+            dep = self._committed(name, intent, "deploy", ready_workers=ready)
         log.info("deployed %s version %d (%d/%d workers READY; previous default %s)", name, version, ready,
                  workers, previous)
         return dep
@@ -257,9 +288,8 @@ class Deployer:
             if version:
                 self._check_version(name, int(version), "roll back to")
                 previous = self._previous(name, int(version))
-                ready = self._switch(name, int(version), workers, timeout_s, "rollback")
-                dep = self.jobs.push_deployment(model=name, version=int(version), previous_version=previous,
-                                                workers=workers, ready_workers=ready, action="rollback")
+                intent = self.jobs.push_deployment(model=name, version=int(version), previous_version=previous,
+                                                   workers=workers, ready_workers=0, action="rollback", done=False)
             else:
                 top = self.jobs.top_deployment(name)
                 if top is None:
@@ -268,11 +298,41 @@ class Deployer:
                     raise FailedPrecondition(f"{name} version {top.version} was deployed when the model had no "
                                              "default: there is no earlier default to roll back to")
                 self._check_version(name, top.previous_version, "roll back to")
-                ready = self._switch(name, top.previous_version, workers, timeout_s, "rollback")
-                dep = self.jobs.pop_deployment(top.id, model=name, version=top.previous_version,
-                                               workers=workers, ready_workers=ready)
+                intent = self.jobs.pop_deployment(top.id, model=name, version=top.previous_version,
+                                                  workers=workers, ready_workers=0)
+            faultpoints.point("rollback.intent_recorded")
+            try:
+                ready = self._switch(name, intent.version, workers, timeout_s, "rollback")
+            except BaseException:
+                self._abandon(intent)
+                raise
+            dep = self._committed(name, intent, "rollback", ready_workers=ready)
         log.info("rolled %s back to version %d (from %s)", name, dep.version, dep.previous_version)
         return dep
+
+    def recover(self) -> list[str]:
+        """Settle the deployments a crash left half done (see the module's docstring): each
+        intent is completed when ``deployment.json`` names its version, and deleted when it
+        does not. Returns one line per intent settled (also logged). Run before any deploy."""
+        settled = []
+        for intent in self.jobs.pending_deployments():
+            try:
+                desired = self.model_store.desired(intent.model)
+            except ServiceError as exc:  # unreadable: leave it; a later start tries again
+                log.warning("deployment intent %d of %s left pending: %s", intent.id, intent.model, exc.message)
+                continue
+            if desired is not None and desired.version == intent.version:
+                self.jobs.complete_deployment(intent.id, ready_workers=0)
+                line = (f"{intent.action} of {intent.model} version {intent.version} was interrupted after "
+                        "deployment.json was written: recorded as done")
+            else:
+                self.jobs.discard_deployment(intent.id)
+                now = desired.version if desired is not None else "none"
+                line = (f"{intent.action} of {intent.model} version {intent.version} was interrupted before "
+                        f"deployment.json was written (it names {now}): dropped from the history")
+            log.warning("%s", line)
+            settled.append(line)
+        return settled
 
     def reconcile(self) -> list[str]:
         """Record in the model store the defaults of the deployment history for models that

@@ -117,9 +117,11 @@ class ControlPlane:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, *, reconcile: bool = True) -> None:
-        """Take the database (one service per database), recover and start scheduling;
-        restore the recorded defaults in TorchServe in the background."""
+        """Take the database (one service per database), settle the deployments a crash left
+        half done, recover the jobs and start scheduling; restore the recorded defaults in
+        TorchServe in the background."""
         self._instance_lock = _lock_exclusively(self.config.db_path.with_name(self.config.db_path.name + ".lock"))
+        self.deployer.recover()  # deployments a crash left half done, before any new one
         self.scheduler.start()
         self._started = True
         if reconcile:

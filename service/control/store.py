@@ -18,6 +18,12 @@ process is seen too.
 The deployment history of each model is a stack: a deployment pushes a row; a rollback
 pops the latest row and restores the version that was the default before it. The model's
 desired default is the version of its latest row, of either kind.
+
+A row is first written as an intent (``done = 0``): rollbacks, :meth:`JobStore.top_deployment`
+and :meth:`JobStore.desired_defaults` do not see it until :meth:`JobStore.complete_deployment`
+marks it done (and, for a rollback, takes the row it pops off the stack in the same
+transaction), or :meth:`JobStore.discard_deployment` deletes it. The deployer writes
+``deployment.json`` between the two (service/control/deployer.py, "Crash-safe order").
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ FINAL_STATES = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 #: Deploy policies a job may carry.
 DEPLOY_POLICIES = ("none", "deploy", "deploy-if-better")
 
-SCHEMA_VERSION = 1
+#: 2: deployments.done and deployments.popped_id (a version-1 database gains them at open).
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq               INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -93,7 +100,9 @@ CREATE TABLE IF NOT EXISTS deployments (
     action            TEXT NOT NULL CHECK (action IN ('deploy','rollback')),
     job_id            TEXT,
     created_at        REAL NOT NULL,
-    active            INTEGER NOT NULL DEFAULT 1
+    active            INTEGER NOT NULL DEFAULT 1,
+    done              INTEGER NOT NULL DEFAULT 1,
+    popped_id         INTEGER
 );
 CREATE INDEX IF NOT EXISTS deployments_model ON deployments (model, id);
 """
@@ -155,6 +164,10 @@ class Deployment:
     job_id: str | None
     created_at: float
     active: bool = field(default=True)
+    #: False while it is an intent: deployment.json may not name it yet.
+    done: bool = field(default=True)
+    #: For a rollback that pops the stack: the row it takes off (once done).
+    popped_id: int | None = field(default=None)
 
 
 _JOB_COLUMNS = [f.name for f in fields(Job)]
@@ -188,6 +201,10 @@ class JobStore:
                 raise FailedPrecondition(f"job database {self.path} has schema {version}, newer than "
                                          f"this service's {SCHEMA_VERSION}")
             self._conn.executescript(_SCHEMA)
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(deployments)")}
+            for column, decl in (("done", "INTEGER NOT NULL DEFAULT 1"), ("popped_id", "INTEGER")):
+                if column not in columns:  # a version-1 database
+                    self._conn.execute(f"ALTER TABLE deployments ADD COLUMN {column} {decl}")
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -319,40 +336,61 @@ class JobStore:
     # ---- deployments ------------------------------------------------------------------
     def push_deployment(self, *, model: str, version: int, previous_version: int | None,
                         workers: int, ready_workers: int, action: str = "deploy",
-                        job_id: str | None = None) -> Deployment:
-        """Record that ``version`` became the default (on top of the model's stack)."""
+                        job_id: str | None = None, done: bool = True) -> Deployment:
+        """Record that ``version`` became the default (on top of the model's stack); with
+        ``done=False``, the intent to make it so (see complete_deployment)."""
         def insert(conn):
             cur = conn.execute(
                 "INSERT INTO deployments (model, version, previous_version, workers, ready_workers, "
-                "action, job_id, created_at, active) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                "action, job_id, created_at, active, done) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
                 (model, int(version), previous_version, int(workers), int(ready_workers), action, job_id,
-                 time.time()))
+                 time.time(), int(bool(done))))
             return cur.lastrowid
         return self._deployment(self._write(insert))
 
     def top_deployment(self, model: str) -> Deployment | None:
-        """The latest deployment of ``model`` still on its stack (what a rollback undoes)."""
+        """The latest done deployment of ``model`` still on its stack (what a rollback undoes)."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT * FROM deployments WHERE model = ? AND active = 1 ORDER BY id DESC LIMIT 1",
+                "SELECT * FROM deployments WHERE model = ? AND active = 1 AND done = 1 ORDER BY id DESC LIMIT 1",
                 (model,)).fetchone()
         return _deployment(row) if row is not None else None
 
     def pop_deployment(self, popped_id: int, *, model: str, version: int, workers: int,
-                       ready_workers: int) -> Deployment:
-        """Take deployment ``popped_id`` off the stack and record the rollback to ``version``."""
+                       ready_workers: int, done: bool = False) -> Deployment:
+        """The rollback to ``version`` that takes deployment ``popped_id`` off the stack: as an
+        intent (the default), which complete_deployment carries out; ``done=True`` at once."""
         def pop(conn):
-            row = conn.execute("SELECT * FROM deployments WHERE id = ? AND active = 1",
+            row = conn.execute("SELECT * FROM deployments WHERE id = ? AND active = 1 AND done = 1",
                                (popped_id,)).fetchone()
             if row is None:
                 raise FailedPrecondition(f"deployment {popped_id} of {model} was rolled back already")
-            conn.execute("UPDATE deployments SET active = 0 WHERE id = ?", (popped_id,))
             cur = conn.execute(
                 "INSERT INTO deployments (model, version, previous_version, workers, ready_workers, "
-                "action, job_id, created_at, active) VALUES (?, ?, ?, ?, ?, 'rollback', NULL, ?, 0)",
-                (model, int(version), row["version"], int(workers), int(ready_workers), time.time()))
+                "action, job_id, created_at, active, done, popped_id) "
+                "VALUES (?, ?, ?, ?, ?, 'rollback', NULL, ?, 0, 0, ?)",
+                (model, int(version), row["version"], int(workers), int(ready_workers), time.time(), popped_id))
+            if done:
+                _complete(conn, cur.lastrowid, None)
             return cur.lastrowid
         return self._deployment(self._write(pop))
+
+    def complete_deployment(self, dep_id: int, *, ready_workers: int | None = None) -> Deployment:
+        """Mark the intent ``dep_id`` done (a rollback's popped row leaves the stack with it)."""
+        def complete(conn):
+            _complete(conn, dep_id, ready_workers)
+            return dep_id
+        return self._deployment(self._write(complete))
+
+    def discard_deployment(self, dep_id: int) -> None:
+        """Delete the intent ``dep_id`` (a deployment that did not happen); a done row stays."""
+        self._write(lambda conn: conn.execute("DELETE FROM deployments WHERE id = ? AND done = 0", (dep_id,)))
+
+    def pending_deployments(self) -> list[Deployment]:
+        """Intents not yet done nor discarded, oldest first (after a crash)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM deployments WHERE done = 0 ORDER BY id").fetchall()
+        return [_deployment(r) for r in rows]
 
     def deployments(self, model: str | None = None) -> list[Deployment]:
         """The history, oldest first."""
@@ -367,8 +405,8 @@ class JobStore:
         """For every model with a history: its latest row (the version meant to be default)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT * FROM deployments WHERE id IN (SELECT MAX(id) FROM deployments GROUP BY model) "
-                "ORDER BY model").fetchall()
+                "SELECT * FROM deployments WHERE id IN (SELECT MAX(id) FROM deployments WHERE done = 1 "
+                "GROUP BY model) ORDER BY model").fetchall()
         return {r["model"]: _deployment(r) for r in rows}
 
     def _deployment(self, dep_id: int) -> Deployment:
@@ -401,8 +439,21 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(**data)
 
 
+def _complete(conn, dep_id: int, ready_workers: int | None) -> None:
+    row = conn.execute("SELECT * FROM deployments WHERE id = ?", (dep_id,)).fetchone()
+    if row is None:
+        raise FailedPrecondition(f"no deployment {dep_id}")
+    if row["done"]:
+        return
+    if row["popped_id"] is not None:
+        conn.execute("UPDATE deployments SET active = 0 WHERE id = ?", (row["popped_id"],))
+    conn.execute("UPDATE deployments SET done = 1, ready_workers = ? WHERE id = ?",
+                 (row["ready_workers"] if ready_workers is None else int(ready_workers), dep_id))
+
+
 def _deployment(row: sqlite3.Row) -> Deployment:
     return Deployment(id=row["id"], model=row["model"], version=row["version"],
                       previous_version=row["previous_version"], workers=row["workers"],
                       ready_workers=row["ready_workers"], action=row["action"], job_id=row["job_id"],
-                      created_at=row["created_at"], active=bool(row["active"]))
+                      created_at=row["created_at"], active=bool(row["active"]), done=bool(row["done"]),
+                      popped_id=row["popped_id"])
