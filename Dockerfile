@@ -1,5 +1,7 @@
-# modelctl: TorchServe behind the gRPC gateway (`modelctl serve`), the control service
-# (`python -m service.control`) and the fine-tune trainer, in one image.
+# modelctl: serving (`modelctl serve`), the control service (`python -m service.control`)
+# and the fine-tune trainer, in one image. Serving runs either engine, chosen at run time
+# by MODELCTL_ENGINE: torchserve (the default: TorchServe behind nginx and the gRPC gateway)
+# or native (one Python process, Open Inference Protocol v2); both are installed.
 #
 #   docker build --build-arg VARIANT=cpu  -t modelctl:cpu  .   # torch's CPU wheels
 #   docker build --build-arg VARIANT=cuda -t modelctl:cuda .   # torch's default (CUDA) wheels
@@ -107,7 +109,9 @@ WORKDIR /var/lib/modelctl
 # control API. REST, gRPC inference and the control API want the operator's API token
 # (MODELCTL_API_TOKEN_FILE, a mounted Secret; else one generated into the state dir).
 EXPOSE 8080 7070 8082 8083 50051
-# Healthy = every model version's workers READY (the gateway's gRPC health, service "").
+# Healthy = the serving engine reports ready (scripts/container/healthcheck.py reads
+# MODELCTL_ENGINE): torchserve, the gateway's gRPC health for service "" (every model
+# version's workers READY); native, GET /v2/health/ready answering 200.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
     CMD ["python", "/usr/local/bin/modelctl-healthcheck"]
 ENTRYPOINT ["/usr/bin/tini", "--", "modelctl"]
