@@ -75,7 +75,7 @@ RUN python scripts/build_protos.py \
 FROM deps AS runtime
 ARG VARIANT
 # nginx: the REST proxy that checks the operator's API token before TorchServe
-# (service/serving/proxy.py). `modelctl serve` runs it as a child process, as the non-root
+# (service/serving/torchserve/proxy.py). `modelctl serve` runs it as a child process, as the non-root
 # user, with its config, pid, logs and temporary files in the state dir; the package's own
 # service and default site are never used. Not pinned, like the packages of the base stage.
 # hadolint ignore=DL3008

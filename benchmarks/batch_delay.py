@@ -27,7 +27,7 @@ from service.models import ModelSpec, build_model
 from service.modelstore import ModelBundle, ModelStore
 from service.modelstore.store import ServingOptions
 from service.serving.settings import ServeSettings
-from service.serving.supervisor import Serving
+from service.serving.torchserve.supervisor import Serving
 
 SPEC = {"family": "resnet", "num_classes": 4, "config": {"arch": "resnet18", "pretrained": None},
         "input": {"type": "image", "channels": 3, "size": 64, "resize": 72}}

@@ -76,7 +76,7 @@ from service.serving.settings import ServeSettings  # noqa: E402
 from service.modelstore.check import ALLOW_FOREIGN_ENV  # noqa: E402
 from service.serving.store_scan import link_archive  # noqa: E402
 from service.report import replace_section  # noqa: E402
-from service.serving.supervisor import Serving  # noqa: E402
+from service.serving.torchserve.supervisor import Serving  # noqa: E402
 from benchmarks import loadgen  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -599,7 +599,7 @@ class ServeProcess:
             return [m for m in models
                     if requests.get(f"{self.rest}/v2/models/{m}/ready", headers=headers, timeout=5).status_code != 200]
         from service.serving import readiness
-        from service.serving.management import ManagementClient
+        from service.serving.torchserve.management import ManagementClient
 
         mgmt = ManagementClient(f"http://127.0.0.1:{self.ports['management_port']}",
                                 lambda: read_token(self.state, "management"), timeout_s=5)

@@ -73,7 +73,7 @@ from service.modelstore import ModelStore  # noqa: E402
 from service.modelstore.store import ServingOptions  # noqa: E402
 from service.report import cpu_model, replace_section  # noqa: E402
 from service.serving import readiness  # noqa: E402
-from service.serving.management import ManagementClient  # noqa: E402
+from service.serving.torchserve.management import ManagementClient  # noqa: E402
 from tests.helpers import free_port, make_bundle, random_image  # noqa: E402
 
 START, END = "<!-- soak:start -->", "<!-- soak:end -->"
@@ -738,7 +738,7 @@ def run_soak(stack: Stack, bundles: dict, *, duration_s: float, warmup_s: float,
 # ---- the report -----------------------------------------------------------------------------
 def jvm_options(state_dir: Path) -> str:
     """The JVM options TorchServe was given (config.properties' ``vmargs``)."""
-    from service.serving.config import parse_properties
+    from service.serving.torchserve.config import parse_properties
 
     try:
         props = parse_properties((state_dir / "config.properties").read_text())

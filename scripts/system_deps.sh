@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the project needs that pip cannot provide: Java 17 (a JDK) for TorchServe, and
 # nginx, the authenticating proxy in front of TorchServe's REST inference API
-# (service/serving/proxy.py). Both from Debian's packages.
+# (service/serving/torchserve/proxy.py). Both from Debian's packages.
 set -euo pipefail
 
 java_ok() {

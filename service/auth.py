@@ -1,7 +1,7 @@
 """The operator's API token: where it comes from, and how a call is checked against it.
 
 One token guards every API of an instance: REST inference (checked by the nginx proxy,
-:mod:`service.serving.proxy`), gRPC inference (the gateway) and the control API. It is the
+:mod:`service.serving.torchserve.proxy`), gRPC inference (the gateway) and the control API. It is the
 same across replicas and never expires, because the operator provides it:
 
 1. ``MODELCTL_API_TOKEN_FILE``: a file holding it (a mounted Kubernetes Secret);

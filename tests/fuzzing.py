@@ -1627,7 +1627,7 @@ def start_server(root: Path, engine: str = "torchserve", startup_timeout_s: floa
 
         serving = NativeServing(settings)
     else:
-        from service.serving.supervisor import Serving
+        from service.serving.torchserve.supervisor import Serving
 
         serving = Serving(settings)
     report = serving.start()

@@ -40,11 +40,11 @@ from service.control.client import ControlClient
 from service.control.config import ControlConfig
 from service.control.server import create_server, stop_server
 from service.errors import FailedPrecondition, InvalidArgument, ServiceError, Unauthenticated
-from service.serving.config import parse_properties, render_config_properties
-from service.serving.management import ManagementClient
-from service.serving.proxy import NginxProxy
+from service.serving.torchserve.config import parse_properties, render_config_properties
+from service.serving.torchserve.management import ManagementClient
+from service.serving.torchserve.proxy import NginxProxy
 from service.serving.settings import ServeSettings
-from service.serving.supervisor import Serving
+from service.serving.torchserve.supervisor import Serving
 from tests.test_serving import ECHO_HANDLER, build_archive, settings_for
 
 TOKEN = "operator-token-0123456789abcdef"

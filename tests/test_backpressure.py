@@ -6,7 +6,7 @@ TorchServe behind the real nginx proxy and the real gRPC gateway.
 ``grpc-retry-pushback-ms`` (gRPC), never 503; a model without workers answers 503 /
 UNAVAILABLE. TorchServe 0.12 itself answers both cases with the same 503 "has no worker"
 (shown here on its loopback port), which is why the limit is held by the proxy and the
-gateway (service/serving/proxy.py, gateway.py).
+gateway (service/serving/torchserve/proxy.py, gateway.py).
 
 5b: gRPC calls cancelled by their client, a client process SIGKILLed with calls in flight,
 and a REST client that resets its connection: afterwards the gateway and TorchServe are
@@ -43,11 +43,11 @@ from service.errors import InvalidArgument
 from service.modelstore import ModelStore
 from service.modelstore.store import ServingOptions
 from service.serving import readiness
-from service.serving.config import parse_properties, render_config_properties
-from service.serving.gateway import Admission
+from service.serving.torchserve.config import parse_properties, render_config_properties
+from service.serving.torchserve.gateway import Admission
 from service.serving.settings import ServeSettings
 from service.serving.store_scan import link_archive
-from service.serving.supervisor import Serving
+from service.serving.torchserve.supervisor import Serving
 from tests.helpers import make_bundle, random_image
 from tests.test_serving import eventually, settings_for
 

@@ -20,7 +20,7 @@ from service.control.store import JobStore
 from service.errors import InvalidSpec, NotFound
 from service.modelstore import ModelStore
 from service.serving.settings import ServeSettings
-from service.serving.supervisor import Serving
+from service.serving.torchserve.supervisor import Serving
 from tests.helpers import broken_archive_copy, free_port, make_bundle, random_image
 
 NAME = "replicated"

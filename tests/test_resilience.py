@@ -46,7 +46,7 @@ from service.control.serve import with_control
 from service.errors import Unavailable
 from service.modelstore import ModelStore
 from service.serving import readiness
-from service.serving.gateway import translate
+from service.serving.torchserve.gateway import translate
 from tests.helpers import make_bundle, random_image
 from tests.test_serving import settings_for
 

@@ -29,13 +29,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service.client import read_token
 from service.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from service.serving import readiness
-from service.serving.config import frontend_jvm_args, parse_properties, render_config_properties
-from service.serving.gateway import error_body, translate
-from service.serving.management import ManagementClient
+from service.serving.torchserve.config import frontend_jvm_args, parse_properties, render_config_properties
+from service.serving.torchserve.gateway import error_body, translate
+from service.serving.torchserve.management import ManagementClient
 from service.serving.settings import ServeSettings
 from service.serving.store_scan import register_store, scan_model_store
-from service.serving.supervisor import Serving
-from service.serving.torchserve import TorchServeProcess, torch_threads_for
+from service.serving.torchserve.supervisor import Serving
+from service.serving.torchserve.process import TorchServeProcess, torch_threads_for
 
 from service._gen import inference_pb2, inference_pb2_grpc  # generated: scripts/build_protos.py
 
@@ -480,13 +480,13 @@ def test_worker_that_cannot_load_is_not_ready(serving, tmp_path, caplog):
 
         # The supervisor's verdict after its timeout: one WARNING naming the model.
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="service.serving.supervisor"):
+        with caplog.at_level(logging.INFO, logger="service.serving.torchserve.supervisor"):
             serving.expected.append(("broken", 1))
             try:
                 serving.wait_ready(timeout_s=1)
             finally:
                 serving.expected.remove(("broken", 1))
-        records = [r for r in caplog.records if r.name == "service.serving.supervisor"]
+        records = [r for r in caplog.records if r.name == "service.serving.torchserve.supervisor"]
         assert [r.levelname for r in records] == ["WARNING"]
         assert "broken:1" in records[0].getMessage() and "echo:" not in records[0].getMessage()
     finally:
@@ -500,10 +500,10 @@ def test_worker_that_cannot_load_is_not_ready(serving, tmp_path, caplog):
 
     # Everything ready again: one INFO line naming every endpoint.
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="service.serving.supervisor"):
+    with caplog.at_level(logging.INFO, logger="service.serving.torchserve.supervisor"):
         report = serving.wait_ready(timeout_s=30)
     assert all(r.ready for r in report) and {r.name for r in report} == {"echo", "mirror"}
-    records = [r for r in caplog.records if r.name == "service.serving.supervisor"]
+    records = [r for r in caplog.records if r.name == "service.serving.torchserve.supervisor"]
     assert [r.levelname for r in records] == ["INFO"]
     line = records[0].getMessage()
     s = settings
@@ -565,7 +565,7 @@ def test_run_forever_serves_until_sigterm(tmp_path):
     code = ("import logging, sys\n"
             "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
             "from service.serving.settings import ServeSettings\n"
-            "from service.serving.supervisor import Serving\n"
+            "from service.serving.torchserve.supervisor import Serving\n"
             "Serving(ServeSettings.from_env()).run_forever()\n")
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log_file:

@@ -4,7 +4,7 @@
 The engine is ``$MODELCTL_ENGINE``, as ``modelctl serve`` reads it (default ``torchserve``):
 
 * ``torchserve``: the gRPC health service of ``modelctl serve``'s gateway (service ``""``;
-  see service/serving/gateway.py), SERVING only when every served model version has its
+  see service/serving/torchserve/gateway.py), SERVING only when every served model version has its
   workers READY, on 127.0.0.1 at ``$MODELCTL_GRPC_INFERENCE_PORT`` (7070). The same check as
   the Kubernetes readiness probe of k8s/base.
 * ``native``: the Open Inference Protocol's server readiness, ``GET /v2/health/ready`` on

@@ -1,7 +1,7 @@
 """The control service composed with serving: beside TorchServe (``modelctl serve``), or
 alone in front of a TorchServe that runs already (``python -m service.control``).
 
-:class:`ServingWithControl` is :class:`~service.serving.supervisor.Serving` plus the control
+:class:`ServingWithControl` is :class:`~service.serving.torchserve.supervisor.Serving` plus the control
 API: its port is bound before TorchServe starts (a taken port fails at once), the job
 scheduler starts once the store's versions are READY, and one line says that everything
 is ready. Stopping stops the control service first (running trainers get SIGTERM and are
@@ -19,7 +19,7 @@ from service.control.plane import ControlPlane
 from service.control.server import ControlService
 from service.control.store import TRANSITIONS
 from service.metrics.jobs import JobMetricsCollector
-from service.serving.supervisor import Serving
+from service.serving.torchserve.supervisor import Serving
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def with_control(engine: str) -> type:
 def standalone_management(settings):
     """A ManagementClient of the TorchServe described by ``settings`` (running already; its
     key is re-read from key_file.json, so renewed keys work)."""
-    from service.serving.management import ManagementClient
-    from service.serving.torchserve import TorchServeProcess
+    from service.serving.torchserve.management import ManagementClient
+    from service.serving.torchserve.process import TorchServeProcess
 
     torchserve = TorchServeProcess(settings)
     client = ManagementClient(torchserve.management_url, lambda: torchserve.tokens.management)

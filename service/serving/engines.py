@@ -13,7 +13,7 @@ from service.errors import InvalidArgument
 from service.serving.settings import ENGINES
 
 _CLASSES = {
-    "torchserve": ("service.serving.supervisor", "Serving"),
+    "torchserve": ("service.serving.torchserve.supervisor", "Serving"),
     "native": ("service.serving.native.engine", "NativeServing"),
 }
 assert set(_CLASSES) == set(ENGINES)

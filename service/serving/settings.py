@@ -8,7 +8,7 @@ environment, which wins over the defaults below.
 Ports:
 
 * ``inference_port`` (8080): the public REST inference endpoint (``host``): nginx
-  (``service.serving.proxy``), which checks the operator's API token and forwards to
+  (``service.serving.torchserve.proxy``), which checks the operator's API token and forwards to
   TorchServe's REST inference API on ``ts_inference_port``.
 * ``ts_inference_port`` (8084): TorchServe's own REST inference API, 127.0.0.1 only,
   behind the proxy.
@@ -16,7 +16,7 @@ Ports:
 * ``metrics_port`` (8082): TorchServe's Prometheus metrics, public (``host``) so a
   scraper can reach it.
 * ``grpc_inference_port`` (7070): the public gRPC inference endpoint, i.e. our gateway
-  (``service.serving.gateway``), which speaks TorchServe's own inference proto.
+  (``service.serving.torchserve.gateway``), which speaks TorchServe's own inference proto.
 * ``grpc_management_port`` (7071): TorchServe's gRPC management API, 127.0.0.1 only.
 * ``ts_grpc_inference_port`` (7072): TorchServe's own gRPC inference API, 127.0.0.1
   only, behind the gateway.

@@ -81,7 +81,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class NativeServing:
-    """The native engine, with the lifecycle of :class:`service.serving.supervisor.Serving`."""
+    """The native engine, with the lifecycle of :class:`service.serving.torchserve.supervisor.Serving`."""
 
     engine = ENGINE
 

@@ -29,7 +29,7 @@ from service._gen import inference_pb2, inference_pb2_grpc
 from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
 from service._gen.oip.v2 import open_inference_grpc_pb2_grpc as pb_grpc
 from service.errors import InvalidInput, NotFound, ResourceExhausted, ServiceError, Unavailable, grpc_status
-from service.serving.gateway import ReadinessHealthServicer
+from service.serving.health import ReadinessHealthServicer
 from service.serving.native import oip
 from service.serving.native.dataplane import DataPlane
 
@@ -293,7 +293,8 @@ def create_grpc_server(settings, plane: DataPlane, readiness_fn, *, token, serve
                  ("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(plane, server_version), server)
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(PredictionsServicer(plane), server)
-    health_servicer = ReadinessHealthServicer(readiness_fn, poll_s=health_poll_s)
+    health_servicer = ReadinessHealthServicer(readiness_fn, services=(OIP_SERVICE, TORCHSERVE_SERVICE),
+                                              poll_s=health_poll_s)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([OIP_SERVICE, TORCHSERVE_SERVICE, health.SERVICE_NAME,
                                          reflection.SERVICE_NAME], server)

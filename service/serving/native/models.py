@@ -1,6 +1,6 @@
 """The native engine's registered model versions, behind TorchServe's management interface.
 
-:class:`NativeModels` answers the calls that :class:`service.serving.management.ManagementClient`
+:class:`NativeModels` answers the calls that :class:`service.serving.torchserve.management.ManagementClient`
 answers for TorchServe (``register``, ``set_default``, ``describe``, ``list_models``,
 ``scale``, ``unregister``), with the same entries and the same errors. So everything that
 drives an engine through that interface drives this one unchanged: registration of the

@@ -29,8 +29,8 @@ from service.errors import Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
 from service.serving import readiness
 from service.serving.converge import Converger, ConvergeThread, ModelLocks
-from service.serving.gateway import GatewayThread
-from service.serving.management import ManagementClient
+from service.serving.torchserve.gateway import GatewayThread
+from service.serving.torchserve.management import ManagementClient
 from service.serving.readiness import ModelReadiness
 from service.serving.settings import ServeSettings
 from service.serving.store_scan import (
@@ -40,7 +40,7 @@ from service.serving.store_scan import (
     register_store,
     scan_model_store,
 )
-from service.serving.torchserve import TorchServeProcess
+from service.serving.torchserve.process import TorchServeProcess
 
 log = logging.getLogger(__name__)
 

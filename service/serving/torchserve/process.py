@@ -12,7 +12,7 @@ is unreliable here; :meth:`TorchServeProcess.stop` signals the process group ins
 survives.
 
 TorchServe's REST inference API listens on loopback (``ts_inference_port``); the public
-REST port is the nginx proxy (:mod:`service.serving.proxy`), which checks the operator's
+REST port is the nginx proxy (:mod:`service.serving.torchserve.proxy`), which checks the operator's
 API token. It starts once TorchServe is up and stops before it; :meth:`renew_token`
 hands it TorchServe's renewed inference key.
 """
@@ -36,8 +36,8 @@ from pathlib import Path
 from service.auth import ApiToken, load_token, scrubbed_env
 from service.errors import FailedPrecondition, Unavailable
 from service.metrics import MULTIPROC_ENV
-from service.serving.config import render_config_properties
-from service.serving.proxy import NginxProxy
+from service.serving.torchserve.config import render_config_properties
+from service.serving.torchserve.proxy import NginxProxy
 from service.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)

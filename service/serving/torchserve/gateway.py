@@ -58,16 +58,16 @@ import errno
 import json
 import logging
 import threading
-import time
 from typing import Callable, Iterable
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service._gen import inference_pb2, inference_pb2_grpc
 from service.auth import ApiToken
+from service.serving.health import ReadinessHealthServicer
 from service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -98,9 +98,6 @@ _NO_WORKER_MARKER = "has no worker to serve inference request"
 #: dying worker was running.
 _WORKER_DIED = "Worker died."
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 _ERROR_BY_HTTP_STATUS: dict[int, type[ServiceError]] = {
@@ -351,98 +348,6 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
             self._channel = self._stub = None
 
 
-def health_statuses(report) -> dict[str, int]:
-    """Health status per service name from a readiness report (list of ModelReadiness)."""
-    statuses: dict[str, int] = {}
-    by_model: dict[str, bool] = {}
-    for r in report:
-        statuses[f"{r.name}/{r.version}"] = SERVING if r.ready else NOT_SERVING
-        by_model[r.name] = by_model.get(r.name, True) and r.ready
-    for name, ready in by_model.items():
-        statuses[name] = SERVING if ready else NOT_SERVING
-    overall = SERVING if all(by_model.values()) else NOT_SERVING
-    statuses[""] = statuses[SERVICE_NAME] = overall
-    return statuses
-
-
-class ReadinessHealthServicer(health.aio.HealthServicer):
-    """grpc.health.v1 whose statuses come from ``readiness_fn`` (a blocking callable).
-
-    Refreshed before a Check (at most every ``min_refresh_s``) and every ``poll_s``
-    while the server runs (for Watch). If ``readiness_fn`` fails, everything is
-    NOT_SERVING.
-    """
-
-    def __init__(self, readiness_fn: Callable[[], list], *, poll_s: float = 2.0,
-                 min_refresh_s: float = 0.5):
-        super().__init__()
-        self._readiness_fn = readiness_fn
-        self._poll_s = poll_s
-        self._min_refresh_s = min_refresh_s
-        self._last_refresh = float("-inf")
-        self._lock: asyncio.Lock | None = None
-        self._task: asyncio.Task | None = None
-        self._server_status[""] = NOT_SERVING  # until the first refresh says otherwise
-        self._server_status[SERVICE_NAME] = NOT_SERVING
-
-    async def refresh(self) -> None:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if time.monotonic() - self._last_refresh < self._min_refresh_s:
-                return
-            try:
-                report = await asyncio.to_thread(self._readiness_fn)
-                statuses = health_statuses(report)
-            except Exception as exc:  # TorchServe unreachable: nothing is serving
-                log.warning("health: readiness check failed: %s", exc)
-                statuses = {k: NOT_SERVING for k in self._server_status}
-                statuses[""] = statuses[SERVICE_NAME] = NOT_SERVING
-            for service in list(self._server_status):
-                if service not in statuses:  # a model that is gone
-                    if service in self._server_watchers:
-                        await self.set(service, SERVICE_UNKNOWN)
-                    else:
-                        self._server_status.pop(service, None)
-            for service, status in statuses.items():
-                if self._server_status.get(service) != status:
-                    await self.set(service, status)
-            self._last_refresh = time.monotonic()
-
-    def start_polling(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._poll())
-
-    async def _poll(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the poller die
-                log.exception("health: refresh failed")
-            await asyncio.sleep(self._poll_s)
-
-    async def Check(self, request, context):
-        await self.refresh()
-        return await super().Check(request, context)
-
-    async def Watch(self, request, context):
-        await self.refresh()  # the first answer is a real status, not SERVICE_UNKNOWN
-        self.start_polling()
-        return await super().Watch(request, context)
-
-    async def close(self) -> None:
-        await self.enter_graceful_shutdown()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
-
-
 def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], list], *,
                    token: ApiToken, upstream_key: Callable[[], str] | None = None,
                    fresh_upstream_key: Callable[[], str] | None = None,
@@ -467,7 +372,7 @@ def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], li
                                admit_per_model=settings.admit_per_model,
                                retry_after_s=settings.retry_after_s)
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(gateway, server)
-    health_servicer = ReadinessHealthServicer(readiness_fn, poll_s=health_poll_s)
+    health_servicer = ReadinessHealthServicer(readiness_fn, services=(SERVICE_NAME,), poll_s=health_poll_s)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
