@@ -576,7 +576,7 @@ def test_image_serves_a_prediction(image, tmp_path):
         metrics = requests.get(f"http://127.0.0.1:{ports['METRICS']}/metrics", timeout=30)
         assert metrics.status_code == 200 and "# HELP" in metrics.text
         exporter = requests.get(f"http://127.0.0.1:{ports['EXPORTER']}/metrics", timeout=30)
-        assert 'modelctl_requests_total{model="digits",outcome="ok",version="1"} 1.0' in exporter.text
+        assert 'modelctl_requests_total{engine="torchserve",model="digits",outcome="ok",version="1"} 1.0' in exporter.text
         assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
         print(f"\ncontainer: every worker READY after {ready_s:.0f}s")
     finally:
