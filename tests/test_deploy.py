@@ -370,7 +370,7 @@ def test_kustomize_native_component_fails_loudly_when_the_base_moves(tmp_path):
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../base]\n"
         "components: [../components/native-engine]\n")
     proc = subprocess.run([tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "test" in proc.stderr.lower(), proc.stdout[-2000:] + proc.stderr
+    assert proc.returncode != 0 and "test failed" in proc.stderr, proc.stdout[-2000:] + proc.stderr
 
 
 # ---- Dockerfile ---------------------------------------------------------------------------
