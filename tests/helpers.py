@@ -111,3 +111,50 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class HeldWatches:
+    """``n`` gRPC health ``Watch`` streams on ``target``, opened without a token and never
+    read (what froze the control API in issue 12), over ``channels`` connections."""
+
+    def __init__(self, target: str, n: int, *, channels: int = 4):
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self._channels = [grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                          for _ in range(channels)]
+        self.calls = [health_pb2_grpc.HealthStub(self._channels[i % channels]).Watch(health_pb2.HealthCheckRequest())
+                      for i in range(n)]
+
+    def refused(self) -> list:
+        return [c for c in self.calls if c.done()]
+
+    def settle(self, open_streams: int, timeout_s: float = 20.0) -> list:
+        """Wait until all but ``open_streams`` have ended, and the open ones have their
+        answer's headers; returns the ended calls (each RESOURCE_EXHAUSTED, asserted)."""
+        import grpc
+
+        wait_for(lambda: len(self.refused()) >= len(self.calls) - open_streams, timeout_s,
+                 f"{len(self.calls) - open_streams} refused Watch streams")
+        for call in self.calls:
+            call.initial_metadata()  # the headers: an accepted stream has its first answer sent
+        time.sleep(0.2)
+        refused = self.refused()
+        assert len(refused) == len(self.calls) - open_streams, (len(refused), open_streams)
+        for call in refused:
+            assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (call.code(), call.details())
+            assert "MODELCTL_MAX_OPEN_STREAMS" in call.details()
+            assert dict(call.trailing_metadata() or ()).get("retry-after"), call.trailing_metadata()
+        return refused
+
+    def close(self) -> None:
+        for call in self.calls:
+            call.cancel()
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> "HeldWatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +40,7 @@ from service.errors import FailedPrecondition
 from service.models import ModelSpec, image_eval_transform, load_model
 from service.modelstore import ModelStore
 from service.serving.settings import ServeSettings
-from tests.helpers import broken_archive_copy, free_port, make_bundle, wait_for
+from tests.helpers import HeldWatches, broken_archive_copy, free_port, make_bundle, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CNN = {"family": "cnn", "config": {"channels": [8, 16]},
@@ -629,3 +630,36 @@ def test_job_metrics_change_as_a_real_job_runs(served, parent):
     assert after[succeeded] == before[succeeded] + 1
     assert after[durations] == before[durations] + 1
     assert loss_key not in after  # only running jobs report an epoch loss
+
+
+# ---- open streams (issue 12, point 3) -------------------------------------------------------------
+def test_open_watch_streams_starve_nothing_on_the_control_api_and_the_gateway(served, parent):
+    """200 health Watch streams without a token, never read, on the control API and 200 on the
+    gateway's port, at once: Check answers within 1 s on both, ListFineTuneJobs and predictions
+    succeed; the streams beyond the bound (MODELCTL_MAX_OPEN_STREAMS, 100) are RESOURCE_EXHAUSTED;
+    once they close, as many new streams as the bound open again."""
+    limit = served.serving.control.config.max_open_streams
+    assert limit == served.settings.max_open_streams == 100
+    gateway = f"127.0.0.1:{served.settings.grpc_inference_port}"
+    images = {"d0": digit_png(0)}
+    with HeldWatches(served.target, 200) as on_control, HeldWatches(gateway, 200) as on_gateway:
+        on_control.settle(open_streams=limit)
+        on_gateway.settle(open_streams=limit)
+        for target in (served.target, gateway):
+            with grpc.insecure_channel(target) as channel:
+                for _ in range(3):
+                    started = time.monotonic()
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                    assert time.monotonic() - started < 1, target
+        assert served.stub.ListFineTuneJobs(pb.ListFineTuneJobsRequest(output_model=PARENT), timeout=5).jobs
+        assert served.client.get_job(parent.job.id).state == pb.JOB_STATE_SUCCEEDED
+        for answer in (served.predict.grpc(PARENT, images, k=3), served.predict.rest(PARENT, images, k=3)):
+            assert answer["model"] == PARENT and answer["predictions"][0]["top_k"]
+        assert len(on_control.calls) - len(on_control.refused()) == limit  # the held ones are still open
+    counts = (served.serving.control.server._modelctl_streams[0].counts, served.serving.gateway._server._modelctl_streams.counts)
+    for count in counts:
+        wait_for(lambda: count()["anonymous"] == 0, 10, "the closed streams' places back")
+    for target in (served.target, gateway):
+        with HeldWatches(target, limit) as again:
+            again.settle(open_streams=limit)

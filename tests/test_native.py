@@ -33,7 +33,7 @@ from service.serving.native import oip
 from service.serving.native.engine import NativeServing
 from service.serving.native.runner import batch_target
 from tests import oip_clients
-from tests.helpers import TEXTS, make_bundle, random_image
+from tests.helpers import TEXTS, HeldWatches, make_bundle, random_image, wait_for
 from tests.test_serving import settings_for
 
 BUNDLES = {"cnn": "cnn", "lstm": "lstm", "text": "gru-text", "resnet": "resnet"}
@@ -467,3 +467,29 @@ def test_not_ready_until_start_up_registered_the_whole_store(native):
         plane.starting = False
         native.engine.expected.remove(("not-yet", 1))
     assert requests.get(f"{native.rest}/v2/health/ready", timeout=10).status_code == 200
+
+
+# ---- open streams (issue 12, point 3) -------------------------------------------------------------
+def test_open_watch_streams_starve_nothing_on_the_grpc_port(native):
+    """200 health Watch streams without a token, never read: Check answers within 1 s and a
+    prediction succeeds; the streams beyond the bound (MODELCTL_MAX_OPEN_STREAMS, 100) are
+    RESOURCE_EXHAUSTED; once they close, as many new streams as the bound open again."""
+    limit = native.settings.max_open_streams
+    assert limit == 100
+    md = [("authorization", f"Bearer {native.token}")]
+    with HeldWatches(native.grpc, 200) as held:
+        held.settle(open_streams=limit)
+        with grpc.insecure_channel(native.grpc) as channel:
+            for _ in range(3):
+                started = time.monotonic()
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                assert time.monotonic() - started < 1
+            reply = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(
+                inference_pb2.PredictionsRequest(model_name="cnn", input={"data": IMAGES[0]}), metadata=md, timeout=30)
+            assert json.loads(reply.prediction)["predictions"][0]["top_k"]
+        assert len(held.calls) - len(held.refused()) == limit
+    streams = native.engine._grpc._modelctl_streams
+    wait_for(lambda: streams.counts()["anonymous"] == 0, 10, "the closed streams' places back")
+    with HeldWatches(native.grpc, limit) as again:
+        again.settle(open_streams=limit)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from service import bounds
 from service.errors import InvalidArgument
+from service.grpc_streams import DEFAULT_MAX_OPEN_STREAMS
 
 #: The control API's port unless configured.
 DEFAULT_PORT = 50051
@@ -82,8 +83,13 @@ class ControlConfig:
     deploy_target: str = "torchserve"
     #: Runner of jobs that do not name one.
     default_runner: str = "local"
-    #: Threads of the gRPC server (each watcher holds one while it watches).
+    #: Threads of the gRPC server for unary calls. Streams run on threads of their own
+    #: (service/grpc_streams.py), so no stream, open or idle, takes one of these.
     max_workers: int = 32
+    #: Streams the control API holds open at once, per kind: the open services' (health
+    #: Watch, reflection: no token) and the token's (WatchFineTuneJob); one more is
+    #: RESOURCE_EXHAUSTED with a retry-after. ``MODELCTL_MAX_OPEN_STREAMS``.
+    max_open_streams: int = DEFAULT_MAX_OPEN_STREAMS
     #: PEM certificate (chain) and private key: the control API speaks TLS only. Both or
     #: neither. (Clients name the CA with MODELCTL_CONTROL_TLS_CA.)
     tls_cert: Path | None = None
@@ -101,7 +107,7 @@ class ControlConfig:
                            tuple(Path(r).expanduser().absolute() for r in self.data_roots))
         if not 0 <= self.port < 65536:
             raise InvalidArgument(f"port must be a TCP port (0-65535), got {self.port}")
-        for name in ("max_concurrent_jobs", "max_attempts", "max_workers"):
+        for name in ("max_concurrent_jobs", "max_attempts", "max_workers", "max_open_streams"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("cancel_grace_s", "deploy_timeout_s", "poll_s"):

@@ -120,6 +120,11 @@ class ServeSettings:
     #: together), in bytes; one more gets 429 / RESOURCE_EXHAUSTED with a retry-after.
     #: 0 derives it: :attr:`inflight_bytes_budget`. Native engine.
     max_inflight_bytes: int = 0
+    #: gRPC streams the public gRPC port holds open at once (the gateway, or the native
+    #: engine's server), per kind: health Watch and reflection (no token), and the token's
+    #: (StreamPredictions...); one more is RESOURCE_EXHAUSTED with a retry-after
+    #: (service/grpc_streams.py). The control API reads the same variable.
+    max_open_streams: int = 100
 
     def __post_init__(self):
         # Normalise paths (str given by a caller) and check ranges once, here.
@@ -140,7 +145,7 @@ class ServeSettings:
                 "ports must differ: " + ", ".join(f"{n}={getattr(self, n)}" for n in tcp)
             )
         for name in ("workers_per_model", "max_request_size_bytes",
-                     "response_timeout_s", "token_expiration_min", "retry_after_s"):
+                     "response_timeout_s", "token_expiration_min", "retry_after_s", "max_open_streams"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.frontend_heap_mb < 64:  # TorchServe's frontend alone needs about 60 MiB live

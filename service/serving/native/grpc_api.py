@@ -10,6 +10,9 @@ Services:
 * ``grpc.health.v1.Health`` (SERVING when every registered version is READY; per model and
   ``model/version`` too) and server reflection: open, without a token.
 
+Open streams are bounded per kind by ``max_open_streams`` (``MODELCTL_MAX_OPEN_STREAMS``,
+:mod:`service.grpc_streams`); one more is RESOURCE_EXHAUSTED with a retry-after.
+
 Every other call wants ``authorization: Bearer <API token>``. :class:`StatusInterceptor` checks
 it and turns the named errors of :mod:`service.errors` into statuses, in one place; a
 RESOURCE_EXHAUSTED carries ``retry-after`` and ``grpc-retry-pushback-ms``.
@@ -29,6 +32,7 @@ from service._gen import inference_pb2, inference_pb2_grpc
 from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
 from service._gen.oip.v2 import open_inference_grpc_pb2_grpc as pb_grpc
 from service.errors import InvalidInput, NotFound, ResourceExhausted, ServiceError, Unavailable, grpc_status
+from service.grpc_streams import AioStreamLimitInterceptor, StreamLimit
 from service.serving.health import ReadinessHealthServicer
 from service.serving.native import oip
 from service.serving.native.dataplane import DataPlane
@@ -287,8 +291,10 @@ def create_grpc_server(settings, plane: DataPlane, readiness_fn, *, token, serve
                        health_poll_s: float = 2.0) -> tuple[aio.Server, int]:
     """Build (not start) the server inside the running loop; returns ``(server, bound_port)``."""
     max_bytes = settings.max_request_size_bytes
-    server = aio.server(
-        interceptors=[StatusInterceptor(token, settings.retry_after_s)],
+    streams = StreamLimit(settings.max_open_streams, server="native gRPC", retry_after_s=settings.retry_after_s)
+    server = aio.server(  # the stream bound first: a refused stream never reaches the handlers
+        interceptors=[AioStreamLimitInterceptor(streams, open_services=OPEN_SERVICES, token=token),
+                      StatusInterceptor(token, settings.retry_after_s)],
         options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes),
                  ("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(plane, server_version), server)
@@ -305,4 +311,5 @@ def create_grpc_server(settings, plane: DataPlane, readiness_fn, *, token, serve
     if not bound:
         raise Unavailable(f"cannot bind the gRPC server to {address}")
     server._modelctl_health = health_servicer
+    server._modelctl_streams = streams  # the open streams (tests)
     return server, bound

@@ -40,6 +40,10 @@ Also served, without a token (probes need none): gRPC health checking
 is ready, ``"<model>"`` when every version of that model is, ``"<model>/<version>"`` for
 one version) and server reflection.
 
+Streams (health ``Watch``, reflection, ``StreamPredictions``, ``StreamPredictions2``) are
+coroutines here and hold no thread; they are bounded per kind by ``max_open_streams``
+(``MODELCTL_MAX_OPEN_STREAMS``, :mod:`service.grpc_streams`), one more is RESOURCE_EXHAUSTED.
+
 Two steps, so tests bind port 0 and call through a real channel::
 
     server, port = create_gateway(settings, "127.0.0.1:7072", readiness_fn,  # in a loop
@@ -67,6 +71,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service._gen import inference_pb2, inference_pb2_grpc
 from service.auth import ApiToken
+from service.grpc_streams import AioStreamLimitInterceptor, StreamLimit
 from service.serving.health import ReadinessHealthServicer
 from service.errors import (
     AlreadyExists,
@@ -83,6 +88,8 @@ from service.errors import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name
+#: Services answered without a token (their streams count as anonymous).
+OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
 #: A prediction larger than this is model output, never an error body: not parsed.
 _MAX_ERROR_BODY = 64 * 1024
 _NOT_FOUND_MARKERS = ("ModelNotFoundException", "ModelVersionNotFoundException")
@@ -364,9 +371,12 @@ def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], li
     with :func:`close_gateway`, which also closes the upstream channel.
     """
     max_bytes = settings.max_request_size_bytes
-    server = aio.server(options=[("grpc.max_send_message_length", max_bytes),
-                                 ("grpc.max_receive_message_length", max_bytes),
-                                 ("grpc.so_reuseport", 0)])
+    streams = StreamLimit(settings.max_open_streams, server="gRPC gateway", retry_after_s=settings.retry_after_s)
+    server = aio.server(
+        interceptors=[AioStreamLimitInterceptor(streams, open_services=OPEN_SERVICES, token=token)],
+        options=[("grpc.max_send_message_length", max_bytes),
+                 ("grpc.max_receive_message_length", max_bytes),
+                 ("grpc.so_reuseport", 0)])
     gateway = InferenceGateway(upstream_target, max_message_bytes=max_bytes, token=token,
                                upstream_key=upstream_key, fresh_upstream_key=fresh_upstream_key,
                                admit_per_model=settings.admit_per_model,
@@ -383,6 +393,7 @@ def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], li
     if not bound:
         raise Unavailable(f"cannot bind the gRPC gateway to {address}")
     server._modelctl_parts = (gateway, health_servicer)  # for close_gateway
+    server._modelctl_streams = streams  # the open streams (tests)
     return server, bound
 
 
