@@ -120,6 +120,11 @@ class ServeSettings:
     #: together), in bytes; one more gets 429 / RESOURCE_EXHAUSTED with a retry-after.
     #: 0 derives it: :attr:`inflight_bytes_budget`. Native engine.
     max_inflight_bytes: int = 0
+    #: Native engine: how long, at most, a batch waits for more requests after its first one,
+    #: in ms; the archive's own ``max_batch_delay_ms`` when larger. The wait is adaptive: only
+    #: while the batch holds fewer requests than are in flight, or than the last batch held,
+    #: so nothing waits at concurrency 1 and a larger cap costs nothing there (README).
+    batch_wait_cap_ms: float = 10.0
     #: gRPC streams the public gRPC port holds open at once (the gateway, or the native
     #: engine's server), per kind: health Watch and reflection (no token), and the token's
     #: (StreamPredictions...); one more is RESOURCE_EXHAUSTED with a retry-after
@@ -159,6 +164,8 @@ class ServeSettings:
                                       "with frontend_heap_mb")
         if self.engine not in ENGINES:
             raise InvalidArgument(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not 0 <= self.batch_wait_cap_ms <= 1000:
+            raise InvalidArgument(f"batch_wait_cap_ms must be between 0 and 1000, got {self.batch_wait_cap_ms}")
         if self.max_inflight_bytes < 0:
             raise InvalidArgument(f"max_inflight_bytes must be >= 0 (0: derived), got {self.max_inflight_bytes}")
         if self.max_inflight_bytes and self.max_inflight_bytes < self.max_request_size_bytes:

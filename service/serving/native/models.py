@@ -213,7 +213,8 @@ class NativeModels:
         for note in predictor.runtime_notes:
             log.info("%s version %s: %s", entry.name, entry.version, note)
         entry.lane.max_batch = max(took) if took else batch
-        entry.lane.wait_cap_s = float(serving.get("max_batch_delay_ms") or 0) / 1000
+        entry.lane.wait_cap_s = max(float(serving.get("max_batch_delay_ms") or 0),
+                                    float(self.settings.batch_wait_cap_ms)) / 1000
         entry.lane.predictor = predictor
         entry.load_s = time.perf_counter() - start
         entry.state = READY

@@ -15,8 +15,10 @@ Batch formation decides closed-loop throughput. A fixed wait either splits the b
 concurrency 1 (5 ms). So the wait here is adaptive: a batch waits for more requests only
 while it holds fewer than the version has in flight, or than its last batch held (the
 clients of a closed loop come back together), never beyond the version's batch size (the
-largest compiled size), and never longer than the archive's ``max_batch_delay_ms`` after its
-first request arrived. At concurrency 1 nothing waits.
+largest compiled size), and never longer than the archive's ``max_batch_delay_ms`` or
+``batch_wait_cap_ms`` (10 ms), whichever is larger, after its first request arrived. At
+concurrency 1 nothing waits. (With the bench archive's 1 ms alone, 8 closed-loop clients got
+batches of 4.3 on average: their requests do not all come back within 1 ms.)
 """
 
 from __future__ import annotations
