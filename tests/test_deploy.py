@@ -254,6 +254,13 @@ def test_control_service_runs_jobs_with_least_privilege(rendered):
     assert env["MODELCTL_DEFAULT_RUNNER"] == "kubernetes"
     # No TorchServe beside it: deployments write the store's desired state for the replicas.
     assert ControlConfig.from_env(environ=env).deploy_target == "store"
+    # Its Jobs are contained: limits no lower than the requests (else the API refuses them).
+    from service.control.k8s_runner import K8sSettings
+
+    runner = K8sSettings.from_env(ControlConfig.from_env(environ=env), env)
+    gpu = overlay.startswith("gpu")
+    assert (runner.effective_cpu_limit, runner.memory_limit_mb, runner.effective_shm_mb, runner.deadline_s) == (
+        ("8", 32768) if gpu else ("2", 8192)) + (1024, 86400)
     role = find(docs, "Role", "modelctl-job-runner")
     rules = {(g, r): tuple(rule["verbs"]) for rule in role["rules"]
              for g in rule["apiGroups"] for r in rule["resources"]}
@@ -1004,7 +1011,7 @@ class Cluster:
                         startTime=now, **({"completionTime": now} if kind == "Complete" else {}),
                         **({"succeeded": 1} if kind == "Complete" else {"failed": 1}))
 
-    def failed_pod(self, job_name, exit_code, index=0):
+    def failed_pod(self, job_name, exit_code, index=0, reason="Error"):
         """A pod of the Job whose trainer ended with ``exit_code`` (what a kubelet reports)."""
         pod = f"{job_name}-{index}-pod"
         self.core.create_namespaced_pod(NAMESPACE, {
@@ -1013,7 +1020,7 @@ class Cluster:
             "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "x"}]}})
         self.core.patch_namespaced_pod_status(pod, NAMESPACE, {"status": {"phase": "Failed", "containerStatuses": [{
             "name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]}})
+            "state": {"terminated": {"exitCode": exit_code, "reason": reason}}}]}})
 
     def finish_foreground_deletion(self, name):
         """What the garbage collector does once the pods are gone: drop the finalizer."""
@@ -1100,6 +1107,13 @@ def test_apiserver_runner_runs_a_job_to_success(control):
     assert {"name": "shared", "persistentVolumeClaim": {"claimName": "modelctl-store"}} in pod["volumes"]
     assert {"name": "shared", "mountPath": "/runs", "subPath": "runs"} in trainer["volumeMounts"]
     assert trainer["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
+    # Contained like the Deployments (issue 12, point 5), as the server kept it.
+    assert trainer["resources"]["limits"] == {"cpu": "1", "memory": "8Gi"}  # 8192Mi, as the server writes it
+    assert obj["spec"]["activeDeadlineSeconds"] == 86400
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert trainer["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in pod["volumes"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in trainer["volumeMounts"]
     # The runner follows Jobs through its watch.
     _until(c, job.id, lambda j: name in c.runner._cache)
     c.cluster.set_status(name, active=1)
@@ -1140,6 +1154,29 @@ def test_apiserver_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(contr
     assert handle is not None and handle.name == job_name(evicted.id, 2) and fresh.poll(handle) == (True, None)
     assert fresh.adopt(12345, None) is None
     fresh.close()
+
+
+def test_apiserver_runner_fails_a_job_past_its_deadline_or_its_memory_limit(control):
+    """A Job the cluster ended for its activeDeadlineSeconds, and one whose trainer was
+    OOMKilled: FAILED with that reason, not resumed as an interruption (issue 12, point 5)."""
+    from service.control.k8s_runner import job_name
+
+    c = control
+    slow, hog = _new_job(c, "k8s-deadline"), _new_job(c, "k8s-oom")
+    c.scheduler.tick()
+    # What the Job controller does past activeDeadlineSeconds: pods deleted, the Job Failed.
+    c.cluster.condition(job_name(slow.id, 1), "Failed", "DeadlineExceeded")
+    job = _until(c, slow.id, lambda j: j.state == "FAILED")
+    assert job.error.startswith("deadline: the Job ran longer than its activeDeadlineSeconds (86400 s"), job.error
+    assert job.attempts == 1 and c.cluster.job(job_name(slow.id, 2)) is None
+    # The kubelet's OOM kill: exit 137, reason OOMKilled (otherwise 137 is an interruption).
+    c.cluster.failed_pod(job_name(hog.id, 1), exit_code=137, reason="OOMKilled")
+    c.cluster.condition(job_name(hog.id, 1), "Failed", "BackoffLimitExceeded")
+    job = _until(c, hog.id, lambda j: j.state == "FAILED")
+    assert job.error.startswith("memory limit: a trainer container was OOMKilled at its memory limit (8192 MB"), \
+        job.error
+    assert job.exit_code == 137 and job.attempts == 1
+    assert "no epoch completed" in job.error  # nothing was written into this run directory
 
 
 def test_apiserver_runner_cancel_deletes_the_job_in_the_foreground(control):
@@ -1210,7 +1247,7 @@ def test_apiserver_runner_spreads_a_multi_node_run_over_an_indexed_job(control):
     assert trainer["command"][:9] == ["python", "-m", "torch.distributed.run", "--nnodes=2",
                                       "--node-rank=$(JOB_COMPLETION_INDEX)", "--nproc-per-node=2",
                                       f"--master-addr={name}-0.{name}", "--master-port=29500", "-m"]
-    assert trainer["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert trainer["resources"]["limits"] == {"nvidia.com/gpu": "2", "cpu": "1", "memory": "8Gi"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     svc = c.cluster.core.read_namespaced_service(name, NAMESPACE)
     assert svc.spec.cluster_ip == "None" and svc.spec.selector == {"modelctl.dev/run": name}

@@ -13,6 +13,15 @@ of :mod:`service.control.runner` (``start``, ``adopt``, ``poll``, ``signal``, ``
   does not retry the pod (``backoffLimit: 0``): the scheduler decides, as for a local
   process, whether an ended attempt failed or was interrupted and resumes from the
   checkpoint;
+* each Job is contained as the Deployments of ``k8s/base`` are: CPU and memory limits
+  (``MODELCTL_K8S_CPU_LIMIT``, ``MODELCTL_JOB_MEMORY_LIMIT_MB``; ``OMP_NUM_THREADS`` follows
+  the CPU limit), a ``/dev/shm`` of ``MODELCTL_K8S_SHM_MB`` (a memory-backed ``emptyDir`` with
+  a ``sizeLimit``; it counts toward the memory limit), ``activeDeadlineSeconds`` of
+  ``MODELCTL_JOB_DEADLINE_S``, ``seccompProfile: RuntimeDefault``, a read-only root file
+  system with a writable ``emptyDir`` on ``/tmp`` (the run directory and the model store are
+  the shared volume's mounts), no privilege escalation, no capabilities. :meth:`KubernetesRunner.limit`
+  names the limit a failed attempt hit (a trainer container ``OOMKilled``, the Job's
+  ``DeadlineExceeded``), which makes the job FAILED with it rather than resumed;
 * a multi-node run (``hyperparameters.nproc`` larger than the processes one pod takes:
   ``MODELCTL_K8S_GPUS_PER_POD``, or ``MODELCTL_K8S_PROCS_PER_POD`` on CPU) is an *Indexed*
   Job with one pod per node and a headless Service; every pod runs ``torchrun --nnodes N
@@ -48,6 +57,10 @@ Settings (environment; the control service's ConfigMap in ``k8s/``):
 ``MODELCTL_K8S_GPUS_PER_POD``   GPUs a pod may take, one per process [0: CPU]
 ``MODELCTL_K8S_PROCS_PER_POD``  processes per pod on CPU [0: all in one pod]
 ``MODELCTL_K8S_CPU_REQUEST``, ``MODELCTL_K8S_MEMORY_REQUEST`` per pod [none]
+``MODELCTL_K8S_CPU_LIMIT``      CPU limit per pod [the CPU request, else 4]
+``MODELCTL_K8S_SHM_MB``         size of each pod's ``/dev/shm`` [1024, at most half the memory limit]
+``MODELCTL_JOB_MEMORY_LIMIT_MB`` memory limit per pod (the control service's setting) [8192]
+``MODELCTL_JOB_DEADLINE_S``     ``activeDeadlineSeconds`` (the control service's setting) [86400]
 ``MODELCTL_K8S_TTL_S``          ``ttlSecondsAfterFinished`` of a Job left behind [86400]
 ``MODELCTL_K8S_KUBECONFIG``     kubeconfig outside a cluster [in-cluster, else ~/.kube/config]
 =============================== =========================================================
@@ -107,6 +120,14 @@ class K8sSettings:
     procs_per_pod: int = 0
     cpu_request: str = ""
     memory_request: str = ""
+    #: CPU limit of a pod ("" = the request, else :data:`DEFAULT_CPU_LIMIT`).
+    cpu_limit: str = ""
+    #: Memory limit of a pod, MB (the control service's job_memory_limit_mb).
+    memory_limit_mb: int = 8192
+    #: Size of a pod's /dev/shm, MB (0 = :data:`DEFAULT_SHM_MB`, at most half the memory limit).
+    shm_mb: int = 0
+    #: activeDeadlineSeconds of a Job (the control service's job_deadline_s).
+    deadline_s: int = 86400
     ttl_s: int = 86400
     kubeconfig: str = ""
     #: Seconds a pod has to stop after SIGTERM (the control service's cancel grace).
@@ -117,6 +138,27 @@ class K8sSettings:
     data_roots: tuple[str, ...] = ()
     #: (variable, value) of the operator's run bounds, for the trainer (service/bounds.py).
     run_bounds: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        cpu = _cpu_millis(self.effective_cpu_limit, "MODELCTL_K8S_CPU_LIMIT")
+        if self.cpu_request and _cpu_millis(self.cpu_request, "MODELCTL_K8S_CPU_REQUEST") > cpu:
+            raise InvalidArgument(f"MODELCTL_K8S_CPU_REQUEST ({self.cpu_request}) is above MODELCTL_K8S_CPU_LIMIT "
+                                  f"({self.effective_cpu_limit})")
+        if self.memory_request and _memory_bytes(self.memory_request, "MODELCTL_K8S_MEMORY_REQUEST") \
+                > self.memory_limit_mb * 2**20:
+            raise InvalidArgument(f"MODELCTL_K8S_MEMORY_REQUEST ({self.memory_request}) is above "
+                                  f"MODELCTL_JOB_MEMORY_LIMIT_MB ({self.memory_limit_mb} MB)")
+        if self.shm_mb and self.shm_mb > self.memory_limit_mb // 2:
+            raise InvalidArgument(f"MODELCTL_K8S_SHM_MB ({self.shm_mb}) is above half of MODELCTL_JOB_MEMORY_LIMIT_MB "
+                                  f"({self.memory_limit_mb}): /dev/shm counts toward the pod's memory")
+
+    @property
+    def effective_cpu_limit(self) -> str:
+        return self.cpu_limit or self.cpu_request or DEFAULT_CPU_LIMIT
+
+    @property
+    def effective_shm_mb(self) -> int:
+        return self.shm_mb or min(DEFAULT_SHM_MB, self.memory_limit_mb // 2)
 
     @classmethod
     def from_env(cls, config=None, environ=None) -> "K8sSettings":
@@ -154,7 +196,10 @@ class K8sSettings:
         return cls(image=get("IMAGE"), namespace=namespace, volume_claim=get("VOLUME_CLAIM"), mounts=mounts,
                    service_account=get("SERVICE_ACCOUNT"), gpus_per_pod=integer("GPUS_PER_POD", 0),
                    procs_per_pod=integer("PROCS_PER_POD", 0), cpu_request=get("CPU_REQUEST"),
-                   memory_request=get("MEMORY_REQUEST"), ttl_s=integer("TTL_S", 86400),
+                   memory_request=get("MEMORY_REQUEST"), cpu_limit=get("CPU_LIMIT"), shm_mb=integer("SHM_MB", 0),
+                   memory_limit_mb=int(getattr(config, "job_memory_limit_mb", 8192) or 8192),
+                   deadline_s=int(getattr(config, "job_deadline_s", 86400) or 86400),
+                   ttl_s=integer("TTL_S", 86400),
                    kubeconfig=get("KUBECONFIG"),
                    grace_s=max(1, int(round(float(getattr(config, "cancel_grace_s", 30) or 30)))),
                    model_store=store, data_roots=roots, run_bounds=_run_bounds(config))
@@ -166,6 +211,31 @@ def _run_bounds(config) -> tuple[tuple[str, str], ...]:
     if config is None or not all(hasattr(config, name) for name in RUN_BOUNDS):
         return ()
     return tuple(sorted(trainer_env(config).items()))
+
+
+#: A pod's CPU limit when neither MODELCTL_K8S_CPU_LIMIT nor a request is set.
+DEFAULT_CPU_LIMIT = "4"
+#: A pod's /dev/shm (DataLoader workers hand batches over in it; NCCL uses it), MB.
+DEFAULT_SHM_MB = 1024
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def _memory_bytes(text: str, source: str) -> int:
+    """A Kubernetes memory quantity ("8Gi", "512Mi", "1G", "1e9", "2048") in bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?\s*", text or "")
+    if m is None:
+        raise InvalidArgument(f"{source}: expected a memory quantity such as 8Gi or 512Mi, got {text!r}")
+    unit = m.group(2) or ""
+    return int(float(m.group(1)) * (_BINARY.get(unit) or _DECIMAL.get(unit) or 1))
+
+
+def _cpu_millis(text: str, source: str) -> int:
+    """A Kubernetes CPU quantity ("2", "1.5", "500m") in millicores."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)(m?)\s*", text or "")
+    if m is None or float(m.group(1)) <= 0:
+        raise InvalidArgument(f"{source}: expected a CPU quantity such as 2 or 500m, got {text!r}")
+    return int(float(m.group(1)) * (1 if m.group(2) else 1000))
 
 
 def _parse_mount(text: str) -> Mount:
@@ -258,7 +328,11 @@ def build_job(job, attempt: int, settings: K8sSettings) -> tuple[dict, dict | No
     if settings.data_roots:
         env.append({"name": "MODELCTL_DATA_ROOTS", "value": os.pathsep.join(settings.data_roots)})
     env += [{"name": name, "value": value} for name, value in settings.run_bounds]
-    requests, limits = {}, {}
+    # torch's threads per process follow the CPU limit, not the node's cores (throttling).
+    threads = max(1, _cpu_millis(settings.effective_cpu_limit, "MODELCTL_K8S_CPU_LIMIT") // 1000 // shape.procs)
+    env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
+    requests = {}
+    limits = {"cpu": settings.effective_cpu_limit, "memory": f"{settings.memory_limit_mb}Mi"}
     if settings.cpu_request:
         requests["cpu"] = settings.cpu_request
     if settings.memory_request:
@@ -272,10 +346,14 @@ def build_job(job, attempt: int, settings: K8sSettings) -> tuple[dict, dict | No
         "workingDir": str(job.run_dir),
         "env": env,
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
     }
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]  # DataLoader workers, NCCL
+    volumes = [  # writable: /dev/shm (DataLoader workers, NCCL; counts toward the memory limit), /tmp
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{settings.effective_shm_mb}Mi"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
     if settings.volume_claim:
         volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": settings.volume_claim}})
         container["volumeMounts"] += [{"name": "shared", "mountPath": m.path, "subPath": m.sub_path,
@@ -284,7 +362,8 @@ def build_job(job, attempt: int, settings: K8sSettings) -> tuple[dict, dict | No
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": settings.grace_s,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,
     }
@@ -298,6 +377,7 @@ def build_job(job, attempt: int, settings: K8sSettings) -> tuple[dict, dict | No
         "metadata": {"name": name, "namespace": settings.namespace, "labels": labels, "annotations": annotations},
         "spec": {
             "backoffLimit": 0,  # the scheduler decides about another attempt
+            "activeDeadlineSeconds": settings.deadline_s,
             "ttlSecondsAfterFinished": settings.ttl_s,
             "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod},
         },
@@ -548,6 +628,26 @@ class KubernetesRunner:
         if phase == FAILED:
             return False, pod_exit_code(self.pods(handle.name))
         return True, None
+
+    def limit(self, handle: K8sRunHandle) -> str | None:
+        """The limit a failed attempt hit: its Job's deadline (``DeadlineExceeded``), or a
+        trainer container ``OOMKilled`` at the memory limit; None otherwise (the cluster
+        enforces both: nothing to do while it runs)."""
+        if handle.limit_hit is not None:
+            return handle.limit_hit
+        obj = self.observed(handle.name)
+        if obj is None or job_phase(obj)[0] != FAILED:
+            return None
+        conditions = [c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+        if any(c.get("type") == "Failed" and c.get("reason") == "DeadlineExceeded" for c in conditions):
+            handle.limit_hit = (f"deadline: the Job ran longer than its activeDeadlineSeconds "
+                                f"({self.settings.deadline_s} s, MODELCTL_JOB_DEADLINE_S) and was stopped")
+        elif any((((cs.get("state") or {}).get("terminated") or {}).get("reason") == "OOMKilled")
+                 for pod in self.pods(handle.name)
+                 for cs in (pod.get("status") or {}).get("containerStatuses") or [] if cs.get("name") == CONTAINER):
+            handle.limit_hit = (f"memory limit: a trainer container was OOMKilled at its memory limit "
+                                f"({self.settings.memory_limit_mb} MB, MODELCTL_JOB_MEMORY_LIMIT_MB)")
+        return handle.limit_hit
 
     def phase(self, handle: K8sRunHandle) -> tuple[str, str]:
         obj = self.observed(handle.name)

@@ -16,9 +16,19 @@ polling; its exit status is unknown, so the run directory tells how it ended.
 A trainer whose pid was never recorded (the service was killed between starting it and
 recording it) is found by its ``--run-dir`` (:meth:`LocalRunner.find_running`).
 
+Each attempt is contained (``MODELCTL_JOB_MEMORY_LIMIT_MB``, ``MODELCTL_JOB_DEADLINE_S``):
+its processes together may use ``memory_limit_mb`` (a memory cgroup where this service can
+make one, else the runner's watch of their resident memory: :mod:`service.control.containment`),
+and it may run ``deadline_s`` seconds of wall-clock time from its start. Past the memory limit
+the group is killed (SIGKILL: memory can grow faster than a trainer stops); past the deadline
+it gets SIGTERM (the trainer stops at a safe point, keeping its checkpoint), and SIGKILL after
+the grace period. :meth:`LocalRunner.limit` enforces both at every scheduler tick and names
+the limit a trainer hit, which makes its job FAILED with that reason rather than resumed.
+
 A runner is an object with ``start(job) -> RunHandle``, ``adopt(pid, started)``,
-optionally ``find_running(run_dir)``, ``poll(handle)``, ``signal(handle, sig)`` and
-``reap(handle)``. (Kubernetes comes later.)
+optionally ``find_running(run_dir)``, ``poll(handle)``, ``signal(handle, sig)``,
+``reap(handle)`` and optionally ``limit(handle) -> reason | None`` (the Kubernetes runner:
+:mod:`service.control.k8s_runner`).
 """
 
 from __future__ import annotations
@@ -29,11 +39,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import psutil
+
+from service.control import containment
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +66,12 @@ class RunHandle:
     started: float
     proc: subprocess.Popen | None = None  # None when adopted
     term_sent: bool = False
+    #: Why the runner stopped it ("memory limit: …", "deadline: …"), once it did.
+    limit_hit: str | None = None
+    #: When the deadline's SIGTERM was sent (monotonic), for the SIGKILL after the grace.
+    deadline_term_at: float | None = None
+    #: The attempt's memory cgroup, where one was made (local runner).
+    cgroup: object | None = None
 
     @property
     def adopted(self) -> bool:
@@ -73,13 +92,23 @@ class LocalRunner:
     outlives_service = False
 
     def __init__(self, *, model_store: Path, data_roots=(), python: str | None = None,
-                 env: dict[str, str] | None = None, extra_env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, extra_env: dict[str, str] | None = None,
+                 memory_limit_mb: int = 0, deadline_s: float = 0, grace_s: float = 20.0,
+                 use_cgroup: bool = True):
         self.model_store = Path(model_store)
         self.data_roots = tuple(Path(r) for r in data_roots)
         self.python = python or sys.executable
         self.env = env
         #: Set on top of the environment (the operator's run bounds, service/bounds.py).
         self.extra_env = dict(extra_env or {})
+        #: Memory of an attempt's processes together, MB (0: none), and its wall-clock
+        #: seconds (0: none); SIGKILL ``grace_s`` after the deadline's SIGTERM.
+        self.memory_limit_mb = int(memory_limit_mb)
+        self.deadline_s = float(deadline_s)
+        self.grace_s = float(grace_s)
+        #: Try a memory cgroup first (False: always the watch; tests).
+        self.use_cgroup = use_cgroup
+        self._swept = False
 
     def command(self, run_dir: Path) -> list[str]:
         cmd = [self.python, "-m", "service.training", "run", str(run_dir / SPEC_FILE),
@@ -96,6 +125,7 @@ class LocalRunner:
         env = scrubbed_env(os.environ if self.env is None else self.env)  # never the API token
         env.update(self.extra_env)
         env["PYTHONUNBUFFERED"] = "1"
+        cgroup = self._cgroup(f"{job.id}-{job.attempts}")
         with open(job.log_path, "ab") as logf:
             stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             logf.write(f"==== {stamp} job {job.id} attempt {job.attempts}: {' '.join(cmd)}\n".encode())
@@ -103,18 +133,45 @@ class LocalRunner:
             proc = subprocess.Popen(cmd, cwd=run_dir, stdin=subprocess.DEVNULL, stdout=logf,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                     close_fds=True)
+        if cgroup is not None:
+            # Moved in at once, before the interpreter has loaded anything (its first
+            # milliseconds stay charged outside); its children are born inside.
+            try:
+                cgroup.add(proc.pid)
+            except OSError as exc:
+                log.warning("job %s: cannot move pid %d into %s (%s); watching its memory instead",
+                            job.id, proc.pid, cgroup.path, exc)
+                cgroup = None
         try:
             started = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             started = 0.0  # already gone: poll() reports its exit
-        log.info("job %s attempt %d: pid %d, log %s", job.id, job.attempts, proc.pid, job.log_path)
-        return RunHandle(proc.pid, started, proc)
+        log.info("job %s attempt %d: pid %d, log %s%s", job.id, job.attempts, proc.pid, job.log_path,
+                 self._describe_limits(cgroup))
+        return RunHandle(proc.pid, started, proc, cgroup=cgroup)
+
+    def _cgroup(self, name: str):
+        if not self.memory_limit_mb or not self.use_cgroup:
+            return None
+        if not self._swept:
+            self._swept = True
+            containment.remove_stale()
+        return containment.JobCgroup.create(name, self.memory_limit_mb * 1024 * 1024)
+
+    def _describe_limits(self, cgroup) -> str:
+        parts = []
+        if self.memory_limit_mb:
+            how = f"cgroup {cgroup.path}" if cgroup is not None else "watched"
+            parts.append(f"memory {self.memory_limit_mb} MB ({how})")
+        if self.deadline_s:
+            parts.append(f"deadline {self.deadline_s:g} s")
+        return f"; limits: {', '.join(parts)}" if parts else ""
 
     def adopt(self, pid: int | None, started: float | None) -> RunHandle | None:
         """The handle of a trainer left running by a previous service; None if it is gone."""
         if not pid or not _same_process_alive(pid, started):
             return None
-        return RunHandle(pid, float(started or 0.0), None)
+        return RunHandle(pid, float(started or 0.0), None, cgroup=containment.JobCgroup.of_process(pid))
 
     def find_running(self, run_dir: Path | str) -> RunHandle | None:
         """The trainer running on ``run_dir``, found by its command line, or None.
@@ -135,7 +192,8 @@ class LocalRunner:
             except (psutil.Error, ProcessLookupError):
                 continue
             if any(arg == "--run-dir" and value == wanted for arg, value in zip(cmd, cmd[1:])):
-                return RunHandle(proc.pid, float(proc.info["create_time"] or 0.0), None)
+                return RunHandle(proc.pid, float(proc.info["create_time"] or 0.0), None,
+                                 cgroup=containment.JobCgroup.of_process(proc.pid))
         return None
 
     def poll(self, handle: RunHandle) -> tuple[bool, int | None]:
@@ -153,8 +211,62 @@ class LocalRunner:
             pass
 
     def reap(self, handle: RunHandle) -> None:
-        """After the leader exited: SIGKILL whatever is left of its group."""
+        """After the leader exited: SIGKILL whatever is left of its group (and remove its cgroup)."""
         self.signal(handle, signal.SIGKILL)
+        if handle.cgroup is not None:
+            handle.cgroup.remove()
+
+    def limit(self, handle: RunHandle) -> str | None:
+        """Enforce the attempt's memory limit and deadline; the reason once one was hit.
+
+        Called at every scheduler tick while the trainer runs, and once after it ended (a
+        cgroup's kill is seen then). Past the memory limit: SIGKILL to the group. Past the
+        deadline: SIGTERM, SIGKILL ``grace_s`` later."""
+        running = handle.proc.poll() is None if handle.proc is not None else \
+            _same_process_alive(handle.pid, handle.started)
+        if handle.limit_hit is None and self.memory_limit_mb:
+            handle.limit_hit = self._memory_hit(handle, running)
+            if handle.limit_hit is not None and running:
+                self.signal(handle, signal.SIGKILL)
+        if handle.limit_hit is None and self.deadline_s and running and handle.started \
+                and time.time() - handle.started > self.deadline_s:
+            handle.limit_hit = (f"deadline: the trainer ran longer than {self.deadline_s:g} s "
+                                f"(MODELCTL_JOB_DEADLINE_S) and was stopped")
+            log.warning("trainer pid %d: past its deadline of %g s: SIGTERM to its group", handle.pid,
+                        self.deadline_s)
+            self.signal(handle, signal.SIGTERM)
+            handle.term_sent = True
+            handle.deadline_term_at = time.monotonic()
+        elif handle.deadline_term_at is not None and running \
+                and time.monotonic() - handle.deadline_term_at > self.grace_s:
+            log.warning("trainer pid %d: still running %.0f s after its deadline's SIGTERM: SIGKILL",
+                        handle.pid, self.grace_s)
+            self.signal(handle, signal.SIGKILL)
+            handle.deadline_term_at = float("inf")  # sent once
+        return handle.limit_hit
+
+    def _memory_hit(self, handle: RunHandle, running: bool) -> str | None:
+        limit = self.memory_limit_mb
+        cgroup = handle.cgroup
+        if cgroup is not None:
+            kills = cgroup.oom_kills()
+            if not kills:
+                return None
+            peak = cgroup.peak_bytes()
+            log.warning("trainer pid %d: the kernel killed %d process(es) at the memory limit of its "
+                        "cgroup %s (%d MB)", handle.pid, kills, cgroup.path, limit)
+            return (f"memory limit: the trainer's processes reached their limit of {limit} MB "
+                    f"(MODELCTL_JOB_MEMORY_LIMIT_MB{f'; peak {peak // 2**20} MB' if peak else ''}) and the "
+                    f"kernel killed {kills} of them")
+        if not running:
+            return None
+        used = containment.group_memory(handle.pid)
+        if used <= limit * 2**20:
+            return None
+        log.warning("trainer pid %d: its processes hold %d MB, above the memory limit of %d MB: "
+                    "SIGKILL to its group", handle.pid, used // 2**20, limit)
+        return (f"memory limit: the trainer's processes held {used // 2**20} MB, more than {limit} MB "
+                f"(MODELCTL_JOB_MEMORY_LIMIT_MB), and were killed")
 
     @staticmethod
     def group_alive(pgid: int) -> bool:
@@ -180,7 +292,9 @@ def _same_process_alive(pid: int, started: float | None) -> bool:
 def local_runner(config) -> LocalRunner:
     from service.bounds import trainer_env
 
-    return LocalRunner(model_store=config.model_store, data_roots=config.data_roots, extra_env=trainer_env(config))
+    return LocalRunner(model_store=config.model_store, data_roots=config.data_roots, extra_env=trainer_env(config),
+                       memory_limit_mb=config.job_memory_limit_mb, deadline_s=config.job_deadline_s,
+                       grace_s=config.cancel_grace_s)
 
 
 #: Runner name -> factory taking the ControlConfig.

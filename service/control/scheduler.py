@@ -9,7 +9,10 @@ woken):
 * a job whose process ended is settled by its run directory: ``result.json`` there means
   the run wrote its archive (the job is *finished*: deploy policy, then SUCCEEDED, in a
   worker thread, since a deployment waits for workers); otherwise a cancel request makes
-  it CANCELLED; an interruption (killed by a signal, or gone while no service watched it
+  it CANCELLED; an attempt that hit a limit of its runner (``runner.limit(handle)``: the
+  memory limit or the deadline, MODELCTL_JOB_MEMORY_LIMIT_MB / MODELCTL_JOB_DEADLINE_S) is
+  FAILED with that reason, its checkpoint kept, never resumed; an interruption (killed by a
+  signal, or gone while no service watched it
   and its log shows no error of its own) relaunches it on the same run directory, so the
   trainer resumes from its checkpoint, until ``max_attempts`` (attempts stopped by a
   graceful shutdown of the service do not count); any other exit (or an unwatched one
@@ -41,6 +44,9 @@ from service.errors import FailedPrecondition, ServiceError
 
 log = logging.getLogger(__name__)
 
+#: The trainer's checkpoint in its run directory (service.training.checkpoint.CHECKPOINT_FILE;
+#: not imported: the scheduler does not import torch).
+CHECKPOINT_FILE = "checkpoint.pt"
 #: Lines of the trainer's log searched for its error message.
 _LOG_TAIL_BYTES = 16 * 1024
 
@@ -85,6 +91,26 @@ def failure_reason(log_path: Path | str, code: int | None) -> str:
                         and ("Error" in line or "Exception" in line)), None)
     status = f"exit status {code}" if code is not None else "exited"
     return f"trainer {status}: {message}" if message else f"trainer {status} (see {log_path})"
+
+
+def checkpoint_note(run_dir: Path | str) -> str:
+    """What a stopped run left to resume from: its checkpoint's last epoch, if any."""
+    events = Path(run_dir) / EVENTS_FILE
+    epoch = None
+    try:
+        for line in events.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "epoch":
+                epoch = event.get("epoch")
+    except OSError:
+        pass
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE
+    if not checkpoint.exists():
+        return "no epoch completed, so there is no checkpoint"
+    return f"its checkpoint ({f'epoch {epoch}, ' if epoch else ''}{checkpoint}) is kept"
 
 
 def interrupted(code: int | None) -> bool:
@@ -200,8 +226,10 @@ class Scheduler:
                 self._fail(job, f"unknown runner {job.runner!r}")
                 continue
             self._progress(job)
+            limit = None
             if handle is not None:
                 running, code = runner.poll(handle)
+                limit = self._limit(runner, handle)  # enforced while it runs, named once it ended
                 if running:
                     self._signal_cancel(job, runner, handle)
                     continue
@@ -210,7 +238,7 @@ class Scheduler:
                     self._handles.pop(job.id, None)
             else:
                 code = None  # gone while no service watched it: its status is unknown
-            self._settle(self.jobs.get(job.id), code)
+            self._settle(self.jobs.get(job.id), code, limit)
             with self._lock:
                 if job.id not in self._finishing:
                     self._tails.pop(job.id, None)
@@ -219,6 +247,17 @@ class Scheduler:
             if job is None:
                 break
             self._launch(job)
+
+    @staticmethod
+    def _limit(runner, handle: RunHandle) -> str | None:
+        check = getattr(runner, "limit", None)
+        if check is None:
+            return None
+        try:
+            return check(handle)
+        except Exception:  # noqa: BLE001 - a failed look at the limits must not stop the tick
+            log.exception("checking the limits of pid/run %s failed", handle.pid)
+            return None
 
     def _signal_cancel(self, job: Job, runner, handle: RunHandle) -> None:
         if not job.cancel_requested:
@@ -271,8 +310,9 @@ class Scheduler:
             self._handles[job.id] = handle
         self.jobs.update(job.id, pid=handle.pid, proc_started=handle.started)
 
-    def _settle(self, job: Job, code: int | None) -> None:
-        """Decide the fate of a RUNNING job whose process has ended."""
+    def _settle(self, job: Job, code: int | None, limit: str | None = None) -> None:
+        """Decide the fate of a RUNNING job whose process has ended (``limit``: the limit
+        its runner stopped it for)."""
         result = read_result(job.run_dir)
         if result is not None:
             with self._lock:
@@ -282,6 +322,8 @@ class Scheduler:
         elif job.cancel_requested:
             self.jobs.transition(job.id, CANCELLED, expect=RUNNING, exit_code=code, error="cancelled by request")
             log.info("job %s CANCELLED", job.id)
+        elif limit is not None:
+            self._fail(job, f"{limit}; {checkpoint_note(job.run_dir)}", code)
         elif code is None and ended_with_error(job.log_path):
             # it failed on its own while no service followed it: resuming would fail again
             self._fail(job, failure_reason(job.log_path, code) + " (while no control service followed it)")
