@@ -533,8 +533,31 @@ def test_keys_are_renewed_before_they_expire(serving):
     assert {m["modelName"] for m in serving.mgmt.list_models()} == {"echo", "mirror"}
 
 
-def test_stop_leaves_no_process(serving):
-    """Last test of the module: it stops the shared TorchServe."""
+def listening(port: int) -> list:
+    """Sockets in LISTEN on ``port`` (any address), of any process."""
+    return [c for c in psutil.net_connections("tcp")
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN]
+
+
+def bind_like_a_server(port: int) -> None:
+    """Bind and listen on 127.0.0.1:``port`` as nginx, TorchServe (Netty) and gRPC do: with
+    SO_REUSEADDR. A connection its server closed first stays in TIME_WAIT on the server's port
+    for a minute, and only a bind without SO_REUSEADDR fails on that (EADDRINUSE)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_stop_leaves_no_process(serving, stub, md):
+    """Last test of the module: it stops the shared TorchServe.
+
+    Clients are still connected when it stops (the module's gRPC channel, and a kept-alive
+    REST connection opened here), as they would be in production; the servers close those
+    connections first, which leaves them in TIME_WAIT on the servers' ports. The ports are
+    then free for a server (nothing listens; a bind with SO_REUSEADDR works), not for a plain
+    bind(): that is what once failed here with EADDRINUSE (issue 12, point 7).
+    """
     ts = serving.torchserve
     pids = set(ts.group_pids())
     workers = {w["pid"] for r in serving.mgmt.list_models()
@@ -544,12 +567,20 @@ def test_stop_leaves_no_process(serving):
              serving.settings.management_port, serving.grpc_port]
     nginx = {ts.proxy.pid, *ts.proxy.workers()}
     assert len(nginx) == 2 and all(alive(p) for p in nginx)  # the REST proxy: master, worker
-    serving.stop()
+    kept_alive = requests.Session()  # open across stop(): nginx closes it, first
+    r = kept_alive.post(f"{ts.inference_url}/predictions/echo", json={"k": 1}, timeout=30,
+                        headers={"Authorization": f"Bearer {serving.api_token.value}"})
+    assert r.status_code == 200
+    stub.Predictions(predict_request("echo", {"k": 2}), metadata=md, timeout=30)  # the channel is up
+    try:
+        serving.stop()
+    finally:
+        kept_alive.close()
     assert not [p for p in pids | workers | nginx if alive(p)]
     assert not ts.running()
     for port in ports:  # everything is closed, the ports are free again
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port))
+        assert not listening(port), port
+        bind_like_a_server(port)
 
 
 def test_run_forever_serves_until_sigterm(tmp_path):
