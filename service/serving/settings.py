@@ -48,6 +48,21 @@ def _default_model_store() -> Path:
     return Path.cwd() / "model_store"
 
 
+MiB = 1024 * 1024
+#: The TorchServe engine's byte budget (``ServeSettings.frontend_bytes_budget``): heap kept
+#: for the frontend itself (at least this, or a quarter of the heap) ...
+FRONTEND_RESERVE_MIN_MB = 64
+#: ... and heap bytes per body byte in flight. Measured (TorchServe 0.12, JDK 17, G1, 512
+#: MiB heap): 10 queued bodies of 11.7 MiB held 121-122 MiB of live heap over REST and over
+#: gRPC alike (1.04 copies each), and before a collection the heap held 186 MiB (REST) and
+#: 210 MiB (gRPC) for them: the copies made while a body is received and parsed. With the
+#: whole default budget queued (192 MiB in 138 bodies of every size class, both endpoints,
+#: tests/test_byte_budget.py) the live heap went from 45 to 260 MiB (1.12 per body byte)
+#: and the heap held 448 MiB of its 512 before a collection. Large bodies are also G1
+#: humongous objects (contiguous regions, never moved), so the free heap fragments. Two
+#: copies cover it.
+FRONTEND_BODY_COPIES = 2
+
 #: The serving engines (``engine``): TorchServe (Java frontend, nginx, gRPC gateway) or the
 #: native engine (one Python process, service/serving/native).
 ENGINES = ("torchserve", "native")
@@ -118,7 +133,7 @@ class ServeSettings:
     frontend_jvm_options: str = ""
     #: Request bodies in flight at once on this replica (queued or running, REST and gRPC
     #: together), in bytes; one more gets 429 / RESOURCE_EXHAUSTED with a retry-after.
-    #: 0 derives it: :attr:`inflight_bytes_budget`. Native engine.
+    #: 0 derives it from the engine: :attr:`inflight_bytes_budget`.
     max_inflight_bytes: int = 0
     #: Native engine: how long, at most, a batch waits for more requests after its first one,
     #: in ms; the archive's own ``max_batch_delay_ms`` when larger. The wait is adaptive: only
@@ -171,6 +186,19 @@ class ServeSettings:
         if self.max_inflight_bytes and self.max_inflight_bytes < self.max_request_size_bytes:
             raise InvalidArgument(f"max_inflight_bytes must be 0 or at least max_request_size_bytes "
                                   f"({self.max_request_size_bytes}), got {self.max_inflight_bytes}")
+        if self.engine == "torchserve" and self.inflight_bytes_budget < 2 * self.max_request_size_bytes:
+            # nginx and the gateway each take half: each must let one whole request through.
+            need = 2 * self.max_request_size_bytes
+            if self.max_inflight_bytes:
+                raise InvalidArgument(
+                    f"max_inflight_bytes must be 0 or at least {need} for the TorchServe engine (two "
+                    f"requests of max_request_size_bytes: nginx and the gateway each take half of "
+                    f"it), got {self.max_inflight_bytes}")
+            raise InvalidArgument(
+                f"frontend_heap_mb is too small: {self.frontend_heap_mb} MiB leaves a byte budget of "
+                f"{self.frontend_bytes_budget} bytes ((heap - reserve) / {FRONTEND_BODY_COPIES}), less "
+                f"than two requests of max_request_size_bytes ({need}): raise frontend_heap_mb, "
+                "lower max_request_size_bytes or set max_inflight_bytes")
         if self.job_queue_size < 2:  # one request per public endpoint at least
             raise InvalidArgument(f"job_queue_size must be >= 2, got {self.job_queue_size}")
         for name in ("startup_timeout_s", "sync_interval_s"):
@@ -186,12 +214,34 @@ class ServeSettings:
 
     @property
     def inflight_bytes_budget(self) -> int:
-        """Request bytes the native engine holds in flight at once: ``max_inflight_bytes``,
-        or, when 0, a quarter of ``job_queue_size`` full-size requests (100 x 16 MiB / 4 =
-        400 MiB on the defaults); never less than one full-size request."""
+        """Request bytes this replica holds in flight at once (queued or running, REST and
+        gRPC together): ``max_inflight_bytes``, or, when 0, its engine's derivation
+        (:attr:`frontend_bytes_budget`, :attr:`native_bytes_budget`)."""
         if self.max_inflight_bytes:
             return self.max_inflight_bytes
+        return self.frontend_bytes_budget if self.engine == "torchserve" else self.native_bytes_budget
+
+    @property
+    def native_bytes_budget(self) -> int:
+        """The native engine's derived budget: a quarter of ``job_queue_size`` full-size
+        requests (100 x 16 MiB / 4 = 400 MiB on the defaults); never less than one."""
         return max(self.max_request_size_bytes, self.job_queue_size * self.max_request_size_bytes // 4)
+
+    @property
+    def frontend_reserve_bytes(self) -> int:
+        """The part of TorchServe's Java heap kept for the frontend itself, never for request
+        bodies: a quarter of ``frontend_heap_mb``, at least 64 MiB (its live heap at rest was
+        27 MiB with one model and 55-60 MiB with several; G1 needs free regions on top)."""
+        return max(FRONTEND_RESERVE_MIN_MB, self.frontend_heap_mb // 4) * MiB
+
+    @property
+    def frontend_bytes_budget(self) -> int:
+        """The TorchServe engine's derived budget: what the frontend's heap holds beyond its
+        reserve, divided by :data:`FRONTEND_BODY_COPIES` (a queued body is one live copy in the
+        heap, and the copies made while it is received or handed to a worker are garbage
+        of the same size until the next collection). (512 - 128) MiB / 2 = 192 MiB on the
+        defaults; nginx and the gateway each take half (service/serving/torchserve/budget.py)."""
+        return max(0, self.frontend_heap_mb * MiB - self.frontend_reserve_bytes) // FRONTEND_BODY_COPIES
 
     @property
     def archive_dir(self) -> Path:

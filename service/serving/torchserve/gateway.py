@@ -24,8 +24,15 @@ wrong status codes:
   trailing metadata. A unary call whose client cancels, goes away or reaches its deadline
   keeps its place until TorchServe has answered upstream (TorchServe 0.12 runs such a job
   all the same; ``Predictions`` is therefore forwarded without the caller's deadline), so
-  the count is that of TorchServe's queue. ``StreamPredictions2`` (sequences, with
-  their own queue in TorchServe) is not counted;
+  the count is that of TorchServe's queue. Each call's message also takes its exact size
+  (``ByteSize()``) from the gateway's half of the replica's byte budget
+  (service/serving/torchserve/budget.py: :class:`ByteAdmission`), for as long as it holds
+  its place; a message that does not fit is answered RESOURCE_EXHAUSTED with the same
+  metadata. ``StreamPredictions2`` is served as the native engine serves it, each message
+  one counted ``Predictions`` call, answered in order: TorchServe's own needs a model set up
+  for sequence batching, which no modelctl archive is (without a ``sequence_id`` it answers
+  each message "Parameter sequenceId is required.", with one the call fails UNKNOWN), and
+  forwarded as it was, its messages reached TorchServe's heap uncounted;
 * a request whose worker died under it ("Worker died.\\norg.pytorch...InternalServerException")
   is INTERNAL, or RESOURCE_EXHAUSTED when the worker was SIGKILLed (exit 137, which
   TorchServe takes for the OOM killer): it is UNAVAILABLE here (TorchServe starts a new
@@ -73,6 +80,7 @@ from service._gen import inference_pb2, inference_pb2_grpc
 from service.auth import ApiToken
 from service.grpc_streams import AioStreamLimitInterceptor, StreamLimit
 from service.serving.health import ReadinessHealthServicer
+from service.serving.torchserve.budget import SizeClass, endpoint_shares, size_classes
 from service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -213,6 +221,46 @@ class Admission:
                      ("grpc-retry-pushback-ms", str(self.retry_after_s * 1000)))
 
 
+class ByteAdmission:
+    """Bytes of request messages let through at once, by size class: the gateway's share of
+    the replica's byte budget (used only inside the server's event loop). A message of ``n``
+    bytes fits when, for every class whose lower bound it is over, the bytes held by such
+    messages plus ``n`` stay within that class's ``nested_bytes``: the share for the
+    smallest class, less for the larger ones, so that large messages never take the room
+    kept for small ones."""
+
+    def __init__(self, classes: list[SizeClass] | None, retry_after_s: int = 1):
+        self.classes = list(classes or ())
+        self.retry_after_s = retry_after_s
+        self.share = self.classes[0].nested_bytes if self.classes else None
+        self._held = {c.above: 0 for c in self.classes}
+
+    def acquire(self, nbytes: int) -> bool:
+        over = [c for c in self.classes if nbytes > c.above]
+        if any(self._held[c.above] + nbytes > c.nested_bytes for c in over):
+            return False
+        for c in over:
+            self._held[c.above] += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        for c in self.classes:
+            if nbytes > c.above:
+                self._held[c.above] -= nbytes
+
+    def held(self) -> int:
+        """Bytes of the messages let through and not yet answered."""
+        return self._held.get(0, 0)
+
+    def refusal(self, nbytes: int) -> tuple[ResourceExhausted, tuple]:
+        err = ResourceExhausted(f"request bodies in flight over gRPC would exceed the gateway's "
+                                f"{self.share} bytes of the byte budget (half of "
+                                f"max_inflight_bytes) with this one of {nbytes} bytes; retry after "
+                                f"{self.retry_after_s}s")
+        return err, (("retry-after", str(self.retry_after_s)),
+                     ("grpc-retry-pushback-ms", str(self.retry_after_s * 1000)))
+
+
 class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
     """Forwards TorchServe's inference API to ``upstream_target``.
 
@@ -220,13 +268,15 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
     TorchServe's current inference key (None: the upstream wants none); ``fresh_upstream_key``
     the same without any cache (after TorchServe refused a key). ``admit_per_model``: calls
     of one model let through at once (None: no limit), the others are refused
-    RESOURCE_EXHAUSTED with a retry-after of ``retry_after_s``.
+    RESOURCE_EXHAUSTED with a retry-after of ``retry_after_s``. ``byte_classes``: the
+    gateway's share of the byte budget (:class:`ByteAdmission`; None: no limit).
     """
 
     def __init__(self, upstream_target: str, *, max_message_bytes: int, token: ApiToken,
                  upstream_key: Callable[[], str] | None = None,
                  fresh_upstream_key: Callable[[], str] | None = None,
-                 admit_per_model: int | None = None, retry_after_s: int = 1):
+                 admit_per_model: int | None = None, retry_after_s: int = 1,
+                 byte_classes: list[SizeClass] | None = None):
         if not isinstance(token, ApiToken):
             raise TypeError("the gateway needs the operator's ApiToken")
         self.upstream_target = upstream_target
@@ -234,6 +284,7 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         self._upstream_key = upstream_key
         self._fresh_key = fresh_upstream_key or upstream_key
         self.admission = Admission(admit_per_model, retry_after_s)
+        self.bytes = ByteAdmission(byte_classes, retry_after_s)
         #: Upstream unary calls still running (also those whose caller has gone).
         self._upstream_tasks: set[asyncio.Task] = set()
         self._options = [("grpc.max_send_message_length", max_message_bytes),
@@ -286,21 +337,27 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         except aio.AioRpcError as exc:
             await _abort_for(context, exc)
 
-    async def _admit(self, context, model: str) -> None:
-        """Take a place for ``model``, or abort RESOURCE_EXHAUSTED with a retry-after."""
+    async def _admit(self, context, model: str, nbytes: int) -> None:
+        """Take a place for ``model`` and ``nbytes`` of the byte budget, or abort
+        RESOURCE_EXHAUSTED with a retry-after (holding neither)."""
         if not self.admission.acquire(model):
             err, trailers = self.admission.refusal(model)
             await context.abort(grpc_status(err), err.message, trailers)
+        if not self.bytes.acquire(nbytes):
+            self.admission.release(model)
+            err, trailers = self.bytes.refusal(nbytes)
+            await context.abort(grpc_status(err), err.message, trailers)
 
-    def _upstream_task(self, model: str, coro) -> asyncio.Task:
-        """``coro`` as a task that gives ``model``'s place back when it ends, not before:
-        a caller that cancels does not cancel it (TorchServe runs the job anyway)."""
+    def _upstream_task(self, model: str, nbytes: int, coro) -> asyncio.Task:
+        """``coro`` as a task that gives ``model``'s place and ``nbytes`` back when it ends,
+        not before: a caller that cancels does not cancel it (TorchServe runs the job anyway)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._upstream_tasks.add(task)
 
         def _done(t: asyncio.Task) -> None:
             self._upstream_tasks.discard(t)
             self.admission.release(model)
+            self.bytes.release(nbytes)
             if not t.cancelled():
                 t.exception()  # retrieved: a caller that left does not read it
 
@@ -313,11 +370,12 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
 
     async def Predictions(self, request, context):
         await self._authenticate(context)
-        await self._admit(context, request.model_name)
+        nbytes = request.ByteSize()
+        await self._admit(context, request.model_name, nbytes)
         # Without the caller's deadline upstream: TorchServe runs a job whose caller has
         # gone all the same, so the place is held until it has answered (the caller still
         # gets DEADLINE_EXCEEDED at its deadline, from gRPC itself).
-        upstream = self._upstream_task(request.model_name,
+        upstream = self._upstream_task(request.model_name, nbytes,
                                        self._unary("Predictions", request, context,
                                                    deadline=False))
         try:
@@ -337,15 +395,12 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         yield await self.Predictions(request, context)
 
     async def StreamPredictions2(self, request_iterator, context):
-        # A sequence API: per-response errors travel in PredictionResponse.status, as
-        # TorchServe sends them; only a failed call is translated.
+        # Each message one Predictions call (counted, in order), as the native engine serves
+        # it: TorchServe's own StreamPredictions2 serves only models set up for sequence
+        # batching, which no modelctl archive is, and it took the messages uncounted.
         await self._authenticate(context)
-        call = self._upstream().StreamPredictions2(request_iterator, **self._call_args(context))
-        try:
-            async for response in call:
-                yield response
-        except aio.AioRpcError as exc:
-            await _abort_for(context, exc)
+        async for request in request_iterator:
+            yield await self.Predictions(request, context)
 
     async def close(self) -> None:
         for task in list(self._upstream_tasks):
@@ -380,7 +435,9 @@ def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], li
     gateway = InferenceGateway(upstream_target, max_message_bytes=max_bytes, token=token,
                                upstream_key=upstream_key, fresh_upstream_key=fresh_upstream_key,
                                admit_per_model=settings.admit_per_model,
-                               retry_after_s=settings.retry_after_s)
+                               retry_after_s=settings.retry_after_s,
+                               byte_classes=size_classes(endpoint_shares(settings)[1],
+                                                         settings.max_request_size_bytes))
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(gateway, server)
     health_servicer = ReadinessHealthServicer(readiness_fn, services=(SERVICE_NAME,), poll_s=health_poll_s)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -445,12 +502,12 @@ class GatewayThread:
 
     def load(self, timeout_s: float = 10.0) -> dict:
         """What the gateway holds now: ``admitted`` (calls per model let through),
-        ``upstream`` (upstream unary calls running) and ``tasks`` (the event loop's tasks,
-        the asking one left out), read inside its loop."""
+        ``bytes`` (their messages' bytes), ``upstream`` (upstream unary calls running) and
+        ``tasks`` (the event loop's tasks, the asking one left out), read inside its loop."""
         gateway = self._server._modelctl_parts[0]
 
         async def _read():
-            return {"admitted": gateway.admission.counts(),
+            return {"admitted": gateway.admission.counts(), "bytes": gateway.bytes.held(),
                     "upstream": gateway.pending_upstream(),
                     "tasks": len(asyncio.all_tasks()) - 1}
 
