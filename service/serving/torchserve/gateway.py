@@ -295,7 +295,13 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
     def _upstream(self):
         # Created on first use, inside the server's event loop.
         if self._stub is None:
-            self._channel = aio.insecure_channel(self.upstream_target, options=self._options)
+            # TorchServe restarted by the supervisor is back within seconds: retry the
+            # loopback connection every 2 s at most, not after gRPC's backoff of up to 120 s.
+            self._channel = aio.insecure_channel(
+                self.upstream_target,
+                options=[*self._options, ("grpc.initial_reconnect_backoff_ms", 500),
+                         ("grpc.min_reconnect_backoff_ms", 500),
+                         ("grpc.max_reconnect_backoff_ms", 2000)])
             self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
         return self._stub
 
@@ -465,7 +471,13 @@ async def close_gateway(server: aio.Server, grace: float | None = 2.0) -> None:
 
 
 class GatewayThread:
-    """The gateway in a background thread with its own event loop (for sync callers)."""
+    """The gateway in a background thread with its own event loop (for sync callers).
+
+    :meth:`alive` is False once that thread has ended other than through :meth:`stop`
+    (its loop stopped or raised), and :attr:`died` then says how; ``Serving.run_forever``
+    starts another gateway (service/serving/torchserve/supervisor.py). :meth:`stop` also
+    closes the server of a gateway whose thread died, so its port is free again.
+    """
 
     def __init__(self, settings, upstream_target: str, readiness_fn: Callable[[], list],
                  **kwargs):
@@ -475,6 +487,9 @@ class GatewayThread:
         self._thread: threading.Thread | None = None
         self._server: aio.Server | None = None
         self.port: int | None = None
+        #: How the event loop's thread ended when it was not stopped (None: it runs, or
+        #: was stopped).
+        self.died: str | None = None
 
     def start(self, timeout_s: float = 30.0) -> int:
         """Start serving; returns the bound port."""
@@ -483,7 +498,8 @@ class GatewayThread:
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._on_loop_error)
         self._closing = False
-        self._thread = threading.Thread(target=self._loop.run_forever,
+        self.died = None
+        self._thread = threading.Thread(target=self._run, args=(self._loop,),
                                         name="grpc-gateway", daemon=True)
         self._thread.start()
 
@@ -513,6 +529,20 @@ class GatewayThread:
 
         return asyncio.run_coroutine_threadsafe(_read(), self._loop).result(timeout_s)
 
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The thread: the event loop until stop(); records how it ended otherwise."""
+        try:
+            loop.run_forever()
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt leave run_forever
+            self.died = f"its event loop raised {exc!r}"
+        else:
+            if not self._closing:
+                self.died = "its event loop stopped"
+
+    def alive(self) -> bool:
+        """Whether the event loop's thread runs (False before start and after stop too)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _on_loop_error(self, loop, context) -> None:
         # grpc.aio's poller can fire once more on its closed socket while the loop
         # shuts down (EBADF). It is harmless then; anything else is reported as usual.
@@ -528,8 +558,12 @@ class GatewayThread:
         self._closing = True
         if self._server is not None:
             try:
-                asyncio.run_coroutine_threadsafe(
-                    close_gateway(self._server, grace), self._loop).result(grace + 10)
+                if self.alive():
+                    asyncio.run_coroutine_threadsafe(
+                        close_gateway(self._server, grace), self._loop).result(grace + 10)
+                else:  # its thread died: close the server in its loop, here, to free the port
+                    self._loop.run_until_complete(
+                        asyncio.wait_for(close_gateway(self._server, 0), grace + 10))
             except Exception:
                 log.exception("gateway: error while stopping")
             self._server = None

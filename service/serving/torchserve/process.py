@@ -6,6 +6,11 @@ current working directory, its pid file in ``$TMPDIR``, and its workers' unix so
 directory as working directory and ``<state>/tmp`` as every kind of temporary directory,
 so several instances (tests, other checkouts) can run on one machine.
 
+TorchServe's launcher runs as ``python -m service.serving.torchserve.launch``: the
+``torchserve`` command's own code, which then ends as its Java frontend ended (exit code,
+or killed by the same signal), so :attr:`TorchServeProcess.returncode` says how the
+frontend ended (the ``torchserve`` command exits 0 whatever happened to it).
+
 ``torchserve --stop`` finds the server through the pid file in the *caller's* TMPDIR and
 is unreliable here; :meth:`TorchServeProcess.stop` signals the process group instead
 (SIGTERM, then SIGKILL), and checks that no process of the group (frontend, workers)
@@ -14,7 +19,10 @@ survives.
 TorchServe's REST inference API listens on loopback (``ts_inference_port``); the public
 REST port is the nginx proxy (:mod:`service.serving.torchserve.proxy`), which checks the operator's
 API token. It starts once TorchServe is up and stops before it; :meth:`renew_token`
-hands it TorchServe's renewed inference key.
+hands it TorchServe's renewed inference key. When TorchServe is started again while the
+proxy runs (a restart after the frontend died: ``stop(keep_proxy=True)``, then
+:meth:`TorchServeProcess.start`), the proxy stays up, answering 503 meanwhile, and gets the
+new TorchServe's inference key.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ class TorchServeProcess:
 
     ``total_workers`` sizes ``MODELCTL_TORCH_THREADS`` (inherited by every worker);
     by default it is the number of archives in the store times ``workers_per_model``.
+    ``torchserve_bin``: a launcher to run instead of TorchServe's own (tests).
     """
 
     def __init__(self, settings: ServeSettings, *, total_workers: int | None = None,
@@ -75,7 +84,9 @@ class TorchServeProcess:
                  api_token: ApiToken | None = None):
         self.settings = settings
         self._total_workers = total_workers
-        self._bin = Path(torchserve_bin) if torchserve_bin else _default_torchserve_bin()
+        self._bin = Path(torchserve_bin) if torchserve_bin else None
+        if self._bin is None:
+            _require_torchserve()
         self._proc: subprocess.Popen | None = None
         self._log_file = None
         #: The operator's token the REST proxy checks (default: service.auth.load_token).
@@ -160,6 +171,12 @@ class TorchServeProcess:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def returncode(self) -> int | None:
+        """How the launcher ended, which is how the Java frontend ended (the exit code, or
+        minus the signal; service/serving/torchserve/launch.py); None while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
     def tokens(self) -> TorchServeTokens:
         """Current keys, read from ``key_file.json`` (they change when renewed)."""
         try:
@@ -211,8 +228,11 @@ class TorchServeProcess:
         timeout_s = s.startup_timeout_s if timeout_s is None else timeout_s
         if not s.model_store.is_dir():
             raise FailedPrecondition(f"model store {s.model_store} is not a directory")
+        keep_proxy = self.proxy is not None and self.proxy.running()
         for port_name in ("inference_port", "ts_inference_port", "management_port",
                           "metrics_port", "grpc_management_port", "ts_grpc_inference_port"):
+            if port_name == "inference_port" and keep_proxy:
+                continue  # our own proxy holds it, and stays
             port = getattr(s, port_name)
             host = "127.0.0.1" if port_name in ("ts_inference_port", "management_port",
                                                 "grpc_management_port",
@@ -228,7 +248,8 @@ class TorchServeProcess:
                         "are in it", self.state_dir)
         if self.api_token is None:
             self.api_token = load_token(self.state_dir, create=True)
-        self.proxy = NginxProxy(s, self.api_token)
+        if not keep_proxy:
+            self.proxy = NginxProxy(s, self.api_token)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         s.archive_dir.mkdir(parents=True, exist_ok=True)
         for stale in s.archive_dir.iterdir():  # links (and copies) of an earlier run
@@ -242,7 +263,9 @@ class TorchServeProcess:
         self.config_path.write_text(render_config_properties(s))
 
         env = self._child_env()
-        cmd = [str(self._bin), "--start", "--foreground", "--ncs",
+        launcher = [str(self._bin)] if self._bin else [sys.executable, "-m",
+                                                        "service.serving.torchserve.launch"]
+        cmd = [*launcher, "--start", "--foreground", "--ncs",
                "--ts-config", str(self.config_path), "--model-store", str(s.archive_dir)]
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(
@@ -258,9 +281,12 @@ class TorchServeProcess:
         )
         try:
             self._wait_up(timeout_s)
-            self.proxy.start(self.tokens.inference)
+            if keep_proxy:  # the running proxy forwards with the new TorchServe's key
+                self.proxy.set_upstream_key(self.tokens.inference)
+            else:
+                self.proxy.start(self.tokens.inference)
         except BaseException:
-            self.stop(timeout=5)
+            self.stop(timeout=5, keep_proxy=keep_proxy)
             raise
         return self
 
@@ -336,12 +362,13 @@ class TorchServeProcess:
                 continue
         return sorted(found)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0, *, keep_proxy: bool = False) -> None:
         """SIGTERM the process group, SIGKILL what is left after ``timeout`` seconds.
 
         Returns when no process of the group (launcher, Java frontend, workers) is left.
+        ``keep_proxy``: leave the REST proxy running (TorchServe is started again next).
         """
-        if self.proxy is not None:
+        if self.proxy is not None and not keep_proxy:
             self.proxy.stop()
         if self._proc is None:
             return
@@ -421,14 +448,12 @@ class TorchServeProcess:
         self.stop()
 
 
-def _default_torchserve_bin() -> Path:
-    candidate = Path(sys.executable).parent / "torchserve"
-    if candidate.exists():
-        return candidate
-    found = shutil.which("torchserve")
-    if not found:
-        raise FailedPrecondition("the torchserve command is not installed")
-    return Path(found)
+def _require_torchserve() -> None:
+    """TorchServe's launcher (the ``ts`` package) must be importable by this Python."""
+    import importlib.util
+
+    if importlib.util.find_spec("ts") is None:
+        raise FailedPrecondition("TorchServe (the torchserve package) is not installed")
 
 
 def _alive(psutil, pid: int) -> bool:

@@ -315,6 +315,11 @@ class NginxProxy:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """How the nginx master ended (exit code, or minus the signal); None while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
     def _cmd(self, *extra: str) -> list[str]:
         binary = self._bin or nginx_binary()
         return [str(binary), "-p", str(self.dir), "-c", str(self.config_path),
@@ -407,7 +412,11 @@ class NginxProxy:
                           f"{self.error_log}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGQUIT (graceful: requests in flight finish), SIGKILL after ``timeout``."""
+        """SIGQUIT (graceful: requests in flight finish), SIGKILL after ``timeout``.
+
+        Returns when no process of its group is left: a worker whose master died (killed)
+        goes on listening on the public port, and nginx started again could not bind it.
+        """
         if self._proc is None:
             return
         proc, self._proc = self._proc, None
@@ -425,12 +434,28 @@ class NginxProxy:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        deadline = time.monotonic() + 5.0
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is left (zombies, which hold no socket, aside)."""
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return False
 
 
 def _child_env() -> dict[str, str]:
