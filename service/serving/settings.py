@@ -94,6 +94,17 @@ class ServeSettings:
     startup_timeout_s: float = 120.0
     #: Seconds between two looks at the model store's desired state (service/serving/converge.py).
     sync_interval_s: float = 2.0
+    #: Seconds between two liveness looks of ``run_forever`` at TorchServe, nginx and the
+    #: gateway (whether each process or thread still runs: no request is made); one that died
+    #: is restarted with backoff (service/serving/torchserve/liveness.py). Worker pids are
+    #: read from the management API every 2 s at most, to log a worker's death.
+    liveness_interval_s: float = 1.0
+    #: More restarts than this of one component (TorchServe, nginx or the gateway) within
+    #: ``restart_window_s`` seconds, and ``modelctl serve`` gives up: it stops everything and
+    #: exits non-zero, to be restarted whole (Kubernetes restarts the container). 0: never
+    #: restart, exit at the first death.
+    restart_limit: int = 5
+    restart_window_s: float = 600.0
     #: Largest request and response accepted over REST (nginx answers 413 above it) and
     #: gRPC (the gateway and TorchServe).
     max_request_size_bytes: int = 16 * 1024 * 1024
@@ -122,8 +133,8 @@ class ServeSettings:
     #: Kubernetes), so the frontend's resident memory climbs in steps for minutes and its
     #: ceiling depends on the node. Fixed and pre-touched, its heap is resident from the
     #: start, and a rise in resident memory means a leak. Out of heap, the JVM exits
-    #: (``-XX:+ExitOnOutOfMemoryError``), and ``modelctl serve`` with it, to be restarted
-    #: whole rather than run on with dead threads. Request bodies waiting in
+    #: (``-XX:+ExitOnOutOfMemoryError``) rather than run on with dead threads, and
+    #: ``modelctl serve`` restarts it (``restart_limit``). Request bodies waiting in
     #: TorchServe's queues live in this heap: up to ``job_queue_size`` of them per model,
     #: each up to ``max_request_size_bytes``.
     frontend_heap_mb: int = 512
@@ -201,7 +212,9 @@ class ServeSettings:
                 "lower max_request_size_bytes or set max_inflight_bytes")
         if self.job_queue_size < 2:  # one request per public endpoint at least
             raise InvalidArgument(f"job_queue_size must be >= 2, got {self.job_queue_size}")
-        for name in ("startup_timeout_s", "sync_interval_s"):
+        if self.restart_limit < 0:
+            raise InvalidArgument(f"restart_limit must be >= 0, got {self.restart_limit}")
+        for name in ("startup_timeout_s", "sync_interval_s", "liveness_interval_s", "restart_window_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
 

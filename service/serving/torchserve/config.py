@@ -63,7 +63,7 @@ def frontend_jvm_args(settings: ServeSettings) -> list[str]:
     """The JVM options of TorchServe's frontend (``vmargs``), in order."""
     s = settings
     # A JVM that ran out of heap goes on with some of its threads dead: exit instead, so that
-    # `modelctl serve` stops (it ends when TorchServe does) and is restarted whole.
+    # `modelctl serve` restarts it (service/serving/torchserve/supervisor.py).
     args = [f"-Xms{s.frontend_heap_mb}m", f"-Xmx{s.frontend_heap_mb}m", "-XX:+AlwaysPreTouch",
             "-XX:+ExitOnOutOfMemoryError"]
     tmp = (s.state_dir / "tmp").as_posix()
