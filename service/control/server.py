@@ -277,14 +277,28 @@ def create_server(config, deps, *, token: ApiToken) -> tuple[grpc.Server, int]:
 
 
 def stop_server(server: grpc.Server, grace_s: float = 2.0) -> None:
-    """Health NOT_SERVING, then stop (running calls get ``grace_s`` to end)."""
+    """Health NOT_SERVING, then stop (running calls get ``grace_s`` to end).
+
+    Health's ``set`` sends the new status to every open ``Watch`` from the calling thread
+    (grpc's non-blocking streaming) and waits until each is sent, which a client that does
+    not read can hold up: it runs in a thread of its own, given at most ``grace_s``."""
     health_servicer = getattr(server, "_modelctl_health", None)
     if health_servicer is not None:
-        health_servicer.enter_graceful_shutdown()
+        notify = threading.Thread(target=_enter_graceful_shutdown, args=(health_servicer,),
+                                  name="modelctl-health-shutdown", daemon=True)
+        notify.start()
+        notify.join(grace_s)
     server.stop(grace_s).wait()
     _, pool = getattr(server, "_modelctl_streams", (None, None))
     if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _enter_graceful_shutdown(health_servicer) -> None:
+    try:
+        health_servicer.enter_graceful_shutdown()
+    except Exception:  # noqa: BLE001 - a watcher's failure must not stop the shutdown
+        log.warning("health: telling the watchers NOT_SERVING failed", exc_info=True)
 
 
 class ControlService:
