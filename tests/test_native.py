@@ -493,3 +493,20 @@ def test_open_watch_streams_starve_nothing_on_the_grpc_port(native):
     wait_for(lambda: streams.counts()["anonymous"] == 0, 10, "the closed streams' places back")
     with HeldWatches(native.grpc, limit) as again:
         again.settle(open_streams=limit)
+
+
+def test_deep_json_is_refused_whatever_the_recursion_limit(native):
+    """Python's JSON reader refuses deep nesting only past the process's recursion limit, which
+    torch.compile raises: the engine bounds the depth itself (make test found a 1500-deep
+    ``parameters`` answered 200 after a compile had raised the limit)."""
+    import sys
+
+    body = ('{"inputs": [{"name": "sequences", "datatype": "FP32", "shape": [1, 1, 8], "data": [0, 0, 0, 0, 0, 0, 0, 0]}],'
+            ' "parameters": ' + '{"a":' * 1500 + '1' + '}' * 1500 + '}')
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, 20000))
+    try:
+        r = requests.post(f"{native.rest}/v2/models/lstm/infer", data=body, headers=_auth(native), timeout=30)
+    finally:
+        sys.setrecursionlimit(before)
+    assert r.status_code == 400 and "nested deeper than" in r.json()["error"], r.text

@@ -255,9 +255,9 @@ class LocalRunner:
             peak = cgroup.peak_bytes()
             log.warning("trainer pid %d: the kernel killed %d process(es) at the memory limit of its "
                         "cgroup %s (%d MB)", handle.pid, kills, cgroup.path, limit)
+            peak_text = f" at a peak of {peak // 2**20} MB" if peak else ""
             return (f"memory limit: the trainer's processes reached their limit of {limit} MB "
-                    f"(MODELCTL_JOB_MEMORY_LIMIT_MB{f'; peak {peak // 2**20} MB' if peak else ''}) and the "
-                    f"kernel killed {kills} of them")
+                    f"(MODELCTL_JOB_MEMORY_LIMIT_MB){peak_text} and the kernel killed {kills} of them")
         if not running:
             return None
         used = containment.group_memory(handle.pid)

@@ -287,6 +287,7 @@ def _parse_infer(body: bytes, header_length: str | None, io: oip.ModelIO | None 
         raise InvalidInput(f"the inference request is not valid JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
     if not isinstance(request, dict):
         raise InvalidInput("the inference request must be a JSON object")
+    _check_depth(request)
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
@@ -317,6 +318,25 @@ def _parse_infer(body: bytes, header_length: str | None, io: oip.ModelIO | None 
     if pos != len(rest):
         raise InvalidInput(f"{len(rest) - pos} bytes of binary data after the last input's")
     return request, tensors, json_bytes
+
+
+#: Deepest JSON nesting an inference request may have (a tensor of 8 dimensions inside the
+#: request's own 3 levels needs 11). Python's JSON reader refuses depths past the
+#: interpreter's recursion limit, but that limit is process-wide (torch.compile raises it),
+#: so the bound is checked here, on the parsed value, without recursion.
+MAX_JSON_DEPTH = 32
+
+
+def _check_depth(value) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidInput(f"the inference request is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
 
 
 def _wanted_outputs(outputs_req, params: dict):
