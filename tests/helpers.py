@@ -69,10 +69,22 @@ def random_image(channels: int, height: int, width: int, fmt: str = "png", seed:
     return encoded.numpy().tobytes()
 
 
+#: Ports free_port has handed out in this process: never handed out twice. A closed
+#: socket's port goes back to the kernel's pool at once, so two calls in a row can return the
+#: same one (a clean-clone run got inference_port == ts_inference_port, and ServeSettings
+#: refused them).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 that no earlier call in this process returned."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def broken_archive_copy(good: Path, target: Path, weights: bytes | None = None, **manifest_model) -> None:

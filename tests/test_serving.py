@@ -36,6 +36,7 @@ from service.serving.settings import ServeSettings
 from service.serving.store_scan import register_store, scan_model_store
 from service.serving.torchserve.supervisor import Serving
 from service.serving.torchserve.process import TorchServeProcess, torch_threads_for
+from tests.helpers import free_port
 
 from service._gen import inference_pb2, inference_pb2_grpc  # generated: scripts/build_protos.py
 
@@ -81,25 +82,9 @@ class BrokenHandler:
 '''
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def free_ports(n: int) -> list[int]:
-    """``n`` different free ports (held open together so they cannot repeat)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` free ports, none handed out before in this process (tests/helpers.free_port)."""
+    return [free_port() for _ in range(n)]
 
 
 def build_archive(store: Path, work: Path, name: str, version: int, handler_src: str) -> Path:
