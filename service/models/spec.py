@@ -10,7 +10,8 @@ from service.errors import InvalidSpec, shown
 from service.models._schema import Schema, check_keys, field
 from service.models.registry import FAMILIES
 
-TASKS = ("multiclass", "multilabel", "regression")
+#: "segmentation": one class per pixel (service/models/unet.py); the others, one answer per example.
+TASKS = ("multiclass", "multilabel", "regression", "segmentation")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Normalisation used when an image input omits mean/std, by channel count.
@@ -76,11 +77,14 @@ class ModelSpec:
     num_classes: int
     config: Any = None
     input: ImageInput | SequenceInput | None = None
-    task: str = "multiclass"
+    #: None: the family's first task (multiclass; segmentation for unet)
+    task: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise InvalidSpec("family", f"unknown family {shown(self.family)}", allowed=list(FAMILIES))
+        if self.task is None:
+            object.__setattr__(self, "task", FAMILIES[self.family].tasks[0])
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1:
             raise InvalidSpec("num_classes", f"must be an integer >= 1, got {shown(self.num_classes)}")
         if self.task not in TASKS:
@@ -95,8 +99,13 @@ class ModelSpec:
         if getattr(self.input, "type", None) != family.modality:
             raise InvalidSpec("input.type", f"family {shown(self.family)} takes {family.modality} input",
                               allowed=[family.modality])
+        if self.task not in family.tasks:
+            raise InvalidSpec("task", f"family {shown(self.family)} is for {'/'.join(family.tasks)}, "
+                              f"got {shown(self.task)}", allowed=family.tasks)
         self.config.validate("config")
         self.input.validate("input")
+        if family.check is not None:
+            family.check(self)
 
     @property
     def modality(self) -> str:
@@ -127,7 +136,7 @@ class ModelSpec:
             raise InvalidSpec("input.type", f"family {shown(name)} takes {family.modality} input",
                               allowed=[family.modality])
         inp = INPUTS[kind].from_dict(raw_input, "input")
-        return cls(name, data["num_classes"], config, inp, data.get("task", "multiclass"))
+        return cls(name, data["num_classes"], config, inp, data.get("task"))
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-serialisable dict; ``from_dict(to_dict())`` equals this spec."""

@@ -303,7 +303,7 @@ class FineTuneRecipe:
                        LoadContext(self.spec.dataset_path, self._task_name(base_bundle), self.policy.data_roots,
                                    self.policy.max_examples, self.policy.max_elements))
         self.model_spec, self.head = self._final_spec(base_bundle, raw.labels)
-        self.task = TASKS[self.model_spec.task]
+        self.task = TASKS[self.model_spec.task].sized(self.model_spec.num_classes)
         self.data: PreparedData = prepare(
             raw, name=self.spec.dataset.source, spec=self.model_spec, task=self.model_spec.task, hp=hp,
             train_size=self.spec.dataset.train_size, val_size=self.spec.dataset.val_size,

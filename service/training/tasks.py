@@ -7,6 +7,8 @@ validation set is exactly the metric a single process would compute.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +23,9 @@ MULTILABEL_THRESHOLD = 0.5
 class Task:
     """``criterion(label_smoothing)`` builds the loss; ``stats(logits, target)`` returns a
     float64 vector of sums; ``metric(sums)`` turns reduced sums into the metric, named
-    ``metric_name``, where ``mode`` ("max" or "min") says which way is better."""
+    ``metric_name``, where ``mode`` ("max" or "min") says which way is better. A task whose
+    sums grow with the classes (``per_class``) is :meth:`sized` for a model first;
+    ``details(sums)`` gives the per-class figures it reports beside the metric."""
 
     criterion: Callable[[float], nn.Module]
     stats: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,6 +34,14 @@ class Task:
     mode: str
     target_dtype: torch.dtype
     num_stats: int
+    per_class: bool = False
+    details: Callable[[torch.Tensor], dict] | None = None
+
+    def sized(self, num_classes: int) -> Task:
+        """This task for a model with ``num_classes`` outputs (per pixel, for segmentation)."""
+        if not self.per_class:
+            return self
+        return dataclasses.replace(self, num_stats=2 * num_classes)
 
 
 def _multiclass_stats(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -54,6 +66,57 @@ def _micro_f1(s: torch.Tensor) -> float:
 def _regression_stats(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     sse = ((output.float() - target.float()) ** 2).sum()
     return torch.stack([sse.double(), torch.tensor(float(target.numel()), dtype=torch.float64)])
+
+
+class SegmentationLoss(nn.Module):
+    """Per-pixel loss of (N, C, H, W) logits against (N, H, W) class ids: cross-entropy for
+    C > 1; for a binary mask (C == 1), BCE-with-logits of the one channel against the 0/1 mask."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] == 1:
+            return self.bce(logits[:, 0], target.to(logits.dtype))
+        return self.ce(logits, target)
+
+
+def segmentation_prediction(logits: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) logits -> (N, H, W) class ids: argmax over classes; for a binary mask
+    (C == 1), ``torch.ge(sigmoid, MULTILABEL_THRESHOLD)`` (1 = the class, 0 = background)."""
+    if logits.shape[1] == 1:
+        return torch.ge(torch.sigmoid(logits[:, 0].float()), MULTILABEL_THRESHOLD).long()
+    return logits.argmax(dim=1)
+
+
+def _iou_stats(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per class, the pixels of intersection then of union (sums: they add over batches and
+    over processes). A binary mask's one class is its foreground (1)."""
+    pred = segmentation_prediction(logits)
+    target = target.long()
+    classes = logits.shape[1]
+    ids = torch.arange(classes, device=pred.device) + (1 if classes == 1 else 0)
+    p = pred.reshape(1, -1) == ids.view(-1, 1)
+    t = target.reshape(1, -1) == ids.view(-1, 1)
+    inter = (p & t).sum(dim=1)
+    union = (p | t).sum(dim=1)
+    return torch.cat([inter, union]).double()
+
+
+def per_class_iou(sums: torch.Tensor) -> list[float]:
+    """IoU of each class from the reduced sums; NaN for a class in neither truth nor prediction."""
+    k = len(sums) // 2
+    inter, union = sums[:k], sums[k:]
+    return [float(i / u) if u > 0 else math.nan for i, u in zip(inter.tolist(), union.tolist(), strict=True)]
+
+
+def mean_iou(sums: torch.Tensor) -> float:
+    """Mean IoU over the classes present in truth or prediction (empty classes do not count);
+    1.0 when no class is present at all."""
+    present = [v for v in per_class_iou(sums) if not math.isnan(v)]
+    return sum(present) / len(present) if present else 1.0
 
 
 TASKS: dict[str, Task] = {
@@ -83,6 +146,17 @@ TASKS: dict[str, Task] = {
         mode="min",
         target_dtype=torch.float32,
         num_stats=2,
+    ),
+    "segmentation": Task(
+        criterion=SegmentationLoss,
+        stats=_iou_stats,
+        metric=mean_iou,
+        metric_name="mean_iou",
+        mode="max",
+        target_dtype=torch.long,
+        num_stats=0,  # 2 per class: sized()
+        per_class=True,
+        details=lambda s: {"per_class_iou": [None if math.isnan(v) else v for v in per_class_iou(s)]},
     ),
 }
 
