@@ -5,7 +5,10 @@ service's data roots and bounds) decides; an error is its ``InvalidSpec`` naming
 dotted field. On top of it, the control API checks what the trainer would only find once
 started: the base model must exist (NotFound) and a fixed output version must not
 (AlreadyExists). A base given without a version is pinned to the version that is latest
-when the job is created. The trainer is imported lazily: it pulls in torch.
+when the job is created. A distill run's teacher must exist, be a multiclass model and take
+the student's input (service/training/distill.py reads that from the archive's spec, not its
+weights); its labels against the dataset's are the trainer's check, before its first epoch.
+The trainer is imported lazily: it pulls in torch.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ def validate(data: Any, policy, model_store):
         info = model_store.get(name, version)  # NotFound names the model and its versions
         if version is None:  # pin the base: the job trains on the version latest now
             spec = RunSpec.from_dict({**data, "base": f"{name}:{info.version}"}, policy)
+    if spec.teacher is not None:
+        from service.training import distill
+
+        distill.check_at_creation(spec, model_store)
     out = spec.output
     if out.version is not None and out.version in model_store.versions(out.name):
         raise AlreadyExists(f"output.version: model {out.name!r} version {out.version} exists; "

@@ -6,16 +6,21 @@ a checkpoint every epoch, resume, DDP, and a new archive version at the end.
 (torchtune's setup / train / save_checkpoint / cleanup); :func:`run_finetune` runs it.
 
 The run directory holds ``run.json`` (the validated spec and the run id: the config
-beside the weights), ``checkpoint.pt`` (every epoch), ``events.jsonl`` and, once the
+beside the weights), ``checkpoint.pt`` (every epoch), ``events.jsonl``, TensorBoard's
+event files in ``tensorboard/`` (service/training/curves.py) and, once the
 archive is written, ``result.json`` (``run.json`` and ``result.json`` are fsynced, then
 renamed into place: service/atomic.py). Started again on the same directory, a run resumes
 from its checkpoint; a finished run is not trained nor archived again, and a run that
 wrote its archive but not its result.json finds that archive by its run id (the lineage
 is published before the archive) instead of writing another version.
 
-The archive holds the best weights by the monitored value (``hyperparameters.keep:
-last`` for the last ones). Evaluation runs in fp32 through the shared eval transform,
-as serving does, whatever the training precision.
+The data comes in three splits (datasets.make_splits). The validation split picks the
+weights: the best epoch by the monitored value (``hyperparameters.keep: last`` for the
+last ones), early stopping and the plateau scheduler follow it, and deploy-if-better
+compares the parent on it. The test split is evaluated once, at the end, with the kept
+weights: its ``test_metric`` is the honest figure, since nothing chose anything on it.
+Evaluation runs in fp32 through the shared eval transform, as serving does, whatever the
+training precision.
 """
 
 from __future__ import annotations
@@ -48,18 +53,23 @@ from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec
 from service.models import FAMILIES, ImageInput, ModelSpec, build_model, load_model
 from service.modelstore import ArchiveInfo, ModelBundle, ModelStore
 from service.training import checkpoint as ckpt
-from service.training import distributed
+from service.training import distill, distributed
+from service.training.curves import IMAGES_TAG, SEGMENTATION_IMAGES, TENSORBOARD_DIR, Curves, segmentation_panels
 from service.training.datasets import LoadContext, PreparedData, load_raw, prepare
 from service.training.events import EVENTS_FILE, EventLog, now
 from service.training.optim import OPTIMIZERS
 from service.training.spec import Policy, RunSpec
-from service.training.tasks import TASKS, Task, better
+from service.training.tasks import TASKS, Task, better, segmentation_prediction
 
 logger = logging.getLogger("service.training")
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
 PROGRESS_INTERVAL_S = 2.0
+#: per-class figures of a task's evaluate() details that an epoch record, the best epoch and
+#: the archive's metrics carry beside the metric (segmentation: IoU per class, None where a
+#: class is in neither truth nor prediction)
+DETAILS = ("per_class_iou",)
 
 
 # ---- stopping ----------------------------------------------------------------------
@@ -109,17 +119,20 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     scaler: torch.amp.GradScaler | None = None, clip_grad_norm: float | None = None,
                     should_stop: Callable[[], bool] = lambda: False,
                     progress: Callable[[int, int, float, int, float], None] | None = None,
-                    memory_format: torch.memory_format = torch.preserve_format) -> dict:
+                    memory_format: torch.memory_format = torch.preserve_format,
+                    teacher: Callable[..., torch.Tensor] | None = None) -> dict:
     """One pass over ``loader``. Returns loss_sum, count (examples), seconds and stopped
     (``should_stop()`` became true after a batch: the epoch is incomplete). Image batches
-    are laid out in ``memory_format``."""
+    are laid out in ``memory_format``. ``teacher`` (distill runs): its logits of the same
+    batch go to ``criterion`` as a third argument (service/training/distill.py)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count, start, batches = 0, time.perf_counter(), len(loader)
     for i, (args, target) in enumerate(loader):
         args, target = _to(args, device, memory_format), target.to(device, non_blocking=True)
         with autocast():
             output = model(*args)
-        loss = criterion(output.float(), target)
+        loss = criterion(output.float(), target) if teacher is None else criterion(output.float(), target,
+                                                                                  teacher(*args))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -163,14 +176,19 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, device: torch.devic
         sums = torch.zeros(2 + task.num_stats, dtype=torch.float64)
     sums = reduce(sums)
     count = int(sums[1])
-    return {"loss": float(sums[0] / sums[1]) if count else math.nan, "metric": task.metric(sums[2:]),
-            "count": count}
+    out = {"loss": float(sums[0] / sums[1]) if count else math.nan, "metric": task.metric(sums[2:]), "count": count}
+    if task.details is not None:  # per-class figures (segmentation: IoU per class)
+        out["details"] = task.details(sums[2:])
+    return out
 
 
 # ---- helpers -----------------------------------------------------------------------
 def head_prefix(model: nn.Module) -> str:
-    """The state_dict prefix of the model's head: its last nn.Linear (every family ends in one)."""
+    """The state_dict prefix of the model's head: its last nn.Linear (every classifier family
+    ends in one), or for a fully convolutional network (unet) its last 1x1 nn.Conv2d."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     if not names:
         raise FailedPrecondition(f"{type(model).__name__} has no linear head")
     return names[-1] + "."
@@ -268,6 +286,7 @@ class FineTuneRecipe:
         self.dist = distributed.DistContext()
         self.events = EventLog(self.run_dir / EVENTS_FILE)
         self.finished: dict | None = None
+        self.distiller: distill.Distiller | None = None
         self.start_epoch = 0
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -275,6 +294,7 @@ class FineTuneRecipe:
         self.bad_epochs = 0
         self.train_seconds = 0.0
         self.samples_seen = 0
+        self.curves = Curves(self.run_dir / TENSORBOARD_DIR, enabled=False)
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -307,8 +327,10 @@ class FineTuneRecipe:
         self.data: PreparedData = prepare(
             raw, name=self.spec.dataset.source, spec=self.model_spec, task=self.model_spec.task, hp=hp,
             train_size=self.spec.dataset.train_size, val_size=self.spec.dataset.val_size,
-            base_vocab=base_bundle.vocab if base_bundle is not None else None, model_field=model_field)
+            test_size=self.spec.dataset.test_size, base_vocab=base_bundle.vocab if base_bundle is not None else None, model_field=model_field)
         del raw
+        if self.spec.distill is not None:  # the teacher, checked before anything trains
+            self.distiller = distill.load_teacher(self.spec, self.store, self.model_spec, self.data, self.device)
         # model
         torch.manual_seed(hp.seed)
         self.model = self._build_model(base_bundle).to(self.device)
@@ -325,6 +347,8 @@ class FineTuneRecipe:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.criterion = self.task.criterion(hp.label_smoothing)
+        if self.distiller is not None:
+            self.criterion = self.distiller.loss(self.criterion)
         self.optimizer = OPTIMIZERS[hp.optimizer](trainable, hp)
         self.mode = self.task.mode if hp.monitor == "metric" else "min"
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -332,8 +356,12 @@ class FineTuneRecipe:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         torch.manual_seed(hp.seed + self.dist.rank)
         self._resume()
+        self._open_curves()
         self._setup_loaders()
         self.parent_eval = self._evaluate_parent(base_bundle)
+        if self.distiller is not None:
+            self.distiller.evaluate(evaluate, self.criterion, self.val_loader, self.device, self.task,
+                                    self.dist.all_reduce_sum, self.dist.is_main)
 
     def _evaluate_parent(self, base: ModelBundle | None) -> dict | None:
         """The parent's loss and metric on this run's validation set, with the same
@@ -380,8 +408,8 @@ class FineTuneRecipe:
                                     "versions are immutable")
 
     def _task_name(self, base: ModelBundle | None) -> str:
-        if self.spec.task is not None:
-            return self.spec.task
+        if self.spec.model_task is not None:
+            return self.spec.model_task
         return base.spec.task if base is not None else self.spec.model_spec().task
 
     def _final_spec(self, base: ModelBundle | None, labels: list[str]) -> tuple[ModelSpec, str]:
@@ -456,6 +484,35 @@ class FineTuneRecipe:
         # Validation: each rank evaluates its own slice, no padding; sums are all-reduced.
         shard = Subset(self.data.val, range(d.rank, len(self.data.val), d.world_size))
         self.val_loader = DataLoader(shard, batch_size=hp.batch_size, shuffle=False, **common)
+        # Test: the same, once at the end (see _finish).
+        shard = Subset(self.data.test, range(d.rank, len(self.data.test), d.world_size))
+        self.test_loader = DataLoader(shard, batch_size=hp.batch_size, shuffle=False, **common)
+
+    # ---- curves ------------------------------------------------------------------------
+    def _open_curves(self) -> None:
+        """TensorBoard event files in the run dir (main rank). A resumed run purges what the
+        event files hold from the checkpoint's epoch on and writes that epoch again from the
+        checkpoint, so the curves match the checkpoint's history (service/training/curves.py)."""
+        self.curves = Curves(self.run_dir / TENSORBOARD_DIR, enabled=self.dist.is_main,
+                             purge_step=self.start_epoch or None)
+        if self.start_epoch and self.history:
+            self.curves.epoch(self.history[-1])
+
+    @torch.inference_mode()
+    def _segmentation_images(self, epoch: int) -> None:
+        """A few fixed validation images of a segmentation model with their true and
+        predicted masks, as TensorBoard images (main rank; fp32, eval mode)."""
+        if not self.curves.active or self.model_spec.task != "segmentation" or not len(self.data.val):
+            return
+        n = len(self.data.val)
+        picks = sorted({round(i * (n - 1) / max(SEGMENTATION_IMAGES - 1, 1)) for i in range(SEGMENTATION_IMAGES)})
+        args, target = self.data.collate([self.data.val[i] for i in picks])
+        self.model.eval()
+        logits = self.model(*_to(args, self.device, self.memory_format)).float()
+        if logits.dim() != 4:
+            return
+        panels = segmentation_panels(args[0].cpu(), target.cpu(), segmentation_prediction(logits).cpu())
+        self.curves.image(IMAGES_TAG, panels, epoch)
 
     # ---- training ----------------------------------------------------------------------
     def _autocast(self):
@@ -493,7 +550,8 @@ class FineTuneRecipe:
                 self.ddp, self.criterion, self.optimizer, self.train_loader, self.device, autocast=self._autocast,
                 scaler=self.scaler, clip_grad_norm=hp.clip_grad_norm,
                 should_stop=lambda: d.any(self.stop.requested), progress=self._progress(epoch),
-                memory_format=self.memory_format)
+                memory_format=self.memory_format,
+                teacher=self.distiller.teacher if self.distiller is not None else None)
             if stats["stopped"]:
                 return self._stopped(epoch, "during")
             d.broadcast_buffers(self.model)
@@ -510,7 +568,7 @@ class FineTuneRecipe:
             improved = better(self.mode, monitored, None if self.best is None else self.best["monitored"])
             if improved:
                 self.best = {"epoch": epoch, "monitored": monitored, "val_metric": val["metric"],
-                             "val_loss": val["loss"]}
+                             "val_loss": val["loss"], **val.get("details", {})}
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
                 self.bad_epochs = 0
             else:
@@ -518,11 +576,13 @@ class FineTuneRecipe:
             record = {"epoch": epoch, "epochs": hp.epochs, "train_loss": float(train_sums[0] / train_sums[1]),
                       "val_loss": val["loss"], "val_metric": val["metric"], "metric": self.task.metric_name,
                       "val_count": val["count"], "lr": lr, "samples_per_s": samples / max(seconds, 1e-9),
-                      "epoch_seconds": seconds, "time": now()}
+                      "epoch_seconds": seconds, **val.get("details", {}), "time": now()}
             self.history.append(record)
             self.save_checkpoint(epoch)
             if d.is_main:
                 self.events.append("epoch", **{k: v for k, v in record.items() if k != "time"})
+                self.curves.epoch(record)
+                self._segmentation_images(epoch)
                 logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_%s %.4f  lr %.2g  %.0f samples/s%s",
                             epoch, hp.epochs, record["train_loss"], val["loss"], self.task.metric_name,
                             val["metric"], lr, record["samples_per_s"], "  (best)" if improved else "")
@@ -578,8 +638,8 @@ class FineTuneRecipe:
         hp, d = self.hp, self.dist
         keep_best = hp.keep == "best" and self.best is not None
         weights = self.best_state if keep_best else self.model.state_dict()
-        chosen = self.best if keep_best else {
-            "epoch": epoch, "val_metric": self.history[-1]["val_metric"], "val_loss": self.history[-1]["val_loss"]}
+        chosen = self.best if keep_best else {**self.history[-1], "epoch": epoch}
+        details = {k: chosen[k] for k in DETAILS if k in chosen}  # segmentation: per_class_iou
         metrics = {
             "metric": self.task.metric_name,
             "val_metric": chosen["val_metric"],
@@ -592,24 +652,42 @@ class FineTuneRecipe:
             "parent_val_metric": self.parent_eval["metric"] if self.parent_eval else None,
             "parent_val_loss": self.parent_eval["loss"] if self.parent_eval else None,
             "parent_val_count": self.parent_eval["count"] if self.parent_eval else None,
+            **details,
             "history": [{k: r[k] for k in ("epoch", "train_loss", "val_loss", "val_metric", "lr")}
                         for r in self.history],
         }
+        test = self._evaluate_test(weights if keep_best else None)
+        metrics.update(test_metric=test["metric"], test_loss=test["loss"], test_count=test["count"])
+        if "details" in test:
+            metrics["test_details"] = test["details"]
         info = None
         if d.is_main:
             info = self._write_archive(weights, metrics)
             faultpoints.point("train.archive_written")
             result = {"name": info.name, "version": info.version, "path": str(info.path), "epochs": epoch,
                       "run_id": self.run_id,
-                      **{k: metrics[k] for k in ("metric", "val_metric", "val_loss", "parent_val_metric")}}
+                      **{k: metrics[k] for k in ("metric", "val_metric", "val_loss", "parent_val_metric",
+                                                 "test_metric", "test_loss", "test_count")}}
             atomic.write_text(self.run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
             self.events.append("done", name=info.name, version=info.version, epochs=epoch,
-                               val_metric=metrics["val_metric"], metric=metrics["metric"])
-            logger.info("wrote %s version %d (%s %.4f on %d validation examples, %s weights of epoch %d): %s",
-                        info.name, info.version, metrics["metric"], metrics["val_metric"], metrics["val_count"],
-                        metrics["weights"], metrics["weights_epoch"], info.path)
+                               val_metric=metrics["val_metric"], test_metric=metrics["test_metric"],
+                               test_count=metrics["test_count"], metric=metrics["metric"])
+            logger.info("wrote %s version %d (%s weights of epoch %d): test %s %.4f on %d examples; validation "
+                        "%.4f on %d: %s", info.name, info.version, metrics["weights"], metrics["weights_epoch"],
+                        metrics["metric"], metrics["test_metric"], metrics["test_count"], metrics["val_metric"],
+                        metrics["val_count"], info.path)
         d.barrier()
         return Outcome("finished", self.run_dir, epoch, info, metrics)
+
+    def _evaluate_test(self, kept: dict | None) -> dict:
+        """The kept weights (``kept``; None: the model's own, the last) on the test split,
+        once, in fp32 through the same evaluate() as validation: each rank its shard, the
+        sums all-reduced. Nothing before this saw the test split."""
+        if kept is not None:
+            self.model.load_state_dict(kept)
+        test = evaluate(self.model, self.criterion, self.test_loader, self.device, self.task,
+                        self.dist.all_reduce_sum, memory_format=self.memory_format)
+        return test
 
     def _write_archive(self, weights: dict, metrics: dict) -> ArchiveInfo:
         out = self.spec.output
@@ -627,6 +705,7 @@ class FineTuneRecipe:
             "spec": self.spec.to_dict(),
             "hyperparameters": self.hp.to_dict(),
             "head": self.head,
+            **({"distill": self.distiller.lineage(self.model, self.task.metric_name)} if self.distiller else {}),
             "frozen_parameters": len(self.frozen),
             "metrics": metrics,
             "timings": {"started_at": started, "finished_at": finished, "duration_s": duration,
@@ -642,6 +721,7 @@ class FineTuneRecipe:
         return self.store.write(out.name, bundle, version=out.version, keep_default=True)
 
     def cleanup(self) -> None:
+        self.curves.close()
         self.dist.close()
 
 

@@ -9,8 +9,26 @@ A run spec is JSON or YAML::
     hyperparameters: {optimizer: adam, lr: 0.001, batch_size: 64, epochs: 10}
     output: {name: digits-cnn}    # version optional (default: next free); name defaults to base's
 
+A distillation run (``task: distill``) trains the student (``base`` or ``model``, a
+multiclass classifier: distill is the run's task, not the model's) against a teacher of
+the store as well as the labels::
+
+    task: distill
+    teacher: digits-big:3         # name:version, the version required (see below)
+    distill: {temperature: 4, alpha: 0.7}   # optional block; these are the defaults
+
+The loss is ``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))`` (nn.KLDivLoss,
+batchmean) ``+ (1 - alpha) * CE(student, labels)`` (service/training/distill.py). ``T``
+(``distill.temperature``) must be a finite number > 0, ``distill.alpha`` lie in [0, 1].
+``teacher`` and ``distill`` are refused without ``task: distill``. T and alpha sit in a
+block of their own, not in ``hyperparameters``, so that a spec that does not distill keeps
+exactly the fields (and the run directory digest) it had. The teacher's version is
+required: a student is defined by its teacher, and a run resumed after a new teacher
+version appeared must not switch teachers half way.
+
 ``dataset.source`` is ``builtin:<name>`` (see ``datasets.BUILTINS``), an ImageFolder
-directory, or a ``.npz`` / ``.jsonl`` sequence file. A path resolves (symlinks
+directory, a segmentation directory (``images/`` + ``masks/``, see
+``datasets.load_masks_folder``), or a ``.npz`` / ``.jsonl`` sequence file. A path resolves (symlinks
 followed, relative paths against the first data root) and must lie inside one of the
 :class:`Policy`'s data roots; a path outside is refused before anything is read.
 
@@ -21,7 +39,9 @@ the spec's: a spec cannot widen its own limits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,7 +64,7 @@ from service.errors import InvalidSpec, NotFound, shown
 from service.models import ModelSpec
 from service.models._schema import Schema, check_keys, field
 from service.modelstore import validate_model_name
-from service.training.datasets import BUILTIN_PREFIX, BUILTINS
+from service.training.datasets import BUILTIN_PREFIX, BUILTINS, is_masks_dir
 from service.training.optim import OPTIMIZERS
 from service.training.tasks import TASKS
 
@@ -53,14 +73,18 @@ DATA_ROOTS_ENV = "MODELCTL_DATA_ROOTS"
 # This service's bounds on a run spec (service/bounds.py): the defaults of Policy, and its
 # ceilings. An operator's Policy may set lower ones (MODELCTL_MAX_*); a spec never can. A
 # value outside is an InvalidSpec naming the field and the allowed range.
-# MAX_EXAMPLES: examples a dataset, train_size and val_size may hold; MAX_DATASET_ELEMENTS:
+# MAX_EXAMPLES: examples a dataset, train_size, val_size and test_size may hold; MAX_DATASET_ELEMENTS:
 # the elements of a .npz's arrays, all together.
 #: numpy and scikit-learn take 32-bit seeds only.
 MAX_SEED = 2**32 - 1
 AUGMENT_CHOICES = ("auto", "none", "crop", "crop_flip")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FILE_KINDS = {".npz": "npz", ".jsonl": "jsonl"}
-TOP_KEYS = ["base", "model", "dataset", "task", "hyperparameters", "output"]
+TOP_KEYS = ["base", "model", "dataset", "task", "teacher", "distill", "hyperparameters", "output"]
+#: Run tasks that are not model tasks -> the task of the model they train (a distill run
+#: trains a multiclass student).
+RUN_TASKS = {"distill": "multiclass"}
+DISTILL = "distill"
 
 
 @dataclass(frozen=True)
@@ -146,11 +170,15 @@ class Hyperparameters(Schema):
 @dataclass(frozen=True)
 class DatasetSpec(Schema):
     """``source``: builtin:<name>, an ImageFolder directory, or a .npz / .jsonl file.
-    ``train_size`` / ``val_size``: use a seeded (stratified) subset of that many examples."""
+    ``train_size`` / ``val_size``: use a seeded (stratified) subset of that many examples of
+    the train / validation split. ``test_size``: the same of the test split, seeded apart from
+    ``hyperparameters.seed`` (every run of a dataset is tested on the same examples); see
+    datasets.make_splits for the three splits."""
 
     source: str | None = None
     train_size: int | None = field(None, ge=1)
     val_size: int | None = field(None, ge=1)
+    test_size: int | None = field(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -159,6 +187,22 @@ class OutputSpec(Schema):
 
     name: str | None = None
     version: int | None = field(None, ge=1)
+
+
+@dataclass(frozen=True)
+class DistillSpec(Schema):
+    """How a ``task: distill`` run weighs its teacher: ``temperature`` T softens both
+    distributions (the KL term is scaled by T^2, so its gradients keep their size whatever
+    T: Hinton et al. 2015), ``alpha`` is the KL term's share, ``1 - alpha`` the labels'."""
+
+    temperature: float = field(4.0, gt=0)
+    alpha: float = field(0.7, ge=0)
+
+    def check(self, path: str) -> None:
+        if not math.isfinite(self.temperature):  # NaN passes "> 0" comparisons
+            raise InvalidSpec(f"{path}.temperature", f"must be a finite number > 0, got {shown(self.temperature)}")
+        if not 0 <= self.alpha <= 1:
+            raise InvalidSpec(f"{path}.alpha", f"must be between 0 and 1, got {shown(self.alpha)}")
 
 
 def _check_range(field_: str, value: int, low: int, high: int) -> None:
@@ -174,21 +218,30 @@ def _reraise(exc: InvalidSpec, prefix: str) -> InvalidSpec:
     return InvalidSpec(f"{prefix}.{exc.field}", message, exc.allowed)
 
 
-def parse_base(value: Any) -> tuple[str, int | None]:
-    """``name`` or ``name:version`` -> (name, version or None)."""
+def parse_base(value: Any, where: str = "base") -> tuple[str, int | None]:
+    """``name`` or ``name:version`` -> (name, version or None); InvalidSpec naming ``where``."""
     if not isinstance(value, str) or not value:
-        raise InvalidSpec("base", f"must be 'name' or 'name:version', got {shown(value)}")
+        raise InvalidSpec(where, f"must be 'name' or 'name:version', got {shown(value)}")
     name, _, version = value.partition(":")
     try:
         validate_model_name(name)
     except InvalidSpec as exc:
-        raise InvalidSpec("base", exc.message.removeprefix("name: ")) from None
+        raise InvalidSpec(where, exc.message.removeprefix("name: ")) from None
     if not version:
         return name, None
     # str.isdigit alone takes "²" and other non-ASCII digits, which int() then refuses
     if not (version.isascii() and version.isdigit()) or len(version) > 18 or int(version) < 1:
-        raise InvalidSpec("base", f"version must be an integer >= 1, got {shown(version)}")
+        raise InvalidSpec(where, f"version must be an integer >= 1, got {shown(version)}")
     return name, int(version)
+
+
+def parse_teacher(value: Any) -> tuple[str, int]:
+    """``name:version`` of a distill run's teacher (parsed like ``base``; the version required)."""
+    name, version = parse_base(value, "teacher")
+    if version is None:
+        raise InvalidSpec("teacher", f"needs its version, name:version (got {shown(value)}): a run must keep "
+                                     "the teacher it started with, also when resumed")
+    return name, version
 
 
 @dataclass(frozen=True)
@@ -201,10 +254,13 @@ class RunSpec:
     base: str | None = None
     model: dict | None = None
     task: str | None = None
-    #: "builtin", or a key of datasets.SOURCES ("imagefolder", "npz", "jsonl")
+    #: "builtin", or a key of datasets.SOURCES ("imagefolder", "masks", "npz", "jsonl")
     dataset_kind: str = "builtin"
     #: the resolved dataset path (None for built-ins)
     dataset_path: Path | None = None
+    #: task distill: the teacher (name:version) and T / alpha; None otherwise
+    teacher: str | None = None
+    distill: DistillSpec | None = None
 
     @property
     def hp(self) -> Hyperparameters:
@@ -215,6 +271,16 @@ class RunSpec:
         return parse_base(self.base) if self.base is not None else None
 
     @property
+    def teacher_ref(self) -> tuple[str, int] | None:
+        return parse_teacher(self.teacher) if self.teacher is not None else None
+
+    @property
+    def model_task(self) -> str | None:
+        """The task of the model trained: ``task``, or the model task of a run task
+        (distill: multiclass); None when the spec leaves it to the model."""
+        return RUN_TASKS.get(self.task, self.task)
+
+    @property
     def builtin_name(self) -> str | None:
         return self.dataset.source[len(BUILTIN_PREFIX):] if self.dataset_kind == "builtin" else None
 
@@ -223,8 +289,8 @@ class RunSpec:
         data = dict(self.model)
         if "num_classes" not in data:
             data["num_classes"] = num_classes if num_classes is not None else 1
-        if self.task is not None:
-            data["task"] = self.task
+        if self.model_task is not None:
+            data["task"] = self.model_task
         try:
             return ModelSpec.from_dict(data)
         except InvalidSpec as exc:
@@ -256,8 +322,9 @@ class RunSpec:
             raise InvalidSpec("base", "give exactly one of base (a model of the store, name[:version]) "
                               "or model (a family spec)", allowed=["base", "model"])
         task = data.get("task")
-        if task is not None and task not in TASKS:
-            raise InvalidSpec("task", f"unknown task {shown(task)}", allowed=list(TASKS))
+        if task is not None and task not in TASKS and task not in RUN_TASKS:
+            raise InvalidSpec("task", f"unknown task {shown(task)}", allowed=[*TASKS, *RUN_TASKS])
+        teacher, distill = cls._distill(data, task)
         base = data.get("base")
         if base is not None:
             parse_base(base)
@@ -276,7 +343,7 @@ class RunSpec:
         if raw_dataset is None:
             raise InvalidSpec("dataset", "is required")
         dataset = DatasetSpec.from_dict(raw_dataset, "dataset")
-        for name in ("train_size", "val_size"):
+        for name in ("train_size", "val_size", "test_size"):
             if getattr(dataset, name) is not None:
                 _check_range(f"dataset.{name}", getattr(dataset, name), 1, policy.max_examples)
         kind, path, dataset = cls._dataset(dataset, policy)
@@ -289,7 +356,7 @@ class RunSpec:
             validate_model_name(output.name)
         except InvalidSpec as exc:
             raise _reraise(exc, "output") from None
-        spec = cls(dataset, hp, output, base, model, task, kind, path)
+        spec = cls(dataset, hp, output, base, model, task, kind, path, teacher, distill)
         if model is not None:
             pretrained = getattr(spec.model_spec().config, "pretrained", None)
             if pretrained not in (None, "imagenet"):
@@ -298,11 +365,31 @@ class RunSpec:
         return spec
 
     @staticmethod
+    def _distill(data: Mapping, task: Any) -> tuple[str | None, DistillSpec | None]:
+        """``teacher`` and the ``distill`` block: required (the block with its defaults) with
+        task distill, refused without it, naming the field given."""
+        teacher, block = data.get("teacher"), data.get("distill")
+        if task != DISTILL:
+            if teacher is not None:
+                raise InvalidSpec("teacher", f"is only for task: {DISTILL} (task is {shown(task)})")
+            if block is not None:
+                given = next(iter(block), None) if isinstance(block, Mapping) else None
+                where = f"distill.{given}" if isinstance(given, str) and given in ("temperature", "alpha") else "distill"
+                raise InvalidSpec(where, f"is only for task: {DISTILL} (task is {shown(task)})")
+            return None, None
+        if teacher is None:
+            raise InvalidSpec("teacher", f"is required with task: {DISTILL} (name:version of a multiclass "
+                                         "classifier in the store)")
+        parse_teacher(teacher)
+        return teacher, DistillSpec.from_dict({} if block is None else block, "distill")
+
+    @staticmethod
     def _dataset(dataset: DatasetSpec, policy: Policy) -> tuple[str, Path | None, DatasetSpec]:
         source = dataset.source
         if source is None:
             raise InvalidSpec("dataset.source", "is required")
-        allowed = [f"{BUILTIN_PREFIX}{n}" for n in BUILTINS] + ["<ImageFolder dir>", "<file>.npz", "<file>.jsonl"]
+        allowed = [f"{BUILTIN_PREFIX}{n}" for n in BUILTINS] + ["<ImageFolder dir>", "<images/+masks/ dir>",
+                                                                "<file>.npz", "<file>.jsonl"]
         if source.startswith(BUILTIN_PREFIX):
             if source[len(BUILTIN_PREFIX):] not in BUILTINS:
                 raise InvalidSpec("dataset.source", f"unknown built-in {shown(source)}", allowed=allowed)
@@ -311,13 +398,13 @@ class RunSpec:
         if not path.exists():
             raise NotFound(f"dataset.source: {source} does not exist (resolved to {path})")
         if path.is_dir():
-            kind = "imagefolder"
+            kind = "masks" if is_masks_dir(path) else "imagefolder"
         elif path.suffix in FILE_KINDS:
             kind = FILE_KINDS[path.suffix]
         else:
             raise InvalidSpec("dataset.source", f"{source} is neither a directory nor a .npz/.jsonl file",
                               allowed=allowed)
-        return kind, path, DatasetSpec(str(path), dataset.train_size, dataset.val_size)
+        return kind, path, dataclasses.replace(dataset, source=str(path))
 
     def to_dict(self) -> dict:
         """The spec as JSON (dataset paths resolved); ``from_dict(to_dict())`` equals it."""
@@ -329,6 +416,10 @@ class RunSpec:
         out["dataset"] = self.dataset.to_dict()
         if self.task is not None:
             out["task"] = self.task
+        if self.teacher is not None:
+            out["teacher"] = self.teacher
+        if self.distill is not None:
+            out["distill"] = self.distill.to_dict()
         out["hyperparameters"] = self.hyperparameters.to_dict()
         out["output"] = self.output.to_dict()
         return out
