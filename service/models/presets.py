@@ -32,3 +32,18 @@ def image_eval_transform(inp: ImageInput) -> Callable[[torch.Tensor], torch.Tens
     The returned callable pickles (a partial), so DataLoader workers can use it.
     """
     return functools.partial(_eval_transform, inp=inp)
+
+
+def _mask_transform(mask: torch.Tensor, inp: ImageInput) -> torch.Tensor:
+    if inp.resize is None:
+        return F.resize(mask, [inp.size, inp.size], interpolation=InterpolationMode.NEAREST_EXACT)
+    mask = F.resize(mask, [inp.resize], interpolation=InterpolationMode.NEAREST_EXACT)
+    return F.center_crop(mask, [inp.size, inp.size])
+
+
+def mask_eval_transform(inp: ImageInput) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (1, H, W) class ids -> uint8 (1, size, size): the geometry of
+    :func:`image_eval_transform` (resize, center crop) with nearest-neighbour sampling
+    (``NEAREST_EXACT``: pixel centres, as the image's bilinear resize), so each pixel of a
+    segmentation mask keeps a class id and stays on the image pixel it labels."""
+    return functools.partial(_mask_transform, inp=inp)

@@ -2,10 +2,12 @@
 
 Two steps. A *loader* (``BUILTINS`` for ``builtin:<name>``, ``SOURCES`` for paths) reads a
 dataset into :class:`RawData`: inputs, targets, label names and the official split where
-one exists. :func:`prepare` then splits (official split, else a seeded stratified
-``val_split``), takes the requested subsets, checks that the data fits the model, builds
-the vocabulary of a text dataset from the train split only, digests exactly the data
-used, and wraps both splits as torch Datasets.
+one exists. :func:`prepare` then splits in three (:func:`make_splits`: the test split is
+the official one, else a fixed held-out one; the validation split, which picks the
+weights, a seeded stratified ``val_split`` of the rest), takes the requested subsets,
+checks that the data fits the model, builds the vocabulary of a text dataset from the
+train split only, digests exactly the data used (each split, and all together), and wraps
+the three splits as torch Datasets.
 
 Images go through the shared ``image_eval_transform`` of ``service.models`` for
 evaluation (so serving sees what evaluation saw); training prepends the augmentation of
@@ -23,6 +25,7 @@ import csv
 import gzip
 import hashlib
 import importlib.util
+import io
 import json
 import struct
 import zipfile
@@ -37,8 +40,9 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
 from service.bounds import MAX_DATASET_ELEMENTS, MAX_EXAMPLES
-from service.errors import FailedPrecondition, InvalidSpec, NotFound, shown
+from service.errors import FailedPrecondition, InvalidInput, InvalidSpec, NotFound, shown
 from service.models import ModelSpec, Vocabulary, image_eval_transform
+from service.models.presets import mask_eval_transform
 from service.models.text import UNK_ID
 
 BUILTIN_PREFIX = "builtin:"
@@ -77,10 +81,14 @@ class LoadContext:
 @dataclass
 class RawData:
     """A dataset as read: inputs ``x`` of ``kind``, targets ``y``, label names, and the
-    official validation split (``x_val``/``y_val``) where the dataset has one."""
+    official held-out split (``x_val``/``y_val``: an official test set, an ImageFolder's
+    val/ directory, a file's "val" rows) where the dataset has one. :func:`make_splits`
+    makes it the test split; the validation split is carved from ``x``/``y``."""
 
     kind: str
     x: Any
+    #: segmentation (``tasks == ("segmentation",)``): uint8 (N, H, W) masks of class ids
+    #: beside IMAGES, or an object array of mask PNG paths beside IMAGE_FILES
     y: np.ndarray
     labels: list[str]
     x_val: Any = None
@@ -89,6 +97,8 @@ class RawData:
     #: augmentation used for hyperparameters.augment == "auto"
     augment: str = "none"
     files_root: Path | None = None
+    #: how a generated dataset was made (recorded in the lineage's dataset)
+    info: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.y) + (0 if self.y_val is None else len(self.y_val))
@@ -146,6 +156,73 @@ def load_fashion_mnist(ctx: LoadContext) -> RawData:
         out[split] = (torch.from_numpy(pixels.reshape(n, 1, h, w).copy()), labels.astype(np.int64))
     return RawData(IMAGES, out["train"][0], out["train"][1], list(FASHION_MNIST_LABELS),
                    x_val=out["t10k"][0], y_val=out["t10k"][1], augment="crop_flip")
+
+
+#: builtin:fashion-scenes (same idea as M2NIST): SCENE_SIZE x SCENE_SIZE canvases with
+#: SCENE_ITEMS (low, high) Fashion-MNIST items each; a pixel belongs to an item where the
+#: item's intensity is > SCENE_THRESHOLD. SCENE_COUNTS scenes per split, drawn with
+#: SCENE_SEED, never the run's seed: every run sees the same scenes (subsets still apply).
+SCENE_SIZE = 64
+SCENE_ITEMS = (1, 3)
+SCENE_THRESHOLD = 25
+SCENE_COUNTS = {"train": 20_000, "test": 2_000}
+SCENE_SEED = 20_240_613
+SCENE_LABELS = ["background", *FASHION_MNIST_LABELS]
+
+
+def paste_scenes(items: np.ndarray, classes: np.ndarray, count: np.ndarray, pick: np.ndarray, top: np.ndarray,
+                 left: np.ndarray, size: int = SCENE_SIZE,
+                 threshold: int = SCENE_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes from explicit placements: scene i pastes ``items[pick[i, s]]`` with its top-left
+    corner at ``(top[i, s], left[i, s])`` for slots s < ``count[i]``, in slot order. Where an
+    item's pixel is > ``threshold`` it overwrites the canvas and the mask (class + 1: 0 is
+    the background), so a later item covers an earlier one; its fainter pixels leave both as
+    they were. Returns uint8 (N, size, size) images and masks.
+
+    Vectorised over scenes: each slot is one fancy-indexed read and write through a
+    sliding-window view of the canvases (about 0.3 s for 22,000 scenes)."""
+    n, (h, w) = len(count), items.shape[-2:]
+    canvas = np.zeros((n, size, size), np.uint8)
+    mask = np.zeros((n, size, size), np.uint8)
+    canvas_at = np.lib.stride_tricks.sliding_window_view(canvas, (h, w), axis=(1, 2), writeable=True)
+    mask_at = np.lib.stride_tricks.sliding_window_view(mask, (h, w), axis=(1, 2), writeable=True)
+    for slot in range(pick.shape[1]):
+        s = np.nonzero(count > slot)[0]
+        at = (s, top[s, slot], left[s, slot])
+        item = items[pick[s, slot]]
+        visible = item > threshold
+        canvas_at[at] = np.where(visible, item, canvas_at[at])
+        ids = (classes[pick[s, slot]] + 1).astype(np.uint8)[:, None, None]
+        mask_at[at] = np.where(visible, ids, mask_at[at])
+    return canvas, mask
+
+
+def compose_scenes(items: np.ndarray, classes: np.ndarray, n: int, seed) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` scenes of (H, W) uint8 ``items`` with their ``classes``: per scene SCENE_ITEMS
+    items drawn with replacement, each at a uniform position inside the canvas (numpy's
+    PCG64 seeded with ``seed``: the same seed, the same scenes)."""
+    rng = np.random.default_rng(seed)
+    low, high = SCENE_ITEMS
+    h, w = items.shape[-2:]
+    count = rng.integers(low, high + 1, n)
+    pick = rng.integers(0, len(items), (n, high))
+    top = rng.integers(0, SCENE_SIZE - h + 1, (n, high))
+    left = rng.integers(0, SCENE_SIZE - w + 1, (n, high))
+    return paste_scenes(items, classes, count, pick, top, left)
+
+
+def load_fashion_scenes(ctx: LoadContext) -> RawData:
+    """Segmentation scenes of Fashion-MNIST items: train scenes from the official train
+    split, test scenes from the official test split (so no test item is ever trained on)."""
+    fashion = load_fashion_mnist(ctx)
+    parts = {}
+    for i, (split, x, y) in enumerate((("train", fashion.x, fashion.y), ("test", fashion.x_val, fashion.y_val))):
+        images, masks = compose_scenes(x[:, 0].numpy(), y, SCENE_COUNTS[split], [SCENE_SEED, i])
+        parts[split] = (torch.from_numpy(images).unsqueeze(1), masks)
+    return RawData(IMAGES, *parts["train"], list(SCENE_LABELS), x_val=parts["test"][0], y_val=parts["test"][1],
+                   tasks=("segmentation",), augment="crop_flip",
+                   info={"generator": {"seed": SCENE_SEED, "scenes": dict(SCENE_COUNTS), "size": SCENE_SIZE,
+                                       "items": list(SCENE_ITEMS), "threshold": SCENE_THRESHOLD}})
 
 
 def _package_dir(package: str, how: str) -> Path:
@@ -221,6 +298,8 @@ BUILTINS: dict[str, Builtin] = {
     "digits": Builtin(load_digits_images, "scikit-learn 8x8 digits as 1x8x8 images, 10 classes"),
     "digits-seq": Builtin(load_digits_sequences, "the digits with rows as 8 steps of 8 features"),
     "fashion-mnist": Builtin(load_fashion_mnist, "Fashion-MNIST 28x28, 60k train / 10k official test"),
+    "fashion-scenes": Builtin(load_fashion_scenes, "64x64 scenes of 1-3 Fashion-MNIST items, per-pixel classes "
+                              "(segmentation), 20k train / 2k test"),
     "rotten-tomatoes": Builtin(load_rotten_tomatoes, "12.8k short movie reviews, fresh vs rotten"),
     "basic-motions": Builtin(load_basic_motions, "UEA BasicMotions, 6 x 100 series, 40/40 official split"),
 }
@@ -267,6 +346,151 @@ def load_image_folder(ctx: LoadContext) -> RawData:
     val = found.get("val", (None, None))
     return RawData(IMAGE_FILES, found["train"][0], found["train"][1], classes, x_val=val[0], y_val=val[1],
                    augment="crop_flip", files_root=root)
+
+
+# ---- segmentation folders: images/ + masks/ -----------------------------------------
+IMAGES_DIR, MASKS_DIR = "images", "masks"
+LABELS_FILE = "labels.json"
+#: labels.json is a short list of names: a larger file is refused before it is read.
+MAX_LABELS_FILE_BYTES = 1 << 20
+
+
+def is_masks_dir(path: Path) -> bool:
+    """Whether a directory source is a segmentation dataset: ``images/`` and ``masks/`` side
+    by side at its top or under ``train/`` (any other directory is an ImageFolder)."""
+    return any((path / sub / IMAGES_DIR).is_dir() and (path / sub / MASKS_DIR).is_dir() for sub in (".", "train"))
+
+
+def read_mask(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """A mask PNG as a uint8 (H, W) array of class ids: 8-bit grayscale (the value is the
+    id) or a palette image (the palette index is the id). The PNG is checked in full by the
+    serving decoder's :func:`check_png` (every chunk, CRC and the image data) and its size
+    by its header (``max_pixels``, default the decoder's) before Pillow decodes it
+    (torchvision would turn palette indices into colours); anything else is an InvalidSpec
+    naming the file."""
+    from PIL import Image
+
+    from service.inference.decode import DEFAULT_MAX_PIXELS, PNG_MAGIC, check_png, png_header
+
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    data = path.read_bytes()
+    try:
+        if not data.startswith(PNG_MAGIC):
+            raise InvalidInput("not a PNG file (masks are PNGs of class ids)")
+        header = png_header(data)
+        if header.width * header.height > max_pixels:
+            raise InvalidInput(f"{header.width}x{header.height} pixels exceed the limit of {max_pixels}")
+        if header.color_type != 3 and (header.color_type, header.bit_depth) != (0, 8):
+            raise InvalidInput(f"a PNG of colour type {header.color_type} and bit depth {header.bit_depth}; a mask "
+                               "is 8-bit grayscale or a palette image, one class id per pixel")
+        checked = check_png(data)
+    except InvalidInput as exc:
+        raise InvalidSpec(SOURCE_FIELD, f"mask {path}: {exc.message}") from None
+    with Image.open(io.BytesIO(checked)) as image:
+        return np.asarray(image, dtype=np.uint8)
+
+
+def _read_labels(files: list[Path], roots: Sequence[Path]) -> tuple[list[str] | None, Path | None]:
+    """The label names of the first of ``files`` that exists (every other one that exists
+    must agree), or (None, None) without any."""
+    found: list[tuple[Path, list[str]]] = []
+    for path in files:
+        if not path.is_file():
+            continue
+        if not _inside(path.resolve(), roots):
+            raise InvalidSpec(SOURCE_FIELD, f"{path} resolves to {path.resolve()}, outside the data roots",
+                              allowed=[str(r) for r in roots])
+        if path.stat().st_size > MAX_LABELS_FILE_BYTES:
+            raise InvalidSpec(SOURCE_FIELD, f"{path}: over {MAX_LABELS_FILE_BYTES} bytes; labels.json is a list "
+                              "of label names")
+        try:
+            names = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidSpec(SOURCE_FIELD, f"{path}: not JSON ({str(exc)[:120]})") from None
+        if (not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names)
+                or len(set(names)) != len(names)):
+            raise InvalidSpec(SOURCE_FIELD, f"{path}: must be a non-empty JSON list of distinct label names "
+                              "(index = class id)")
+        found.append((path, names))
+    if not found:
+        return None, None
+    for path, names in found[1:]:
+        if names != found[0][1]:
+            raise InvalidSpec(SOURCE_FIELD, f"{path} and {found[0][0]} name different labels")
+    return found[0][1], found[0][0]
+
+
+def load_masks_folder(ctx: LoadContext) -> RawData:
+    """``root/images/<name>.<png|jpg>`` with ``root/masks/<name>.png`` (the same relative
+    path and stem), or the same under ``root/train/`` plus ``root/val/`` (an official
+    split). A mask holds one class id per pixel, 0 the background, and has its image's size.
+
+    Label names come from ``labels.json`` beside ``images/`` (at the root, or under train/
+    and val/); without one they are "background", "class_1", ... up to the largest id.
+    One name means a binary dataset (masks 0/1, the name is the foreground's). Every file
+    is checked against the data roots before it is read, every mask is read once here (its
+    ids against the labels, its size against the image's header) and not kept: the
+    targets are the mask files, read again by the dataset."""
+    from service.inference.decode import image_size
+
+    root = ctx.source
+    roots = [str(r) for r in ctx.roots]
+    split_dirs = {name: root / name for name in ("train", "val")}
+    official = not (root / IMAGES_DIR).is_dir() and all(
+        (d / IMAGES_DIR).is_dir() and (d / MASKS_DIR).is_dir() for d in split_dirs.values())
+    folders = split_dirs if official else {"train": root if (root / IMAGES_DIR).is_dir() else split_dirs["train"]}
+    labels, labels_file = _read_labels(
+        list(dict.fromkeys([root / LABELS_FILE, *(f / LABELS_FILE for f in folders.values())])), ctx.roots)
+    found: dict[str, tuple[list[Path], list[Path]]] = {}
+    total, top = 0, (0, None)
+    for split, folder in folders.items():
+        images, masks, stems = [], [], {}
+        for path in sorted((folder / IMAGES_DIR).rglob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+                continue
+            rel = path.relative_to(folder / IMAGES_DIR)
+            mask = folder / MASKS_DIR / rel.with_suffix(".png")
+            if rel.with_suffix("") in stems:
+                raise InvalidSpec(SOURCE_FIELD, f"{path} and {stems[rel.with_suffix('')]} share the mask {mask}")
+            stems[rel.with_suffix("")] = path
+            if not mask.is_file():
+                raise InvalidSpec(SOURCE_FIELD, f"{path} has no mask: {mask} does not exist")
+            for file in (path, mask):
+                if not _inside(file.resolve(), ctx.roots):
+                    raise InvalidSpec(SOURCE_FIELD, f"{file} resolves to {file.resolve()}, outside the data roots",
+                                      allowed=roots)
+            total += 1
+            if total > ctx.max_examples:
+                raise InvalidSpec(SOURCE_FIELD, f"more than {ctx.max_examples} examples; at most "
+                                  f"{ctx.max_examples} are allowed (this service's limit)")
+            images.append(path)
+            masks.append(mask)
+        found[split] = (images, masks)
+    if not found["train"][0]:
+        raise InvalidSpec(SOURCE_FIELD, f"{folders['train'] / IMAGES_DIR} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    for images, masks in found.values():
+        for image, mask in zip(images, masks, strict=True):
+            ids = read_mask(mask)
+            try:
+                width, height = image_size(image.read_bytes())
+            except InvalidInput as exc:
+                raise InvalidSpec(SOURCE_FIELD, f"image {image}: {exc.message}") from None
+            if ids.shape != (height, width):
+                raise InvalidSpec(SOURCE_FIELD, f"mask {mask} is {ids.shape[1]}x{ids.shape[0]}, its image {image} "
+                                  f"{width}x{height}; a mask has its image's size")
+            if ids.size and int(ids.max()) > top[0]:
+                top = (int(ids.max()), mask)
+    if labels is None:
+        labels = ["background", *(f"class_{i}" for i in range(1, max(top[0], 1) + 1))]
+    limit = max(len(labels), 2)  # one label: a binary mask, ids 0 and 1
+    if top[0] >= limit:
+        where = f"{labels_file} names {len(labels)}" if labels_file else f"{len(labels)} labels"
+        raise InvalidSpec(SOURCE_FIELD, f"mask {top[1]} has class id {top[0]}, but {where}: ids must be below "
+                          f"{limit}" + (" (one label: a binary mask of 0 and 1)" if len(labels) == 1 else ""))
+    val = found.get("val", (None, None))
+    return RawData(IMAGE_FILES, found["train"][0], np.array(found["train"][1], dtype=object), labels,
+                   x_val=val[0], y_val=None if val[1] is None else np.array(val[1], dtype=object),
+                   tasks=("segmentation",), augment="crop_flip", files_root=root)
 
 
 def _task_targets(values: list, task: str, where: str) -> tuple[np.ndarray, list[str] | None]:
@@ -458,6 +682,7 @@ def load_npz(ctx: LoadContext) -> RawData:
 #: dataset kind (decided by the run spec from the path) -> loader
 SOURCES: dict[str, Callable[[LoadContext], RawData]] = {
     "imagefolder": load_image_folder,
+    "masks": load_masks_folder,
     "npz": load_npz,
     "jsonl": load_jsonl,
 }
@@ -481,20 +706,26 @@ def load_raw(kind: str, name: str | None, ctx: LoadContext) -> RawData:
 class Augment:
     """Training augmentation of a uint8 (C, H, W) image: a random shift (zero padding of
     1/8 of the shorter side, then a crop back to size) and, with ``flip``, a random
-    horizontal flip. Uses the torch RNG (seeded per DataLoader worker)."""
+    horizontal flip. Uses the torch RNG (seeded per DataLoader worker). :meth:`joint`
+    moves an image and its mask together (zero padding is the mask's background)."""
 
     def __init__(self, flip: bool):
         self.flip = flip
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
+        return self.joint(img)[0]
+
+    def joint(self, *planes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The same shift and flip applied to every (C, H, W) tensor of ``planes`` (one draw)."""
+        h, w = planes[0].shape[-2:]
         pad = max(1, round(min(h, w) / 8))
-        padded = TF.pad(img, [pad, pad, pad, pad], fill=0)
         i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
-        img = padded[..., i: i + h, j: j + w]
-        if self.flip and bool(torch.rand(()) < 0.5):
-            img = img.flip(-1)
-        return img
+        flip = self.flip and bool(torch.rand(()) < 0.5)
+        out = []
+        for plane in planes:
+            plane = TF.pad(plane, [pad, pad, pad, pad], fill=0)[..., i: i + h, j: j + w]
+            out.append(plane.flip(-1) if flip else plane)
+        return tuple(out)
 
     def __repr__(self) -> str:
         return f"Augment(flip={self.flip})"
@@ -540,6 +771,35 @@ class ImageDataset(Dataset):
         if self.augment is not None:
             img = self.augment(img)
         return (self.transform(img),), self.targets[index]
+
+
+class SegmentationDataset(ImageDataset):
+    """Images and their masks -> ((transformed image,), long (size, size) mask).
+
+    ``targets`` are uint8 (N, H, W) masks, or mask PNG paths (:func:`read_mask`). Training
+    moves image and mask together (:meth:`Augment.joint`); then the image takes the shared
+    eval transform and the mask the same geometry with nearest-neighbour sampling
+    (``mask_eval_transform``), so a pixel's class stays on its pixel."""
+
+    def __init__(self, images, targets, channels: int, transform, mask_transform, augment=None):
+        super().__init__(images, targets, channels, transform, augment)
+        self.mask_transform = mask_transform
+
+    def raw_mask(self, index: int) -> torch.Tensor:
+        """The uint8 (1, H, W) mask before augmentation and the transform."""
+        target = self.targets[index]
+        if isinstance(target, torch.Tensor):
+            return target.unsqueeze(0)
+        return torch.from_numpy(read_mask(Path(target)).copy()).unsqueeze(0)
+
+    def __getitem__(self, index: int):
+        img, mask = self.raw_image(index), self.raw_mask(index)
+        if img.shape[-2:] != mask.shape[-2:]:  # checked when loaded: a file changed since
+            raise FailedPrecondition(f"mask {self.targets[index]} is {tuple(mask.shape[-2:])}, its image "
+                                     f"{tuple(img.shape[-2:])}")
+        if self.augment is not None:
+            img, mask = self.augment.joint(img, mask)
+        return (self.transform(img),), self.mask_transform(mask)[0].long()
 
 
 class TokenDropout:
@@ -612,8 +872,70 @@ def _split(n: int, y: np.ndarray, fraction: float, seed: int, task: str) -> tupl
 def _subset(idx: np.ndarray, size: int | None, y: np.ndarray, seed: int, task: str) -> np.ndarray:
     if size is None or size >= len(idx):
         return idx
-    keep, _ = _split(len(idx), y[idx], len(idx) - size, seed, task)
+    # y only stratifies multiclass: segmentation masks are not copied for nothing
+    keep, _ = _split(len(idx), y[idx] if task == "multiclass" else None, len(idx) - size, seed, task)
     return idx[np.sort(keep)]
+
+
+#: A dataset without an official test split gets a held-out one: this fraction of all its
+#: examples, drawn (stratified for multiclass) with TEST_SEED, never the run's seed, so that
+#: every run of a dataset, whatever its hyperparameters, is tested on the same examples. The
+#: validation split (hyperparameters.val_split, .seed) is then carved from the rest.
+TEST_FRACTION = 0.2
+TEST_SEED = 0x7E57
+
+
+def _carve(n: int, y: np.ndarray, fraction: float, seed: int, task: str, name: str,
+           what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, taken) sorted indices of ``n`` examples, ``fraction`` of them taken; InvalidSpec
+    where there are too few to take any and keep any."""
+    try:
+        kept, taken = _split(n, y, fraction, seed, task)
+    except ValueError:
+        raise InvalidSpec(SOURCE_FIELD, f"{name}: {n} examples are too few to hold out a {what} split "
+                          f"of {fraction} and train on the rest") from None
+    return np.sort(kept), np.sort(taken)
+
+
+def held_out_test_indices(y: np.ndarray, task: str, name: str = "the dataset") -> tuple[np.ndarray, np.ndarray]:
+    """(rest, test): the fixed held-out test split of a dataset without an official one,
+    as sorted indices into its examples (TEST_FRACTION, TEST_SEED)."""
+    return _carve(len(y), y, TEST_FRACTION, TEST_SEED, task, name, "test")
+
+
+#: the splits of a prepared dataset, in order
+SPLITS = ("train", "val", "test")
+
+
+def make_splits(raw: RawData, *, name: str, task: str, hp, train_size: int | None = None, val_size: int | None = None,
+          test_size: int | None = None) -> tuple[dict[str, tuple[Any, np.ndarray]], dict]:
+    """The train, validation and test splits of ``raw`` as (inputs, targets), and how they
+    were made (the lineage's ``split`` and ``test_split``).
+
+    The test split is the dataset's official one where it has one (RawData.x_val: an
+    official test set, an ImageFolder's val/ directory), else :func:`held_out_test_indices`.
+    Nothing else sees it: the best epoch, early stopping and the plateau scheduler follow
+    the validation split, ``hp.val_split`` of the rest, seeded by ``hp.seed`` (stratified for
+    multiclass). ``train_size`` / ``val_size`` take seeded subsets (``hp.seed``); ``test_size``
+    one with TEST_SEED, so a smaller test set is the same for every run too."""
+    stratified = ", stratified" if task == "multiclass" else ""
+    if raw.x_val is not None:
+        x_rest, y_rest, x_test, y_test = raw.x, raw.y, raw.x_val, raw.y_val
+        test_how, test_kind = "the official split", "official"
+    else:
+        rest, test = held_out_test_indices(raw.y, task, name)
+        x_rest, y_rest, x_test, y_test = _take(raw.x, rest), raw.y[rest], _take(raw.x, test), raw.y[test]
+        test_how, test_kind = f"held out, {TEST_FRACTION} of all with seed {TEST_SEED}{stratified}", "held_out"
+    train_idx, val_idx = _carve(len(y_rest), y_rest, hp.val_split, hp.seed, task, name, "validation")
+    train_idx = _subset(train_idx, train_size, y_rest, hp.seed, task)
+    val_idx = _subset(val_idx, val_size, y_rest, hp.seed, task)
+    test_idx = _subset(np.arange(len(y_test)), test_size, y_test, TEST_SEED, task)
+    parts = {"train": (_take(x_rest, train_idx), y_rest[train_idx]),
+             "val": (_take(x_rest, val_idx), y_rest[val_idx]),
+             "test": (_take(x_test, test_idx), y_test[test_idx])}
+    how = {"split": f"test: {test_how}; val: {hp.val_split} of the rest with seed {hp.seed}{stratified}",
+           "test_split": test_kind}
+    return parts, how
 
 
 def _digest_inputs(h, kind: str, x) -> None:
@@ -636,14 +958,28 @@ def digest(kind: str, labels: list[str], splits: dict[str, tuple[Any, np.ndarray
     for name, (x, y) in splits.items():
         h.update(f"|{name}|{len(y)}|".encode())
         _digest_inputs(h, kind, x)
-        h.update(np.ascontiguousarray(y).tobytes())
+        if y.dtype == object:  # mask files
+            for path in y:
+                h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+        else:
+            h.update(np.ascontiguousarray(y).tobytes())
     return h.hexdigest()
+
+
+def split_digests(kind: str, labels: list[str], splits: dict[str, tuple[Any, np.ndarray]]) -> tuple[str, dict]:
+    """(overall, {split: sha256}): each split's :func:`digest` on its own, and the overall
+    sha256 over those, in order (each input is read once, an ImageFolder's files too)."""
+    each = {name: digest(kind, labels, {name: part}) for name, part in splits.items()}
+    overall = hashlib.sha256(json.dumps([kind, labels, list(each.items())]).encode()).hexdigest()
+    return overall, each
 
 
 # ---- preparing for a model ---------------------------------------------------------
 @dataclass
 class PreparedData:
-    """Both splits as torch Datasets, with everything the run records about them."""
+    """The three splits as torch Datasets, with everything the run records about them:
+    ``train`` trains, ``val`` picks the weights (best epoch, early stopping, the scheduler),
+    ``test`` is evaluated once at the end with the kept weights (see :func:`make_splits`)."""
 
     train: Dataset
     val: Dataset
@@ -652,6 +988,7 @@ class PreparedData:
     collate: Callable
     sha256: str
     info: dict = field(default_factory=dict)
+    test: Dataset | None = None
 
 
 def _fits(raw: RawData, spec: ModelSpec, model_field: str) -> None:
@@ -659,6 +996,15 @@ def _fits(raw: RawData, spec: ModelSpec, model_field: str) -> None:
     if image != (spec.modality == "image"):
         raise InvalidSpec(model_field, f"the dataset holds {'images' if image else 'sequences'}; "
                           f"a {spec.family} model takes {spec.modality} input")
+    masks = "segmentation" in raw.tasks
+    if masks != (spec.task == "segmentation"):
+        if masks:
+            raise InvalidSpec(model_field, f"the dataset has a class per pixel (task segmentation); a "
+                              f"{spec.family} model for {spec.task} answers once per image: use a segmentation "
+                              "family (unet)")
+        raise InvalidSpec(model_field, f"the dataset has one label per {'image' if image else 'example'} "
+                          f"({'/'.join(raw.tasks)}); a {spec.family} model for segmentation needs a mask per "
+                          "image (an images/ + masks/ directory, builtin:fashion-scenes)")
     if image:
         return
     kind = spec.sequence_kind
@@ -693,45 +1039,64 @@ def _encode_texts(texts: list[str], vocab: Vocabulary, max_length: int) -> list[
     return out
 
 
+def _check_mask_ids(name: str, labels: list[str], masks) -> None:
+    """In-memory masks hold ids below the labels (one label: a binary mask of 0 and 1);
+    mask files were checked when loaded."""
+    limit = max(len(labels), 2)
+    top = max((int(y.max()) for y in masks if y.dtype != object and y.size), default=0)
+    if top >= limit:
+        raise InvalidSpec(SOURCE_FIELD, f"{name}: a mask has class id {top}, but there are {len(labels)} label names "
+                          f"(ids below {limit})")
+
+
+def _targets(y: np.ndarray, task: str):
+    """Targets as the datasets hold them: long class ids, float rows; segmentation masks as
+    they are (uint8 (N, H, W), made long per item after the transform, or mask files)."""
+    if task == "segmentation":
+        return y if y.dtype == object else torch.from_numpy(np.ascontiguousarray(y))
+    return torch.as_tensor(y, dtype=torch.long if task == "multiclass" else torch.float32)
+
+
 def prepare(raw: RawData, *, name: str, spec: ModelSpec, task: str, hp, train_size: int | None,
-            val_size: int | None, base_vocab: Vocabulary | None = None, model_field: str = "model") -> PreparedData:
-    """Split, subset, check against ``spec``, digest and wrap ``raw`` (see module doc)."""
+            val_size: int | None, test_size: int | None = None, base_vocab: Vocabulary | None = None,
+            model_field: str = "model") -> PreparedData:
+    """Split (:func:`make_splits`), subset, check against ``spec``, digest and wrap ``raw``
+    (see module doc)."""
+    _fits(raw, spec, model_field)
     if task not in raw.tasks:
         raise InvalidSpec("task", f"{name} is a {'/'.join(raw.tasks)} dataset", allowed=raw.tasks)
-    _fits(raw, spec, model_field)
-    if raw.x_val is None:
-        train_idx, val_idx = _split(len(raw.y), raw.y, hp.val_split, hp.seed, task)
-        x_train, y_train = _take(raw.x, train_idx), raw.y[train_idx]
-        x_val, y_val = _take(raw.x, val_idx), raw.y[val_idx]
-        split = f"random, val_split={hp.val_split}, seed={hp.seed}" + (", stratified" if task == "multiclass" else "")
-    else:
-        x_train, y_train, x_val, y_val = raw.x, raw.y, raw.x_val, raw.y_val
-        split = "official"
-    idx = _subset(np.arange(len(y_train)), train_size, y_train, hp.seed, task)
-    x_train, y_train = _take(x_train, idx), y_train[idx]
-    idx = _subset(np.arange(len(y_val)), val_size, y_val, hp.seed, task)
-    x_val, y_val = _take(x_val, idx), y_val[idx]
-    if len(y_train) == 0 or len(y_val) == 0:
-        raise InvalidSpec(SOURCE_FIELD, f"{name}: {len(y_train)} training and {len(y_val)} validation examples; "
-                          "both splits need at least one")
-    if task == "multiclass" and max(int(y_train.max()), int(y_val.max())) >= len(raw.labels):
+    parts, how = make_splits(raw, name=name, task=task, hp=hp, train_size=train_size, val_size=val_size,
+                             test_size=test_size)
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (parts[k] for k in SPLITS)
+    if len(y_train) == 0 or len(y_val) == 0 or len(y_test) == 0:
+        raise InvalidSpec(SOURCE_FIELD, f"{name}: {len(y_train)} training, {len(y_val)} validation and "
+                          f"{len(y_test)} test examples; each split needs at least one")
+    if task == "multiclass" and max(int(y.max()) for y in (y_train, y_val, y_test)) >= len(raw.labels):
         raise InvalidSpec(SOURCE_FIELD, f"{name}: a label id is >= the {len(raw.labels)} label names")
-    if task != "multiclass" and y_train.shape[1] != len(raw.labels):
+    if task == "segmentation":
+        _check_mask_ids(name, raw.labels, (y_train, y_val, y_test))
+    elif task != "multiclass" and y_train.shape[1] != len(raw.labels):
         raise InvalidSpec(SOURCE_FIELD, f"{name}: targets have {y_train.shape[1]} columns, "
                           f"{len(raw.labels)} label names")
-    sha = digest(raw.kind, raw.labels, {"train": (x_train, y_train), "val": (x_val, y_val)})
-    target_dtype = torch.long if task == "multiclass" else torch.float32
-    t_train = torch.as_tensor(y_train, dtype=target_dtype)
-    t_val = torch.as_tensor(y_val, dtype=target_dtype)
+    sha, split_sha = split_digests(raw.kind, raw.labels, parts)
+    t_train, t_val, t_test = (_targets(y, task) for y in (y_train, y_val, y_test))
     vocab = None
     if hp.token_dropout > 0 and raw.kind not in (TOKENS, TEXT):
         raise InvalidSpec("hyperparameters.token_dropout", f"applies to token sequences; {name} holds {raw.kind}",
                           allowed=[0.0])
-    if raw.kind in (IMAGES, IMAGE_FILES):
+    if task == "segmentation":
+        transform, masks = image_eval_transform(spec.input), mask_eval_transform(spec.input)
+        mode = raw.augment if hp.augment == "auto" else hp.augment
+        train = SegmentationDataset(x_train, t_train, spec.input.channels, transform, masks, AUGMENTS[mode])
+        val = SegmentationDataset(x_val, t_val, spec.input.channels, transform, masks)
+        test = SegmentationDataset(x_test, t_test, spec.input.channels, transform, masks)
+        collate = image_collate  # stacks the images and the (size, size) masks
+    elif raw.kind in (IMAGES, IMAGE_FILES):
         transform = image_eval_transform(spec.input)
         mode = raw.augment if hp.augment == "auto" else hp.augment
         train = ImageDataset(x_train, t_train, spec.input.channels, transform, AUGMENTS[mode])
         val = ImageDataset(x_val, t_val, spec.input.channels, transform)
+        test = ImageDataset(x_test, t_test, spec.input.channels, transform)
         collate = image_collate
     else:
         if hp.augment not in ("auto", "none"):
@@ -741,11 +1106,14 @@ def prepare(raw: RawData, *, name: str, spec: ModelSpec, task: str, hp, train_si
             vocab = base_vocab or Vocabulary.build(x_train, max_size=spec.config.vocab_size)
             x_train = _encode_texts(x_train, vocab, spec.input.max_length)
             x_val = _encode_texts(x_val, vocab, spec.input.max_length)
+            x_test = _encode_texts(x_test, vocab, spec.input.max_length)
         dtype = torch.float32 if raw.kind == FEATURES else torch.long
         augment = TokenDropout(hp.token_dropout) if hp.token_dropout > 0 else None
         train = SequenceDataset([torch.as_tensor(s, dtype=dtype) for s in x_train], t_train, augment)
         val = SequenceDataset([torch.as_tensor(s, dtype=dtype) for s in x_val], t_val)
+        test = SequenceDataset([torch.as_tensor(s, dtype=dtype) for s in x_test], t_test)
         collate = pad_collate
-    info = {"name": name, "sha256": sha, "kind": raw.kind, "split": split,
-            "train_size": len(train), "val_size": len(val), "num_labels": len(raw.labels)}
-    return PreparedData(train, val, list(raw.labels), vocab, collate, sha, info)
+    info = {"name": name, "sha256": sha, "kind": raw.kind, **how,
+            "train_size": len(train), "val_size": len(val), "test_size": len(test), "num_labels": len(raw.labels),
+            "split_sha256": split_sha, **raw.info}
+    return PreparedData(train, val, list(raw.labels), vocab, collate, sha, info, test=test)
