@@ -1,4 +1,4 @@
-"""The engine-independent predictor: payloads in, top-k answers out.
+"""The engine-independent predictor: payloads in, answers out (top-k; masks for segmentation).
 
 It knows nothing about TorchServe. A handler for any engine (TorchServe today, Triton's
 Python backend or a KServe model tomorrow) maps its requests to ``Mapping[str, value]``
@@ -6,7 +6,11 @@ payloads, calls :meth:`Predictor.predict`, and writes the answers back.
 
 A payload is what one request carried: a mapping of input names to values. Values are
 raw bytes (an image, or a JSON/text body), text, or JSON already decoded by the engine.
-The name ``k`` is reserved for the number of labels to return.
+The name ``k`` is reserved for the number of labels to return (ignored by segmentation
+models, whose answer is a mask per image: :mod:`service.inference.segmentation`).
+
+How a batch's outputs become each request's answer depends on the model's task:
+:data:`TASK_ANSWERS` holds one :class:`TaskAnswer` per task.
 
 The fast path: images are decoded one by one with ``torchvision.io`` and then resized,
 cropped and normalised as one batch per image size (the shared eval transform applied to
@@ -22,17 +26,18 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from service.errors import Internal, InvalidInput, PayloadTooLarge, ServiceError
-from service.inference import decode
+from service.errors import Internal, InvalidInput, InvalidSpec, PayloadTooLarge, ServiceError
+from service.inference import decode, segmentation
 from service.inference.fastpath import RuntimeOptions, configure_compile_cache, resolve_runtime
 from service.models import image_eval_transform, load_model
+from service.models.decisions import MAX_MASK_CLASSES
 from service.modelstore.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -127,6 +132,12 @@ class Predictor:
         runtime: RuntimeOptions | None = None,
     ):
         self.spec = bundle.spec
+        if self.spec.task not in TASK_ANSWERS:
+            raise InvalidSpec("task", f"no served answer for task {self.spec.task!r}", allowed=list(TASK_ANSWERS))
+        if self.spec.task == "segmentation" and self.spec.num_classes > MAX_MASK_CLASSES:
+            raise InvalidSpec("num_classes", f"a served mask holds 8-bit class ids: at most {MAX_MASK_CLASSES} "
+                              f"classes, got {self.spec.num_classes}")
+        self._task_answer = TASK_ANSWERS[self.spec.task]
         self.labels = list(bundle.labels)
         self.vocab = bundle.vocab
         self.device = torch.device(device)
@@ -214,7 +225,8 @@ class Predictor:
                 )
         if not items:
             raise InvalidInput("request holds no input besides 'k'")
-        return ParsedRequest(items, names, parse_k(k_value, self.spec.num_classes))
+        k = parse_k(k_value, self.spec.num_classes) if self._task_answer.uses_k else 0
+        return ParsedRequest(items, names, k)
 
     def _check_images(self, payload: Mapping[str, Any]) -> None:
         """Before any decoding: the request's image count, each image's declared size, and
@@ -328,8 +340,9 @@ class Predictor:
             return self._run(x, *args[1:]) if len(args) > 1 else self._run(x)
 
     def run(self, items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
-        """Logits (N, num_classes) for parsed items, in chunks of ``max_batch``; also the
-        seconds spent preprocessing (collating) and in the forward."""
+        """Logits (N, num_classes), or (N, num_classes, size, size) for segmentation, for
+        parsed items, in chunks of ``max_batch``; also the seconds spent preprocessing
+        (collating) and in the forward."""
         outs, prep, infer = [], 0.0, 0.0
         # A compiled model runs only the batch sizes compiled at warm-up, so that no request
         # waits for a compilation: larger inputs go in chunks of the largest, and a chunk
@@ -382,7 +395,7 @@ class Predictor:
         if items:
             logits, prep, infer = self.run(items)
             t2 = time.perf_counter()
-            self._answer(parsed, self.scores(logits), outputs)
+            self._task_answer.answer(self, parsed, logits, outputs)
             timings["preprocess"] += prep
             timings["inference"] = infer
             timings["postprocess"] = time.perf_counter() - t2
@@ -420,3 +433,27 @@ class Predictor:
                 predictions.append(entry)
                 row += 1
             outputs[i] = {"model": self.name, "version": self.version, "predictions": predictions}
+
+
+@dataclass(frozen=True)
+class TaskAnswer:
+    """How one task's batch of model outputs becomes each request's answer:
+    ``answer(predictor, parsed, outputs_of_the_batch, answers)`` fills ``answers`` (one per
+    parsed request, by its index); ``uses_k``: whether the request's ``k`` (top-k) applies,
+    else it is ignored and not checked."""
+
+    answer: Callable[[Predictor, list, torch.Tensor, list], None]
+    uses_k: bool = True
+
+
+def _top_k_answer(predictor: Predictor, parsed, logits: torch.Tensor, outputs: list) -> None:
+    predictor._answer(parsed, predictor.scores(logits), outputs)
+
+
+#: The answer of each task (a segmentation model answers masks: service/inference/segmentation.py).
+TASK_ANSWERS: dict[str, TaskAnswer] = {
+    "multiclass": TaskAnswer(_top_k_answer),
+    "multilabel": TaskAnswer(_top_k_answer),
+    "regression": TaskAnswer(_top_k_answer),
+    "segmentation": TaskAnswer(segmentation.answer, uses_k=False),
+}

@@ -14,7 +14,8 @@ with one sentence naming the file and what is wrong:
    modelctl's handler (``modelctl_handler.py``, the generated shim, byte for byte: an
    archive holds no user code) and ``weights.pt`` as the serialized file;
 3. ``model-config.yaml`` is a YAML mapping; ``spec.json`` validates as a
-   :class:`~service.models.ModelSpec`; ``labels.json`` (and ``vocab.json``, ``lineage.json``
+   :class:`~service.models.ModelSpec` that can be served (a segmentation model has at most
+   256 classes: its masks are 8-bit); ``labels.json`` (and ``vocab.json``, ``lineage.json``
    where present) parse and fit the spec;
 4. ``weights.pt`` loads with ``torch.load(weights_only=True)`` (into CPU memory; nothing
    pickled runs) and its names and shapes fit the model the spec builds (built on the
@@ -168,11 +169,15 @@ def verify_archive(path: os.PathLike | str, *, name: str | None = None, version:
                 refuse(f"{config_file} is not a YAML mapping")
 
         from service.models import ModelSpec, Vocabulary
+        from service.models.decisions import MAX_MASK_CLASSES
 
         try:
             spec = ModelSpec.from_dict(json_member(SPEC_FILE))
         except InvalidSpec as exc:
             refuse(f"{SPEC_FILE}: {exc.message}")
+        if spec.task == "segmentation" and spec.num_classes > MAX_MASK_CLASSES:
+            refuse(f"{SPEC_FILE}: a served mask holds 8-bit class ids, so a segmentation model has at most "
+                   f"{MAX_MASK_CLASSES} classes; this one has {spec.num_classes}")
         labels = json_member(LABELS_FILE)
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
             refuse(f"{LABELS_FILE} is not a list of label names")

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-#: Multilabel decision threshold on the sigmoid, applied with ``torch.ge`` (as serving does).
-MULTILABEL_THRESHOLD = 0.5
+# The decision rules (multilabel threshold, a mask from logits) are shared with the serving
+# predictor, which imports them from service.models.decisions without the training package.
+from service.models.decisions import MULTILABEL_THRESHOLD, segmentation_prediction  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,6 @@ class SegmentationLoss(nn.Module):
         if logits.shape[1] == 1:
             return self.bce(logits[:, 0], target.to(logits.dtype))
         return self.ce(logits, target)
-
-
-def segmentation_prediction(logits: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) logits -> (N, H, W) class ids: argmax over classes; for a binary mask
-    (C == 1), ``torch.ge(sigmoid, MULTILABEL_THRESHOLD)`` (1 = the class, 0 = background)."""
-    if logits.shape[1] == 1:
-        return torch.ge(torch.sigmoid(logits[:, 0].float()), MULTILABEL_THRESHOLD).long()
-    return logits.argmax(dim=1)
 
 
 def _iou_stats(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,21 @@ The contract (model metadata says the same for each model):
     vocabulary, ``texts``, ``BYTES`` ``[N]`` (UTF-8);
   - with ``sequences``, optionally ``lengths``, ``INT64`` ``[N]``: each sequence's true
     length (the rest is padding); without it, every sequence is ``T`` long;
-* request parameter ``top_k`` (an integer, 1 to 1000; default 5, capped at the classes);
+* request parameter ``top_k`` (an integer, 1 to 1000; default 5, capped at the classes;
+  ignored by segmentation models);
 * outputs (all by default; a request may name some)
   - ``labels``, ``BYTES`` ``[N, k]``: label names, best first;
   - ``probabilities``, ``FP32`` ``[N, k]``: their probabilities (softmax; sigmoid for
     multilabel models);
   - ``classes``, ``INT64`` ``[N, k]``: their class indices;
   - multilabel models also ``positive``, ``BOOL`` ``[N, C]``: probability >= 0.5, per class;
-  - regression models: ``values``, ``FP32`` ``[N, C]`` instead.
+  - regression models: ``values``, ``FP32`` ``[N, C]`` instead;
+  - segmentation models instead: ``mask``, ``UINT8`` ``[N, H, W]``, each pixel's class id at
+    the images' own height and width (a binary model: 1 for its class, 0 background), and
+    ``class_fraction``, ``FP32`` ``[N, C]``, the fraction of each image's pixels in each
+    class, in the order of the labels (a binary model, C = 1: its class's fraction). One
+    mask tensor has one H and W, so the images of one request must share their size: a
+    request of images of different sizes is refused (InvalidInput) before any is run.
 
 Everything a client can get wrong is checked here and raised as InvalidInput: an unknown
 input or datatype, a shape that disagrees with the data, a binary size over or under the
@@ -33,14 +40,17 @@ import binascii
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import Internal, InvalidInput, PayloadTooLarge
+from service.inference import maskpng
+from service.inference.decode import image_size
 
 IMAGES, SEQUENCES, LENGTHS, TEXTS = "images", "sequences", "lengths", "texts"
 LABELS, PROBABILITIES, CLASSES, POSITIVE, VALUES = "labels", "probabilities", "classes", "positive", "values"
+MASK, CLASS_FRACTION = "mask", "class_fraction"
 TOP_K = "top_k"
 
 #: OIP datatypes with a fixed element size (BYTES has none).
@@ -96,12 +106,7 @@ def model_io(predictor) -> ModelIO:
         inputs = ((SEQUENCES, "INT64", (-1, -1)), (LENGTHS, "INT64", (-1,)))
         if predictor.vocab is not None:
             inputs += ((TEXTS, "BYTES", (-1,)),)
-    if spec.task == "regression":
-        outputs = ((VALUES, "FP32", (-1, c)),)
-    else:
-        outputs = ((LABELS, "BYTES", (-1, -1)), (PROBABILITIES, "FP32", (-1, -1)), (CLASSES, "INT64", (-1, -1)))
-        if spec.task == "multilabel":
-            outputs += ((POSITIVE, "BOOL", (-1, c)),)
+    outputs = TASK_OUTPUTS[spec.task].declared(c)
     items = predictor.max_items_per_request
     if spec.modality == "image":
         max_elements = items
@@ -241,9 +246,11 @@ def to_payload(io: ModelIO, inputs: Sequence[Tensor], *, json_bytes: bool = Fals
             raise InvalidInput(f"input {IMAGES!r} is missing")
         if len(images.shape) != 1:
             raise InvalidInput(f"input {IMAGES!r}: shape must be [N], got {images.shape}")
-        if json_bytes:
-            return {str(i): _b64(i, v) for i, v in enumerate(images.data)}
-        return {str(i): v for i, v in enumerate(images.data)}
+        payload = ({str(i): _b64(i, v) for i, v in enumerate(images.data)} if json_bytes
+                   else {str(i): v for i, v in enumerate(images.data)})
+        if io.task == "segmentation":
+            _same_size(payload)
+        return payload
     if TEXTS in by_name:
         if SEQUENCES in by_name or LENGTHS in by_name:
             raise InvalidInput(f"send either {TEXTS!r} or {SEQUENCES!r}, not both")
@@ -276,6 +283,23 @@ def to_payload(io: ModelIO, inputs: Sequence[Tensor], *, json_bytes: bool = Fals
     return {SEQUENCES: rows}
 
 
+def _same_size(payload: Mapping[str, Any]) -> None:
+    """The images of a segmentation request share one size: their masks share one
+    ``[N, H, W]`` tensor. Read from the headers; an element that is not an image is left to
+    the predictor, which names what is wrong with it."""
+    sizes = {}
+    for key, value in payload.items():
+        try:
+            sizes.setdefault(image_size(value), key)
+        except InvalidInput:
+            continue
+    if len(sizes) > 1:
+        shown = ", ".join(f"element {key} is {w}x{h}" for (w, h), key in sizes.items())
+        raise InvalidInput(f"input {IMAGES!r}: the masks of one request share one tensor [N, H, W], so its "
+                           f"images must have one size ({shown}); send images of different sizes in "
+                           "separate requests")
+
+
 def _b64(i: int, value: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
@@ -302,12 +326,17 @@ def to_outputs(io: ModelIO, answer: Mapping[str, Any], labels: Sequence[str],
         if unknown:
             raise InvalidInput(f"unknown output {unknown[0]!r}; this model gives {', '.join(names)}")
         names = list(dict.fromkeys(wanted))  # in the order asked for
-    preds = answer["predictions"]
+    return TASK_OUTPUTS[io.task].encode(answer["predictions"], labels, names)
+
+
+def _regression_outputs(preds: list, labels: Sequence[str], names: Sequence[str]) -> list[Tensor]:
+    values = np.array([p["values"] for p in preds], dtype=np.float32).reshape(len(preds), -1)
+    return [Tensor(VALUES, "FP32", list(values.shape), values)] if VALUES in names else []
+
+
+def _top_k_outputs(preds: list, labels: Sequence[str], names: Sequence[str]) -> list[Tensor]:
     n = len(preds)
     out: list[Tensor] = []
-    if io.task == "regression":
-        values = np.array([p["values"] for p in preds], dtype=np.float32).reshape(n, -1)
-        return [Tensor(VALUES, "FP32", list(values.shape), values)] if VALUES in names else []
     k = len(preds[0]["top_k"]) if preds else 0
     for name in names:
         if name == LABELS:
@@ -327,6 +356,47 @@ def to_outputs(io: ModelIO, answer: Mapping[str, Any], labels: Sequence[str],
                     mask[row, index[label]] = True
             out.append(Tensor(name, "BOOL", [n, len(labels)], mask))
     return out
+
+
+def _segmentation_outputs(preds: list, labels: Sequence[str], names: Sequence[str]) -> list[Tensor]:
+    """``mask`` from each answer's PNG (written by service/inference/maskpng.py: one inflate,
+    no torch) and ``class_fraction`` in the labels' order."""
+    out: list[Tensor] = []
+    if MASK in names:
+        sizes = {(p["height"], p["width"]) for p in preds}
+        if len(sizes) > 1:  # to_payload refused such a request; the predictor's answer disagrees
+            raise Internal(f"masks of {len(sizes)} sizes for one [N, H, W] tensor")
+        masks = [maskpng.decode(base64.b64decode(p["mask"])) for p in preds]
+        if any(m.shape != (p["height"], p["width"]) for m, p in zip(masks, preds)):
+            raise Internal("a mask's PNG disagrees with its answer's width and height")
+        array = np.stack(masks) if masks else np.zeros((0, 0, 0), dtype=np.uint8)
+        out.append(Tensor(MASK, "UINT8", list(array.shape), array))
+    if CLASS_FRACTION in names:
+        fractions = np.array([[p["class_fraction"][label] for label in labels] for p in preds],
+                             dtype=np.float32).reshape(len(preds), len(labels))
+        out.append(Tensor(CLASS_FRACTION, "FP32", list(fractions.shape), fractions))
+    return [t for name in names for t in out if t.name == name]  # in the order asked for
+
+
+@dataclass(frozen=True)
+class TaskOutputs:
+    """One task's OIP outputs: ``declared(num_classes)`` gives (name, datatype, shape) for the
+    model metadata; ``encode(predictions, labels, names)`` the tensors named of an answer."""
+
+    declared: Callable[[int], tuple[tuple[str, str, tuple[int, ...]], ...]]
+    encode: Callable[[list, Sequence[str], Sequence[str]], list[Tensor]]
+
+
+_TOP_K = ((LABELS, "BYTES", (-1, -1)), (PROBABILITIES, "FP32", (-1, -1)), (CLASSES, "INT64", (-1, -1)))
+
+#: The outputs of each model task (to_outputs and model_io read it).
+TASK_OUTPUTS: dict[str, TaskOutputs] = {
+    "multiclass": TaskOutputs(lambda c: _TOP_K, _top_k_outputs),
+    "multilabel": TaskOutputs(lambda c: (*_TOP_K, (POSITIVE, "BOOL", (-1, c))), _top_k_outputs),
+    "regression": TaskOutputs(lambda c: ((VALUES, "FP32", (-1, c)),), _regression_outputs),
+    "segmentation": TaskOutputs(lambda c: ((MASK, "UINT8", (-1, -1, -1)), (CLASS_FRACTION, "FP32", (-1, c))),
+                                _segmentation_outputs),
+}
 
 
 def to_raw(t: Tensor) -> bytes:

@@ -1,0 +1,409 @@
+"""Serving segmentation models (issue 13, section 4): a mask per image at the image's own size.
+
+Two small unet archives, built without training (seeded, their batch-norm statistics and
+head biases perturbed so that the masks are not constant): ``seg`` (4 classes, background
+first) and ``seg-bin`` (one class: a binary mask). They are written by the real model store
+and served by each engine in turn (the module's fixture is parametrized): a real TorchServe
+with its gRPC gateway, then the native engine. Clients: ``requests`` and TorchServe's gRPC
+stub (:class:`service.client.PredictionClient`) on both; NVIDIA's ``tritonclient`` (OIP v2,
+HTTP and gRPC; tests/oip_clients.py) on the native engine.
+
+Every served mask is compared with an in-process forward of the same weights, written out
+here: decode, :func:`service.models.image_eval_transform`, the model in fp32, bilinear
+up-sampling of the logits to the ORIGINAL image size, then argmax (``torch.ge(sigmoid, 0.5)``
+for the binary model). A pixel may differ only where the decision is a near-tie (top-two
+logits within 1e-4: a batch's forward may round differently from a single image's).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision.io import ImageReadMode, decode_image, decode_png, encode_jpeg, encode_png
+
+from service.client import PredictionClient, read_token
+from service.errors import InvalidInput, InvalidSpec
+from service.inference import Predictor, RuntimeOptions, maskpng
+from service.inference.segmentation import crop_box, predict_masks, predict_masks_through_crop
+from service.models import ModelSpec, build_model, image_eval_transform, load_model
+from service.models import decisions
+from service.modelstore import ModelBundle, ModelStore
+from service.modelstore.check import verify_archive
+from service.modelstore.store import ServingOptions
+from service.serving.engines import serving_class
+from service.serving.native import oip
+from service.training import tasks
+from tests import oip_clients
+from tests.test_serving import settings_for
+
+SPECS = {
+    "seg": {"family": "unet", "num_classes": 4, "config": {"depth": 2, "base_channels": 8},
+            "input": {"type": "image", "channels": 1, "size": 32, "resize": None}},
+    "seg-bin": {"family": "unet", "num_classes": 1, "config": {"depth": 2, "base_channels": 8},
+                "input": {"type": "image", "channels": 1, "size": 32, "resize": None}},
+}
+LABELS = {"seg": ["background", "a", "b", "c"], "seg-bin": ["object"]}
+#: Top-two logits closer than this may be decided either way by two correct forwards.
+TIE = 1e-4
+
+
+def image(height: int, width: int, seed: int, fmt: str = "png", channels: int = 1) -> bytes:
+    """A smooth grayscale image (coarse noise, up-sampled): masks of a few regions."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((1, channels, max(2, height // 6), max(2, width // 6)), generator=g)
+    pixels = (F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+              .clamp(0, 1)[0] * 255).round().to(torch.uint8)
+    encoded = encode_png(pixels) if fmt == "png" else encode_jpeg(pixels, quality=92)
+    return encoded.numpy().tobytes()
+
+
+def make_unet(name: str, seed: int = 0, **overrides) -> ModelBundle:
+    """A built, untrained unet whose masks are not constant: its head biases are moved so that
+    every class wins somewhere on a calibration image (the binary one: half its pixels)."""
+    torch.manual_seed(seed)
+    spec = ModelSpec.from_dict({**SPECS[name], **overrides})
+    model = build_model(spec)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    with torch.no_grad():
+        x = torch.stack([_transformed(spec, image(48, 48, seed=900 + i)) for i in range(3)])
+        logits = model(x)
+        if spec.num_classes == 1:
+            model.head.bias -= logits.median()
+        else:
+            model.head.bias -= logits.mean(dim=(0, 2, 3))
+    return ModelBundle(spec, model.state_dict(), list(LABELS[name]))
+
+
+def _transformed(spec: ModelSpec, data: bytes) -> torch.Tensor:
+    mode = ImageReadMode.GRAY if spec.input.channels == 1 else ImageReadMode.RGB
+    return image_eval_transform(spec.input)(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode))
+
+
+def reference(bundle: ModelBundle, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-process forward: up-sampled logits (C, H, W) at the image's size, and its mask."""
+    model = load_model(bundle.spec, bundle.state_dict)
+    x = _transformed(bundle.spec, data).unsqueeze(0)
+    height, width = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8)).shape[-2:]
+    with torch.no_grad():
+        up = F.interpolate(model(x).float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    if bundle.spec.num_classes == 1:
+        return up, torch.ge(torch.sigmoid(up[0]), 0.5).long()
+    return up, up.argmax(dim=0)
+
+
+def assert_same_mask(got: np.ndarray, bundle: ModelBundle, data: bytes) -> None:
+    up, expected = reference(bundle, data)
+    got = torch.from_numpy(np.asarray(got, dtype=np.int64))
+    assert got.shape == expected.shape
+    differ = got != expected
+    if bundle.spec.num_classes == 1:
+        margin = up[0].abs()
+    else:
+        top2 = up.topk(2, dim=0).values
+        margin = top2[0] - top2[1]
+    assert int(differ.sum()) <= 3 and bool((margin[differ] < TIE).all()), (
+        f"{int(differ.sum())} pixels differ, margins {margin[differ].tolist()[:5]}")
+
+
+def png_pixels(text: str) -> np.ndarray:
+    """A served mask's pixels, read by torchvision's PNG decoder (not ours)."""
+    decoded = decode_png(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+    assert decoded.dtype == torch.uint8 and decoded.shape[0] == 1  # 8-bit, one channel
+    return decoded[0].numpy()
+
+
+def assert_prediction(pred: dict, bundle: ModelBundle, data: bytes) -> np.ndarray:
+    """One image's JSON answer: its mask (as the in-process forward), size, fractions, labels."""
+    assert "top_k" not in pred
+    height, width = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8)).shape[-2:]
+    assert (pred["height"], pred["width"]) == (height, width)
+    mask = png_pixels(pred["mask"])
+    assert mask.shape == (height, width)
+    assert_same_mask(mask, bundle, data)
+    assert pred["labels"] == bundle.labels
+    assert list(pred["class_fraction"]) == bundle.labels
+    counts = np.bincount(mask.reshape(-1), minlength=max(2, len(bundle.labels)))
+    if bundle.spec.num_classes == 1:
+        assert set(np.unique(mask)) <= {0, 1}
+        assert pred["class_fraction"]["object"] == pytest.approx(counts[1] / mask.size, abs=1e-12)
+    else:
+        fractions = [pred["class_fraction"][label] for label in bundle.labels]
+        assert fractions == pytest.approx((counts / mask.size).tolist(), abs=1e-12)
+        assert sum(fractions) == pytest.approx(1.0, abs=1e-9)
+    return mask
+
+
+# ---- in process ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundles():
+    return {name: make_unet(name, seed=1) for name in SPECS}
+
+
+def test_the_served_rule_is_the_trainers():
+    assert tasks.segmentation_prediction is decisions.segmentation_prediction
+    assert tasks.MULTILABEL_THRESHOLD == decisions.MULTILABEL_THRESHOLD == 0.5
+    logits = torch.tensor([[[[0.0, -1e-3, 3.0]]]])  # sigmoid(0) = 0.5 exactly: ge, not gt
+    assert decisions.segmentation_prediction(logits).tolist() == [[[1, 0, 1]]]
+
+
+def test_predictor_answers_masks_at_each_images_size(bundles):
+    images = {"wide": image(40, 50, seed=1), "small": image(16, 20, seed=2), "jpeg": image(40, 50, 3, "jpeg"),
+              "square": image(32, 32, seed=4)}
+    for name, bundle in bundles.items():
+        predictor = Predictor(bundle, name=name, version="1", max_batch=3)  # 4 images: two chunks
+        assert predictor.warm_up([1, 3]).keys() == {1, 3}
+        result = predictor.predict([dict(images, k=b"junk")], [None])  # k does not apply: ignored
+        answer = result.outputs[0]
+        assert (answer["model"], answer["version"]) == (name, "1")
+        assert [p["input"] for p in answer["predictions"]] == list(images)
+        masks = [assert_prediction(p, bundle, images[p["input"]]) for p in answer["predictions"]]
+        assert len(np.unique(masks[0])) == (2 if name == "seg-bin" else 4)  # not a constant mask
+        # channels_last runs the same forward in another memory format: the same masks
+        other = Predictor(bundle, runtime=RuntimeOptions("fp32", channels_last=True)).predict([images], [3])
+        assert [png_pixels(p["mask"]).tolist() for p in other.outputs[0]["predictions"]] == [
+            m.tolist() for m in masks]
+
+
+def test_a_center_cropped_view_is_sampled_back_where_the_crop_came_from():
+    """With ``resize`` (shorter side) and a center crop, the model sees the crop only: the mask
+    puts its logits back there, and the cut-off sides take the crop's edge. An 80x100 image,
+    resize 40, size 32: resized 40x50, the crop at (4, 9), i.e. rows 8..71 and columns 18..81 of
+    the original, twice the crop's scale: that region is interpolate(logits, 64x64), the
+    rest its edge rows and columns repeated."""
+    bundle = make_unet("seg", seed=5, input={"type": "image", "channels": 1, "size": 32, "resize": 40})
+    model = load_model(bundle.spec, bundle.state_dict)
+    data = image(80, 100, seed=61)
+    pred = Predictor(bundle).predict([{"x": data}]).outputs[0]["predictions"][0]
+    assert (pred["height"], pred["width"]) == (80, 100)
+    with torch.no_grad():
+        logits = model(_transformed(bundle.spec, data).unsqueeze(0))
+    up = F.pad(F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False), (18, 18, 8, 8),
+               mode="replicate")[0]
+    expected, got = up.argmax(dim=0), torch.from_numpy(png_pixels(pred["mask"]).astype(np.int64))
+    top2 = up.topk(2, dim=0).values
+    differ = got != expected
+    assert int(differ.sum()) <= 3 and bool((top2[0] - top2[1])[differ].lt(TIE).all())
+    assert len(expected.unique()) > 1
+    # the geometry is torchvision's: resize's size and center_crop's anchor
+    for height, width in ((80, 100), (100, 80), (33, 47), (47, 33), (41, 97), (40, 40)):
+        x = torch.arange(height * width, dtype=torch.float32).reshape(1, height, width)
+        resized = TF.resize(x, [40], interpolation=TF.InterpolationMode.NEAREST)
+        new_h, new_w, top, left = crop_box(bundle.spec.input, height, width)
+        assert (new_h, new_w) == tuple(resized.shape[-2:])
+        assert torch.equal(TF.center_crop(resized, [32, 32]), resized[:, top:top + 32, left:left + 32])
+
+
+def test_masks_in_chunks_equal_one_argmax():
+    """Past the chunk bound, images go one at a time and classes in groups, with a running
+    maximum: the same ids as one argmax, ties (integer logits) to the lower class."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(-2, 3, (3, 7, 8, 8), generator=g).float()
+    expected = F.interpolate(logits, size=(33, 41), mode="bilinear", align_corners=False).argmax(dim=1)
+    for chunk in (1 << 24, 33 * 41 * 7, 33 * 41 * 3, 1):
+        assert torch.equal(predict_masks(logits, (33, 41), chunk_elements=chunk), expected), chunk
+    one = torch.randn(2, 1, 8, 8, generator=g)
+    assert torch.equal(predict_masks(one, (20, 9), chunk_elements=1),
+                       torch.ge(torch.sigmoid(F.interpolate(one, (20, 9), mode="bilinear")[:, 0]), 0.5).long())
+    box = (8, 11, 0, 1)  # through a crop: bands of rows
+    whole = predict_masks_through_crop(logits, (33, 41), box)
+    assert torch.equal(predict_masks_through_crop(logits, (33, 41), box, chunk_elements=7 * 41 * 2), whole)
+    assert torch.equal(predict_masks_through_crop(logits, (33, 41), box, chunk_elements=1), whole)
+
+
+def test_mask_png_is_a_plain_8_bit_grayscale_png():
+    mask = np.random.default_rng(0).integers(0, 256, size=(7, 13), dtype=np.uint8)
+    data = maskpng.encode(mask)
+    decoded = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert decoded.shape == (1, 7, 13) and np.array_equal(decoded[0].numpy(), mask)
+    assert np.array_equal(maskpng.decode(data), mask)
+    with pytest.raises(ValueError):
+        maskpng.decode(encode_png(torch.zeros((3, 4, 4), dtype=torch.uint8)).numpy().tobytes())  # RGB
+
+
+def test_more_classes_than_8_bit_masks_hold_are_refused(tmp_path):
+    spec = dict(SPECS["seg"], num_classes=257, config={"depth": 2, "base_channels": 1})
+    bundle = ModelBundle(ModelSpec.from_dict(spec), build_model(ModelSpec.from_dict(spec)).state_dict(),
+                         [f"c{i}" for i in range(257)])
+    with pytest.raises(InvalidSpec, match="at most 256 classes"):
+        Predictor(bundle)
+    store = ModelStore(tmp_path / "store")
+    store.write("wide", bundle)
+    with pytest.raises(Exception, match="at most 256 classes"):
+        verify_archive(store.path("wide", 1), name="wide", version=1)
+
+
+def test_oip_contract_of_a_segmentation_model(bundles):
+    io_ = oip.model_io(Predictor(bundles["seg"]))
+    assert io_.metadata() == {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]}],
+                              "outputs": [{"name": "mask", "datatype": "UINT8", "shape": [-1, -1, -1]},
+                                          {"name": "class_fraction", "datatype": "FP32", "shape": [-1, 4]}]}
+    tensor = oip.Tensor("images", "BYTES", [2], [image(40, 50, 1), image(40, 51, 2)])
+    with pytest.raises(InvalidInput, match="one size"):
+        oip.to_payload(io_, [tensor])
+    same = oip.Tensor("images", "BYTES", [3], [image(40, 50, 1), image(40, 50, 2, "jpeg"), b"not an image"])
+    assert list(oip.to_payload(io_, [same])) == ["0", "1", "2"]  # the bad one is the predictor's to name
+
+
+# ---- served by each engine ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["torchserve", "native"])
+def served(tmp_path_factory, request, bundles):
+    engine = request.param
+    root = tmp_path_factory.mktemp(f"seg-{engine}")
+    store = ModelStore(root / "store")
+    for name, bundle in bundles.items():
+        store.write(name, bundle, options=ServingOptions(batch_size=4, max_batch_delay_ms=20))
+    settings = settings_for(root / "store", root / "state", engine=engine, startup_timeout_s=120)
+    serving = serving_class(engine)(settings)
+    report = serving.start()
+    try:
+        assert all(r.ready for r in report) and len(report) == 2, report
+        token = read_token(settings.state_dir)
+        yield {"engine": engine, "settings": settings, "token": token, "bundles": bundles,
+               "client": PredictionClient(rest_url=f"http://127.0.0.1:{settings.inference_port}",
+                                          grpc_target=f"127.0.0.1:{settings.grpc_inference_port}", token=token)}
+    finally:
+        serving.stop()
+
+
+def _rest_raw(served, name, body, headers=None):
+    s = served["settings"]
+    return requests.post(f"http://127.0.0.1:{s.inference_port}/predictions/{name}", data=body, timeout=60,
+                         headers={"Authorization": f"Bearer {served['token']}", **(headers or {})})
+
+
+def _assert_still_serving(served):
+    data = image(40, 50, seed=11)
+    pred = served["client"].rest("seg", {"x": data})["predictions"][0]
+    assert_prediction(pred, served["bundles"]["seg"], data)
+
+
+def test_masks_over_rest_and_grpc_match_in_process(served):
+    client, bundles = served["client"], served["bundles"]
+    images = {"wide": image(40, 50, seed=21), "jpeg": image(24, 30, seed=22, fmt="jpeg")}
+    for name in ("seg", "seg-bin"):
+        for answer in (client.rest(name, images, k=3), client.grpc(name, images, k=3)):
+            assert answer["model"] == name
+            preds = {p["input"]: p for p in answer["predictions"]}
+            assert set(preds) == set(images)
+            for key, data in images.items():
+                assert_prediction(preds[key], bundles[name], data)
+    # One raw body, with a top-k header that does not apply (and is not read)
+    data = image(40, 50, seed=23)
+    resp = _rest_raw(served, "seg", data, {"X-Top-K": "not a number"})
+    assert resp.status_code == 200, resp.text
+    assert_prediction(resp.json()["predictions"][0], bundles["seg"], data)
+
+
+def test_batched_requests_each_get_their_own_size(served):
+    """Concurrent requests of different sizes share batches (batch_size 4): each answer keeps
+    its image's size and mask."""
+    client, bundle = served["client"], served["bundles"]["seg"]
+    sizes = [(40, 50), (32, 32), (17, 45), (64, 24), (40, 50), (33, 31), (20, 20), (50, 40)]
+    images = [image(h, w, seed=30 + i) for i, (h, w) in enumerate(sizes)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda d: client.rest("seg", {"x": d}), images))
+    for answer, data in zip(answers, images):
+        assert_prediction(answer["predictions"][0], bundle, data)
+
+
+@pytest.mark.parametrize("body, headers, needle", [
+    (b"this is not an image", {"Content-Type": "application/octet-stream"}, "JPEG or PNG"),
+    (image(40, 50, seed=1)[:60], {"Content-Type": "image/png"}, "PNG"),
+], ids=["not-an-image", "cut-png"])
+def test_bad_input_is_4xx_and_the_server_stays_up(served, body, headers, needle):
+    resp = _rest_raw(served, "seg", body, headers)
+    assert resp.status_code == 400, resp.text
+    assert needle in resp.json()["message"]
+    with pytest.raises(grpc.RpcError) as info:
+        served["client"].grpc("seg", {"x": body})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in info.value.details()
+    _assert_still_serving(served)
+
+
+# ---- OIP v2 (the native engine) -------------------------------------------------------------------
+
+def _oip_client(served, protocol):
+    if served["engine"] != "native":
+        pytest.skip("the TorchServe engine does not speak OIP v2")
+    s = served["settings"]
+    if protocol == "http":
+        return oip_clients.http_client(f"127.0.0.1:{s.inference_port}", served["token"])
+    return oip_clients.grpc_client(f"127.0.0.1:{s.grpc_inference_port}", served["token"])
+
+
+def _status(exc) -> str:
+    return str(exc.status())
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_oip_mask_and_class_fraction_tensors(served, protocol):
+    client, bundles = _oip_client(served, protocol), served["bundles"]
+    try:
+        meta = client.get_model_metadata("seg")
+        assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]] == [
+            ("mask", "UINT8", [-1, -1, -1]), ("class_fraction", "FP32", [-1, 4])]
+        meta = client.get_model_metadata("seg-bin")
+        assert [(t["name"], [int(d) for d in t["shape"]]) for t in meta["outputs"]] == [
+            ("mask", [-1, -1, -1]), ("class_fraction", [-1, 1])]
+
+        images = [image(40, 50, seed=41), image(40, 50, seed=42, fmt="jpeg")]
+        for name in ("seg", "seg-bin"):
+            result = oip_clients.infer(client, name, [oip_clients.images_input(images)], parameters={"top_k": 2})
+            masks, fractions = result.as_numpy("mask"), result.as_numpy("class_fraction")
+            assert masks.dtype == np.uint8 and masks.shape == (2, 40, 50)
+            assert fractions.dtype == np.float32 and fractions.shape == (2, len(bundles[name].labels))
+            for mask, fraction, data in zip(masks, fractions, images):
+                assert_same_mask(mask, bundles[name], data)
+                counts = np.bincount(mask.reshape(-1), minlength=2) / mask.size
+                expected = counts[1:2] if name == "seg-bin" else counts[:4]
+                np.testing.assert_allclose(fraction, expected, atol=1e-6)
+            if name == "seg":
+                np.testing.assert_allclose(fractions.sum(axis=1), 1.0, atol=1e-5)
+
+        one = oip_clients.infer(client, "seg", [oip_clients.images_input([images[0]])], outputs=["class_fraction"])
+        assert one.as_numpy("mask") is None and one.as_numpy("class_fraction").shape == (1, 4)
+
+        mixed = [image(40, 50, seed=43), image(50, 40, seed=44)]
+        with pytest.raises(Exception) as info:
+            oip_clients.infer(client, "seg", [oip_clients.images_input(mixed)])
+        assert "one size" in str(info.value)
+        assert _status(info.value) in ("400", "StatusCode.INVALID_ARGUMENT")
+        with pytest.raises(Exception) as info:
+            oip_clients.infer(client, "seg", [oip_clients.images_input([b"not an image"])])
+        assert "JPEG or PNG" in str(info.value)
+        assert _status(info.value) in ("400", "StatusCode.INVALID_ARGUMENT")
+    finally:
+        client.close()
+    _assert_still_serving(served)
+
+
+def test_oip_rest_json_tensors_carry_the_mask(served):
+    """Plain JSON (no binary extension): base64 images in, the mask's ids flat in row-major order."""
+    if served["engine"] != "native":
+        pytest.skip("the TorchServe engine does not speak OIP v2")
+    s, data = served["settings"], image(24, 30, seed=51)
+    body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(data).decode()]}]}
+    resp = requests.post(f"http://127.0.0.1:{s.inference_port}/v2/models/seg/infer", data=json.dumps(body),
+                         headers={"Authorization": f"Bearer {served['token']}"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    outputs = {o["name"]: o for o in resp.json()["outputs"]}
+    assert (outputs["mask"]["datatype"], outputs["mask"]["shape"]) == ("UINT8", [1, 24, 30])
+    assert_same_mask(np.array(outputs["mask"]["data"], dtype=np.uint8).reshape(24, 30), served["bundles"]["seg"], data)
+    assert sum(outputs["class_fraction"]["data"]) == pytest.approx(1.0, abs=1e-5)
