@@ -368,6 +368,7 @@ def test_masks_folder_layouts_labels_and_palette_masks(roots, policy):
     ("corrupt", "CRC mismatch"),
     ("outside", "outside the data roots"),
     ("labels", "list of distinct label names"),
+    ("labels-size", "over 1048576 bytes"),
     ("binary", "binary mask of 0 and 1"),
 ])
 def test_bad_masks_folders_are_clear_errors(breakage, words, tmp_path, roots):
@@ -397,6 +398,8 @@ def test_bad_masks_folders_are_clear_errors(breakage, words, tmp_path, roots):
         (masks / "s00.png").symlink_to(outside)
     elif breakage == "labels":
         (folder / "labels.json").write_text(json.dumps(["background", "a", "a"]))
+    elif breakage == "labels-size":
+        (folder / "labels.json").write_text(json.dumps(["background", "a" * ds.MAX_LABELS_FILE_BYTES]))
     elif breakage == "binary":
         (folder / "labels.json").write_text(json.dumps(["thing"]))  # one label: ids 0 and 1 only
     with pytest.raises(InvalidSpec) as err:
