@@ -32,7 +32,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_png, encode_jpeg,
 
 from service.client import PredictionClient, read_token
 from service.errors import InvalidInput, InvalidSpec
-from service.inference import Predictor, RuntimeOptions, maskpng
+from service.inference import Predictor, RuntimeOptions, check_precision, maskpng
 from service.inference.segmentation import crop_box, predict_masks, predict_masks_through_crop
 from service.models import ModelSpec, build_model, image_eval_transform, load_model
 from service.models import decisions
@@ -205,6 +205,17 @@ def test_a_center_cropped_view_is_sampled_back_where_the_crop_came_from():
         new_h, new_w, top, left = crop_box(bundle.spec.input, height, width)
         assert (new_h, new_w) == tuple(resized.shape[-2:])
         assert torch.equal(TF.center_crop(resized, [32, 32]), resized[:, top:top + 32, left:left + 32])
+
+
+def test_the_precision_check_compares_pixels(bundles):
+    """A reduced precision is admitted on the agreement of every pixel's class (the served
+    rule), not of an argmax over a (C, H, W) output counted per image."""
+    held_out = [image(32, 32, seed=700 + i) for i in range(100)]
+    for name, bundle in bundles.items():
+        check = check_precision(bundle, held_out, "bf16", batch_size=100)
+        assert check.samples == 100 and check.agreed <= 100 * 32 * 32
+        assert check.agreement == check.agreed / (100 * 32 * 32) and 0.9 < check.agreement <= 1.0
+        assert 0 < check.max_abs_prob_diff < 0.5  # probabilities (softmax / sigmoid), not logits
 
 
 def test_masks_in_chunks_equal_one_argmax():

@@ -9,6 +9,10 @@ The store records the check in the archive's lineage (``serving.precision_check`
 worker runs the reduced precision only when that record says it passed: top-1 agreement
 with fp32 of at least 99 % (``MIN_AGREEMENT``), on these weights, on the same kind of
 device. A failed check is recorded too; the worker then runs fp32.
+
+For a segmentation model the decisions compared are its pixels' (at the model's input
+size, by :func:`service.models.decisions.segmentation_prediction`, the served rule): the
+agreement is the fraction of pixels whose class is the same in both precisions.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from service.errors import InvalidArgument
 from service.inference.fastpath import RuntimeOptions, native_precisions
 from service.inference.predictor import Predictor
+from service.models.decisions import segmentation_prediction
 from service.modelstore.bundle import ModelBundle, state_dict_sha256
 from service.modelstore.store import MIN_AGREEMENT
 
@@ -80,14 +85,20 @@ def check_precision(
     items = _items(reference, inputs)
     if len(items) < MIN_SAMPLES:
         raise InvalidArgument(f"the agreement check needs at least {MIN_SAMPLES} held-out inputs, got {len(items)}")
-    agreed, max_diff = 0, 0.0
+    agreed, decisions, max_diff = 0, 0, 0.0
+    segmentation = bundle.spec.task == "segmentation"
     for start in range(0, len(items), batch_size):
         args = reference.collate(items[start : start + batch_size])
-        p32 = reference.scores(reference._forward(args))
-        plow = reduced.scores(reduced._forward(args))
-        agreed += int((p32.argmax(dim=1) == plow.argmax(dim=1)).sum())
+        l32, llow = reference._forward(args), reduced._forward(args)
+        p32, plow = reference.scores(l32), reduced.scores(llow)
+        if segmentation:  # every pixel's class, as served
+            d32, dlow = segmentation_prediction(l32.float()), segmentation_prediction(llow.float())
+        else:
+            d32, dlow = p32.argmax(dim=1), plow.argmax(dim=1)
+        agreed += int((d32 == dlow).sum())
+        decisions += d32.numel()
         max_diff = max(max_diff, float((p32 - plow).abs().max()))
-    agreement = agreed / len(items)
+    agreement = agreed / decisions
     return PrecisionCheck(
         precision=precision,
         device_type=device.type,

@@ -370,7 +370,10 @@ class Predictor:
         return self.run(items)[0]
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities per task: softmax (multiclass), sigmoid (multilabel), raw (regression)."""
+        """Probabilities per task: softmax (multiclass), sigmoid (multilabel), raw (regression);
+        segmentation, per pixel: softmax over the classes, sigmoid for a binary mask."""
+        if self.spec.task == "segmentation":
+            return torch.softmax(logits.float(), dim=1) if logits.shape[1] > 1 else torch.sigmoid(logits.float())
         if self.spec.task == "multiclass":
             return torch.softmax(logits.float(), dim=1)
         if self.spec.task == "multilabel":
