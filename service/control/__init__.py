@@ -9,6 +9,7 @@ Modules (imported lazily by callers; importing this package imports nothing else
 * ``events``: following a run's ``events.jsonl``;
 * ``scheduler``: bounded concurrency, following, settling, resuming jobs;
 * ``deployer``: deploy policies, deployment to TorchServe, rollback;
+* ``speed``: deploy-if-faster's speed check (a subprocess; only it imports torch);
 * ``specs``: run specs from the API, validated by the trainer's own rules;
 * ``plane``: :class:`ControlPlane`, everything above composed, without gRPC;
 * ``messages``: Python values <-> ``modelctl.v1`` messages;

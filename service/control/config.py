@@ -27,6 +27,9 @@ MIN_JOB_MEMORY_LIMIT_MB = 512
 
 #: Values of ``deploy_target``.
 DEPLOY_TARGETS = ("torchserve", "store")
+#: Values of ``speed_check_device`` (service/control/speed.py), and the most rounds of a check.
+SPEED_CHECK_DEVICES = ("auto", "cpu", "cuda")
+MAX_SPEED_CHECK_ROUNDS = 100
 #: Environment variable of each field whose name is not simply ``MODELCTL_<FIELD>``.
 _ENV_NAMES = {"port": "MODELCTL_CONTROL_PORT", "host": "MODELCTL_CONTROL_HOST",
               "db_path": "MODELCTL_CONTROL_DB", "tls_cert": "MODELCTL_CONTROL_TLS_CERT",
@@ -97,6 +100,20 @@ class ControlConfig:
     deploy_target: str = "torchserve"
     #: Runner of jobs that do not name one.
     default_runner: str = "local"
+    # deploy-if-faster's speed check (service/control/speed.py): a subprocess that measures
+    # the new version against the serving one, side by side.
+    #: Wall-clock seconds the check may take, loading and warm-up included; past it the
+    #: process is killed and the version is not deployed (NOT_FASTER, "timed out").
+    speed_check_timeout_s: float = 300.0
+    #: Rounds of the check (each: both versions, 10 requests of 1 input and 3 of 8 apiece),
+    #: from 1 to MAX_SPEED_CHECK_ROUNDS.
+    speed_check_rounds: int = 5
+    #: Noise margin of "faster": a p50 below the serving version's * (1 - margin) and a
+    #: throughput above its * (1 + margin); from 0 to below 1.
+    speed_check_margin: float = 0.05
+    #: Where it measures: "auto" (cuda:0 where the control service's host has a GPU, as a
+    #: serving worker there gets one; else the CPU), "cpu" or "cuda".
+    speed_check_device: str = "auto"
     #: Threads of the gRPC server for unary calls. Streams run on threads of their own
     #: (service/grpc_streams.py), so no stream, open or idle, takes one of these.
     max_workers: int = 32
@@ -142,6 +159,18 @@ class ControlConfig:
                                   f"{self.env_var('max_deploy_workers')} ({self.max_deploy_workers})")
         for name in bounds.RUN_BOUNDS:
             bounds.check_run_bound(name, getattr(self, name))
+        if self.speed_check_timeout_s <= 0:
+            raise InvalidArgument(f"{self.env_var('speed_check_timeout_s')} must be > 0 (seconds), "
+                                  f"got {self.speed_check_timeout_s}")
+        if not 1 <= self.speed_check_rounds <= MAX_SPEED_CHECK_ROUNDS:
+            raise InvalidArgument(f"{self.env_var('speed_check_rounds')} must be from 1 to {MAX_SPEED_CHECK_ROUNDS}, "
+                                  f"got {self.speed_check_rounds}")
+        if not 0 <= self.speed_check_margin < 1:
+            raise InvalidArgument(f"{self.env_var('speed_check_margin')} must be >= 0 and < 1, "
+                                  f"got {self.speed_check_margin}")
+        if self.speed_check_device not in SPEED_CHECK_DEVICES:
+            raise InvalidArgument(f"{self.env_var('speed_check_device')} must be one of "
+                                  f"{', '.join(SPEED_CHECK_DEVICES)}, got {self.speed_check_device!r}")
         if self.deploy_target not in DEPLOY_TARGETS:
             raise InvalidArgument(f"deploy_target must be one of {', '.join(DEPLOY_TARGETS)}, "
                                   f"got {self.deploy_target!r}")
