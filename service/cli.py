@@ -126,9 +126,13 @@ def cmd_models_archive(args) -> int:
 def cmd_models_list(args) -> int:
     from service.modelstore import ModelStore
 
-    archives = ModelStore(args.store or _settings(args).model_store).list()
+    store = ModelStore(args.store or _settings(args).model_store)
+    archives = store.list()
+    # The deploy decisions recorded beside each version (deploy-if-faster's measurements).
+    decisions = {(a.name, a.version): store.deploy_decisions(a.name, a.version) for a in archives}
     if args.json:
-        print(json.dumps([{"path": str(a.path), **a.lineage} for a in archives], indent=2))
+        print(json.dumps([{"path": str(a.path), **a.lineage, "deploy_decisions": decisions[(a.name, a.version)]}
+                          for a in archives], indent=2))
         return 0
     print(f"{'MODEL':24} {'VERSION':>7}  {'FAMILY':12} {'CREATED':25} {'PARENT':10} SOURCE")
     for a in archives:
@@ -138,6 +142,9 @@ def cmd_models_list(args) -> int:
             f"{a.name:24} {a.version:>7}  {lin.get('family', '?'):12} "
             f"{lin.get('created_at', '?'):25} {str(parent):10} {lin.get('source', '?')}"
         )
+        for d in decisions[(a.name, a.version)][-1:]:
+            print(f"{'':26}{d.get('policy', '?')} ({d.get('job_id', '?')}): {d.get('outcome', '?')}: "
+                  f"{d.get('reason', '')}")
     return 0
 
 
@@ -152,7 +159,7 @@ def cmd_finetune_create(args) -> int:
     from service.control import display
 
     with _control_client(args) as client:
-        job = client.create_job(Path(args.spec), deploy=args.deploy, workers=args.workers)
+        job = client.create_job(Path(args.spec), deploy=args.deploy, workers=args.workers, tolerance=args.tolerance)
         print(display.job_line(job), flush=True)
         if args.watch:
             return display.follow(client.watch(job.id), sys.stdout)
@@ -174,7 +181,7 @@ def cmd_finetune_get(args) -> int:
 
     with _control_client(args) as client:
         job = client.get_job(args.job_id)
-    print(display.as_json(job) if args.json else display.job_line(job))
+    print(display.as_json(job) if args.json else display.job_text(job))
     return 0
 
 
@@ -310,8 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune_run)
     p = finetune.add_parser("create", help="submit a run spec as a job to the control API")
     p.add_argument("spec", help="run spec, JSON or YAML")
-    p.add_argument("--deploy", choices=["none", "deploy", "deploy-if-better"], default="none",
-                   help="what to do with the new version [none]")
+    p.add_argument("--deploy", choices=["none", "deploy", "deploy-if-better", "deploy-if-faster"], default="none",
+                   help="what to do with the new version [none]; deploy-if-faster: only when faster than the "
+                        "serving version and its metric is within --tolerance of that version's")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="deploy-if-faster: how much worse the metric may be, 0 to 1 in metric units "
+                        "(absolute on the loss side for mse) [0.01]")
     p.add_argument("--workers", type=int, default=0, help="workers of the deployed version (default: the service's)")
     p.add_argument("--watch", action="store_true", help="then follow it until it ends")
     _add_target_flag(p)

@@ -118,12 +118,16 @@ class ControlClient:
             raise error_from_rpc(exc, self.target) from None
 
     # ---- jobs -----------------------------------------------------------------------------
-    def create_job(self, spec, *, deploy: str = "none", workers: int = 0, runner: str = "") -> pb.FineTuneJob:
-        """``spec``: a dict (sent as a struct), a Path to a JSON/YAML file, or JSON/YAML text."""
+    def create_job(self, spec, *, deploy: str = "none", workers: int = 0, runner: str = "",
+                   tolerance: float | None = None) -> pb.FineTuneJob:
+        """``spec``: a dict (sent as a struct), a Path to a JSON/YAML file, or JSON/YAML text.
+        ``tolerance``: deploy-if-faster's metric tolerance (None: the service's default, 0.01)."""
         if deploy not in messages.POLICIES:
             raise InvalidArgument(f"deploy: unknown policy {deploy!r} (allowed: {', '.join(messages.POLICIES)})")
         request = pb.CreateFineTuneJobRequest(deploy_policy=messages.POLICIES[deploy], deploy_workers=workers,
                                               runner=runner)
+        if tolerance is not None:
+            request.deploy_tolerance = tolerance
         if isinstance(spec, dict):
             request.spec_struct.CopyFrom(messages.struct(json.loads(json.dumps(spec))))
         elif isinstance(spec, Path):

@@ -37,8 +37,8 @@ def job_line(job: pb.FineTuneJob) -> str:
     parts.append(f"({POLICY_NAMES.get(job.deploy_policy, '?')})")
     if job.result_version:
         parts.append(f"-> {job.output_model}:{job.result_version}")
-    if job.HasField("val_metric"):
-        text = _metric(job.metric, job.val_metric)
+    if job.HasField("val_metric"):  # the validation metric: what deploy-if-better compares
+        text = "val_" + _metric(job.metric, job.val_metric)
         if job.HasField("parent_val_metric"):
             text += f" (parent {job.parent} {job.parent_val_metric:.4f})"
         parts.append(text)
@@ -47,6 +47,37 @@ def job_line(job: pb.FineTuneJob) -> str:
     if job.error:
         parts.append(f"error: {job.error}")
     return "  ".join(parts)
+
+
+def deploy_check_lines(job: pb.FineTuneJob) -> list[str]:
+    """deploy-if-faster's comparison, in words: the serving version, both speeds, both metrics."""
+    if not job.HasField("deploy_check"):
+        return []
+    c = job.deploy_check
+    if not c.serving_version:
+        return [f"  compared with: no other version serving (tolerance {job.deploy_tolerance:g})"]
+    lines = [f"  compared with: {job.output_model}:{c.serving_version}, the serving version"]
+    s = c.speed
+    if s.error:
+        lines.append(f"  speed: not measured: {s.error}")
+    elif s.rounds:
+        lines.append(f"  speed on {s.device}: p50 at batch 1 {s.new_p50_ms_b1:.2f} ms vs {s.serving_p50_ms_b1:.2f} ms, "
+                     f"batch 8 {s.new_throughput_b8:.0f} vs {s.serving_throughput_b8:.0f} {s.unit} "
+                     f"({s.rounds} rounds, margin {s.margin:.0%}, {s.seconds:.1f} s): "
+                     f"{'faster' if s.faster else 'not faster'}")
+    new = f"{job.val_metric:.4f}" if job.HasField("val_metric") else "unknown"
+    old = f"{c.serving_val_metric:.4f}" if c.HasField("serving_val_metric") else "unknown"
+    verdict = "within" if c.within_tolerance else "not within"
+    lines.append(f"  {job.metric or 'metric'}: {new} vs {old}, {verdict} the tolerance {job.deploy_tolerance:g}")
+    return lines
+
+
+def job_text(job: pb.FineTuneJob) -> str:
+    """The job's line, then why the deploy policy did what it did (and what it measured)."""
+    lines = [job_line(job)]
+    if job.deploy_reason:
+        lines.append(f"  deploy: {job.deploy_reason}")
+    return "\n".join(lines + deploy_check_lines(job))
 
 
 def jobs_table(jobs) -> str:
@@ -71,14 +102,16 @@ def update_line(update: pb.JobUpdate) -> str:
         if name == "stopped":
             return f"stopped by {fields.get('signal', '?')} after epoch {int(fields.get('epoch', 0))}"
         if name == "done":
-            return f"wrote {fields.get('name')} version {int(fields.get('version', 0))}"
+            text = f"wrote {fields.get('name')} version {int(fields.get('version', 0))}"
+            if isinstance(fields.get("test_metric"), (int, float)):  # the held-out figure (trainer's done event)
+                text += (f": test {_metric(str(fields.get('metric') or ''), fields['test_metric'])} on "
+                         f"{int(fields.get('test_count') or 0)} examples")
+            return text
         return name
     job = update.job
     text = f"state {state(job)}"
     if job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
-        text += f": {job_line(job)}"
-        if job.deploy_reason:
-            text += f"\n  deploy: {job.deploy_reason}"
+        text += f": {job_text(job)}"
     return text
 
 

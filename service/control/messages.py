@@ -22,10 +22,13 @@ STATES = {"QUEUED": pb.JOB_STATE_QUEUED, "RUNNING": pb.JOB_STATE_RUNNING,
           "CANCELLED": pb.JOB_STATE_CANCELLED}
 STATE_NAMES = {v: k for k, v in STATES.items()}
 POLICIES = {"none": pb.DEPLOY_POLICY_NONE, "deploy": pb.DEPLOY_POLICY_DEPLOY,
-            "deploy-if-better": pb.DEPLOY_POLICY_DEPLOY_IF_BETTER}
+            "deploy-if-better": pb.DEPLOY_POLICY_DEPLOY_IF_BETTER,
+            "deploy-if-faster": pb.DEPLOY_POLICY_DEPLOY_IF_FASTER}
 POLICY_NAMES = {**{v: k for k, v in POLICIES.items()}, pb.DEPLOY_POLICY_UNSPECIFIED: "none"}
 OUTCOMES = {"NOT_REQUESTED": pb.DEPLOY_OUTCOME_NOT_REQUESTED, "DEPLOYED": pb.DEPLOY_OUTCOME_DEPLOYED,
-            "KEPT_PARENT": pb.DEPLOY_OUTCOME_KEPT_PARENT, "FAILED": pb.DEPLOY_OUTCOME_FAILED}
+            "KEPT_PARENT": pb.DEPLOY_OUTCOME_KEPT_PARENT, "FAILED": pb.DEPLOY_OUTCOME_FAILED,
+            "NOT_FASTER": pb.DEPLOY_OUTCOME_NOT_FASTER, "OUTSIDE_TOLERANCE": pb.DEPLOY_OUTCOME_OUTSIDE_TOLERANCE,
+            "NO_COMPARABLE_METRIC": pb.DEPLOY_OUTCOME_NO_COMPARABLE_METRIC}
 
 
 # ---- scalars -----------------------------------------------------------------------------
@@ -87,6 +90,11 @@ def policy_of(value: int) -> str:
     return POLICY_NAMES[value]
 
 
+def tolerance_of(request: pb.CreateFineTuneJobRequest) -> float | None:
+    """The request's deploy_tolerance; None when unset (the plane validates it)."""
+    return request.deploy_tolerance if request.HasField("deploy_tolerance") else None
+
+
 def states_of(values) -> list[str]:
     out = []
     for value in values:
@@ -118,6 +126,31 @@ def job_message(job) -> pb.FineTuneJob:
         msg.val_metric = job.val_metric
     if job.parent_val_metric is not None:
         msg.parent_val_metric = job.parent_val_metric
+    if job.deploy_tolerance is not None:
+        msg.deploy_tolerance = job.deploy_tolerance
+    if job.deploy_check:
+        msg.deploy_check.CopyFrom(deploy_check_message(job.deploy_check))
+    return msg
+
+
+def _finite(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
+
+
+def deploy_check_message(check: dict) -> pb.DeployCheck:
+    """A deploy check as the plane records it (service/control/plane.py, ``_record_check``)."""
+    msg = pb.DeployCheck(serving_version=int(check.get("serving_version") or 0),
+                         within_tolerance=bool(check.get("within_tolerance")))
+    if isinstance(check.get("serving_val_metric"), (int, float)):
+        msg.serving_val_metric = float(check["serving_val_metric"])
+    speed = check.get("speed")
+    if isinstance(speed, dict):
+        msg.speed.CopyFrom(pb.SpeedCheck(
+            device=str(speed.get("device") or ""), unit=str(speed.get("unit") or ""),
+            rounds=int(speed.get("rounds") or 0), faster=bool(speed.get("faster")),
+            error=str(speed.get("error") or ""),
+            **{k: _finite(speed.get(k)) for k in ("new_p50_ms_b1", "serving_p50_ms_b1", "new_throughput_b8",
+                                                  "serving_throughput_b8", "margin", "seconds")}))
     return msg
 
 
@@ -179,6 +212,8 @@ def model_version_message(view) -> pb.ModelVersion:
         msg.serving_status = serving.reason
     elif getattr(view, "refused", ""):
         msg.serving_status = f"refused: {view.refused}"
+    if getattr(view, "deploy_decision", None):
+        msg.deploy_decision.CopyFrom(struct(view.deploy_decision))
     return msg
 
 

@@ -7,8 +7,11 @@ raise the named errors of :mod:`service.errors`.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import fcntl
 import logging
+import math
 import os
 import threading
 import time
@@ -18,10 +21,19 @@ from typing import Callable, Iterator
 
 from service.control import specs
 from service.control.config import ControlConfig
-from service.control.deployer import DEPLOY_FAILED, DEPLOY_POLICIES, Deployer, RunFacts
+from service.control.deployer import (
+    DEFAULT_TOLERANCE,
+    DEPLOY_FAILED,
+    DEPLOY_POLICIES,
+    SERVING_POLICIES,
+    Deployer,
+    RunFacts,
+    within_tolerance,
+)
 from service.control.events import EVENTS_FILE, EventTail
 from service.control.runner import LOG_FILE, RUNNERS, SPEC_FILE
-from service.control.scheduler import Scheduler
+from service.control.scheduler import FinishDeferred, Scheduler
+from service.control.speed import SpeedCheck, SpeedCheckInterrupted, run_speed_check
 from service.control.store import FINAL_STATES, QUEUED, RUNNING, Job, JobStore, new_job_id
 from service.errors import FailedPrecondition, InvalidSpec, NotFound, ServiceError, shown
 from service.modelstore import ArchiveInfo, ModelStore, known_refusal
@@ -51,6 +63,8 @@ class ModelView:
     serving: object | None  # service.serving.readiness.ModelReadiness
     #: Why the archive check refused the archive ("" if it did not, or it was not checked here).
     refused: str = ""
+    #: The latest deploy decision recorded about the version (ModelStore.deploy_decisions).
+    deploy_decision: dict | None = None
 
 
 # ---- facts of a finished run ------------------------------------------------------------------
@@ -75,9 +89,14 @@ def parent_metric(models: ModelStore, lineage: dict, result: dict) -> float | No
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     parent = lineage.get("parent")
-    if not parent:
-        return None
-    name, _, version = str(parent).partition(":")
+    return same_data_metric(models, lineage, str(parent)) if parent else None
+
+
+def same_data_metric(models: ModelStore, lineage: dict, ref: str) -> float | None:
+    """The metric of version ``ref`` ("name:version") from its own lineage, when it was
+    trained on the same data as ``lineage``'s run (same dataset sha256, which covers the
+    validation split) with the same metric; else None."""
+    name, _, version = ref.partition(":")
     try:
         theirs = models.lineage(name, int(version))
     except (ValueError, ServiceError, OSError):
@@ -86,10 +105,42 @@ def parent_metric(models: ModelStore, lineage: dict, result: dict) -> float | No
     their_sha = (theirs.get("dataset") or {}).get("sha256")
     their_metrics = theirs.get("metrics") or {}
     value = their_metrics.get("val_metric")
-    if (ours_sha and ours_sha == their_sha and their_metrics.get("metric") == metrics.get("metric")
-            and isinstance(value, (int, float))):
+    if (ours_sha and ours_sha == their_sha and their_metrics.get("metric") == (lineage.get("metrics") or {}).get("metric")
+            and isinstance(value, (int, float)) and not isinstance(value, bool)):
         return float(value)
     return None
+
+
+def serving_metric(models: ModelStore, lineage: dict, result: dict, name: str, serving: int) -> float | None:
+    """The serving version's metric on the new version's validation set, when known, the
+    first of: the parent's, as the trainer measured it, when the serving version is the run's
+    parent; the teacher's, as a distillation run measured it (``distill.teacher_val_metric``),
+    when it is the run's teacher; its own lineage metric from a run on the same data
+    (:func:`same_data_metric`)."""
+    ref = f"{name}:{serving}"
+    value = parent_metric(models, lineage, result) if lineage.get("parent") == ref else None
+    distill = lineage.get("distill") or {}
+    teacher = distill.get("teacher_val_metric")
+    if (value is None and distill.get("teacher") == ref and isinstance(teacher, (int, float))
+            and not isinstance(teacher, bool) and distill.get("metric") == (lineage.get("metrics") or {}).get("metric")):
+        value = float(teacher)
+    return value if value is not None else same_data_metric(models, lineage, ref)
+
+
+def check_tolerance(value, deploy_policy: str) -> float | None:
+    """A job's deploy tolerance: None for a policy other than deploy-if-faster (InvalidSpec if
+    one was given), the default when not given, else a finite number from 0 to 1."""
+    if deploy_policy not in SERVING_POLICIES:
+        if value is not None:
+            raise InvalidSpec("deploy_tolerance", f"applies to deploy-if-faster only, not {deploy_policy}")
+        return None
+    if value is None:
+        return DEFAULT_TOLERANCE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= 1:
+        raise InvalidSpec("deploy_tolerance", f"must be a number from 0 to 1 (metric units; 0.01 is one point "
+                                              f"of accuracy), got {shown(value)}")
+    return float(value)
 
 
 class ControlPlane:
@@ -114,6 +165,8 @@ class ControlPlane:
         self._policy = None
         self._instance_lock = None
         self._started = False
+        #: Set when the service stops: a speed check under way is ended, its job left RUNNING.
+        self._stopping = threading.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, *, reconcile: bool = True) -> None:
@@ -121,6 +174,7 @@ class ControlPlane:
         half done, recover the jobs and start scheduling; restore the recorded defaults in
         TorchServe in the background."""
         self._instance_lock = _lock_exclusively(self.config.db_path.with_name(self.config.db_path.name + ".lock"))
+        self._stopping.clear()
         self.deployer.recover()  # deployments a crash left half done, before any new one
         self.scheduler.start()
         self._started = True
@@ -128,6 +182,7 @@ class ControlPlane:
             threading.Thread(target=self.deployer.reconcile, name="modelctl-reconcile", daemon=True).start()
 
     def stop(self, *, stop_jobs: bool = True) -> None:
+        self._stopping.set()  # before the scheduler waits for the jobs it is finishing
         if self._started:
             self.scheduler.stop(stop_jobs=stop_jobs)
             self._started = False
@@ -144,13 +199,15 @@ class ControlPlane:
 
     # ---- jobs ------------------------------------------------------------------------------
     def create_job(self, spec_data, *, deploy_policy: str = "none", deploy_workers: int = 0,
-                   runner: str = "") -> Job:
+                   runner: str = "", deploy_tolerance: float | None = None) -> Job:
+        """``deploy_tolerance``: deploy-if-faster's metric tolerance (None: the default, 0.01)."""
         runner = runner or self.config.default_runner
         if runner not in self.runners:
             raise InvalidSpec("runner", f"unknown runner {shown(runner)}", allowed=list(self.runners))
         if deploy_policy not in DEPLOY_POLICIES:
             raise InvalidSpec("deploy_policy", f"unknown deploy policy {shown(deploy_policy)}",
                               allowed=list(DEPLOY_POLICIES))
+        deploy_tolerance = check_tolerance(deploy_tolerance, deploy_policy)
         self.deployer.check_workers(deploy_workers, "deploy_workers")
         spec = specs.validate(spec_data, self.policy, self.models)
         job_id = new_job_id()
@@ -158,7 +215,8 @@ class ControlPlane:
         specs.write_spec(spec, run_dir, SPEC_FILE)
         job = self.jobs.create_job(spec=spec.to_dict(), output_model=spec.output.name, base=spec.base,
                                    runner=runner, run_dir=run_dir, log_path=run_dir / LOG_FILE,
-                                   deploy_policy=deploy_policy, deploy_workers=deploy_workers, job_id=job_id)
+                                   deploy_policy=deploy_policy, deploy_workers=deploy_workers, job_id=job_id,
+                                   deploy_tolerance=deploy_tolerance)
         log.info("job %s QUEUED: %s from %s, deploy policy %s", job.id, spec.output.name,
                  spec.base or "a family spec", deploy_policy)
         self.scheduler.wake()
@@ -260,7 +318,12 @@ class ControlPlane:
             for v in vs:
                 info = self.models.get(n, v)
                 refusal = known_refusal(info.path, name=n, version=v)
-                views.append(ModelView(info, report.get((n, str(v))), refusal.problem if refusal else ""))
+                try:
+                    decisions = self.models.deploy_decisions(n, v)
+                except ServiceError as exc:
+                    decisions = [{"error": exc.message}]
+                views.append(ModelView(info, report.get((n, str(v))), refusal.problem if refusal else "",
+                                       decisions[-1] if decisions else None))
         return views, available
 
     def deploy(self, name: str, version: int, *, workers: int = 0, timeout_s: float = 0.0):
@@ -290,17 +353,99 @@ class ControlPlane:
         facts = RunFacts(name=name, version=version, metric=metric, mode=metric_mode(lineage.get("task")),
                          val_metric=None if value is None else float(value), parent=lineage.get("parent"),
                          parent_val_metric=parent_metric(self.models, lineage, result))
+        if job.deploy_policy in SERVING_POLICIES:
+            facts = self._compare_with_serving(job, facts, lineage, result)
         decision = DEPLOY_POLICIES[job.deploy_policy](facts)
         outcome, reason = decision.outcome, decision.reason
+        check = None
+        if job.deploy_policy in SERVING_POLICIES:  # recorded before the switch: the job has decided
+            check = self._record_check(job, facts, outcome, reason)
         if decision.deploy:
             try:
                 self.deployer.deploy(name, version, job.deploy_workers, job_id=job.id)
             except ServiceError as exc:
                 outcome, reason = DEPLOY_FAILED, f"deployment failed: {exc.message}"
                 log.warning("job %s: %s", job.id, reason)
-        return {"result_version": version, "parent": facts.parent, "metric": metric,
-                "val_metric": facts.val_metric, "parent_val_metric": facts.parent_val_metric,
-                "deploy_outcome": outcome, "deploy_reason": reason, "epoch": int(result.get("epochs") or job.epoch)}
+                if check is not None:
+                    self._record_check(job, facts, outcome, reason)
+        fields = {"result_version": version, "parent": facts.parent, "metric": metric,
+                  "val_metric": facts.val_metric, "parent_val_metric": facts.parent_val_metric,
+                  "deploy_outcome": outcome, "deploy_reason": reason, "epoch": int(result.get("epochs") or job.epoch)}
+        if check is not None:
+            fields["deploy_check"] = check
+        return fields
+
+    def _serving_default(self, name: str) -> int | None:
+        """The model's serving default: TorchServe's here (or the store's with target
+        "store"); the store's when TorchServe does not answer."""
+        try:
+            return self.deployer.current_default(name)
+        except ServiceError:
+            return self.models.default_version(name)
+
+    def _compare_with_serving(self, job: Job, facts: RunFacts, lineage: dict, result: dict) -> RunFacts:
+        """``facts`` with the serving version, its metric on the run's validation set, the
+        job's tolerance and a speed check of both (skipped without another serving version).
+        Raises FinishDeferred when the service stops during the check (the job stays RUNNING;
+        the next service finishes it).
+
+        A job measures once: finished again after a restart (its decision recorded, its
+        version perhaps deployed already), it takes the facts of its record in the model
+        store, so the same decision follows (a new measurement could differ, and the new
+        version may be the serving one by now)."""
+        prior = self._recorded_check(job, facts)
+        if prior is not None:
+            log.info("job %s: deciding again from the check recorded before the restart", job.id)
+            speed = prior.get("speed")
+            return dataclasses.replace(
+                facts, serving_version=prior.get("serving_version"), serving_val_metric=prior.get("serving_val_metric"),
+                tolerance=float(prior.get("tolerance", DEFAULT_TOLERANCE)),
+                speed=SpeedCheck.from_dict(speed) if isinstance(speed, dict) else None)
+        serving = self._serving_default(facts.name)
+        if serving == facts.version:
+            serving = None
+        tolerance = DEFAULT_TOLERANCE if job.deploy_tolerance is None else job.deploy_tolerance
+        if serving is None:
+            return dataclasses.replace(facts, tolerance=tolerance)
+        c = self.config
+        log.info("job %s: measuring %s version %d against serving version %d", job.id, facts.name, facts.version,
+                 serving)
+        try:
+            speed = run_speed_check(self.models.root, facts.name, facts.version, serving,
+                                    device=c.speed_check_device, rounds=c.speed_check_rounds,
+                                    margin=c.speed_check_margin, timeout_s=c.speed_check_timeout_s,
+                                    cancel=self._stopping)
+        except SpeedCheckInterrupted as exc:
+            raise FinishDeferred(str(exc)) from None
+        return dataclasses.replace(
+            facts, serving_version=serving, tolerance=tolerance, speed=speed,
+            serving_val_metric=serving_metric(self.models, lineage, result, facts.name, serving))
+
+    def _recorded_check(self, job: Job, facts: RunFacts) -> dict | None:
+        """This job's decision recorded beside its version, if any (an earlier attempt to finish)."""
+        try:
+            decisions = self.models.deploy_decisions(facts.name, facts.version)
+        except ServiceError:
+            return None
+        return next((d for d in reversed(decisions) if d.get("job_id") == job.id), None)
+
+    def _record_check(self, job: Job, facts: RunFacts, outcome: str, reason: str) -> dict:
+        """The deploy check of a serving policy: kept in the job store (returned) and beside
+        the new version in the model store (``<version>.deploy.json``; a failed write there
+        is logged, the job keeps its copy)."""
+        check = {"serving_version": facts.serving_version, "serving_val_metric": facts.serving_val_metric,
+                 "within_tolerance": bool(within_tolerance(facts)), "tolerance": facts.tolerance,
+                 "speed": facts.speed.to_dict() if facts.speed is not None else None}
+        decided_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        record = {"job_id": job.id, "policy": job.deploy_policy, "decided_at": decided_at,
+                  "version": facts.version, "metric": facts.metric, "val_metric": facts.val_metric,
+                  **check, "outcome": outcome, "reason": reason}
+        try:
+            self.models.record_deploy_decision(facts.name, facts.version, record)
+        except ServiceError as exc:
+            log.warning("job %s: could not record the deploy decision beside %s version %d: %s", job.id,
+                        facts.name, facts.version, exc.message)
+        return check
 
 
 def _lock_exclusively(path: Path) -> int:

@@ -51,6 +51,12 @@ CHECKPOINT_FILE = "checkpoint.pt"
 _LOG_TAIL_BYTES = 16 * 1024
 
 
+class FinishDeferred(Exception):
+    """Raised by ``on_result`` to leave the job RUNNING, unfinished: the service stops while
+    the job's deploy policy was still deciding (a speed check). The next service settles
+    the job again from its result.json and finishes it."""
+
+
 def read_result(run_dir: Path | str) -> dict | None:
     """The trainer's ``result.json`` (name, version, metrics of the written archive), or None."""
     try:
@@ -354,6 +360,9 @@ class Scheduler:
             job = self.jobs.get(job_id)
             try:
                 fields = self.on_result(job, result)
+            except FinishDeferred as exc:
+                log.info("job %s: left RUNNING, to be finished by the next service (%s)", job_id, exc)
+                return
             except ServiceError as exc:
                 self._fail(job, f"could not finish the job: {exc.message}")
                 return

@@ -195,7 +195,8 @@ class ModelControlServicer(pb_grpc.ModelControlServicer):
     def CreateFineTuneJob(self, request, context):
         job = self.plane.create_job(messages.spec_of(request),
                                     deploy_policy=messages.policy_of(request.deploy_policy),
-                                    deploy_workers=request.deploy_workers, runner=request.runner)
+                                    deploy_workers=request.deploy_workers, runner=request.runner,
+                                    deploy_tolerance=messages.tolerance_of(request))
         return messages.job_message(job)
 
     def GetFineTuneJob(self, request, context):

@@ -51,10 +51,14 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 FINAL_STATES = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 
 #: Deploy policies a job may carry.
-DEPLOY_POLICIES = ("none", "deploy", "deploy-if-better")
+DEPLOY_POLICIES = ("none", "deploy", "deploy-if-better", "deploy-if-faster")
 
 #: 2: deployments.done and deployments.popped_id (a version-1 database gains them at open).
-SCHEMA_VERSION = 2
+#: 3: jobs.deploy_tolerance and jobs.deploy_check (deploy-if-faster; gained at open too).
+SCHEMA_VERSION = 3
+#: Columns added to ``jobs`` after version 1, with their declarations (an older database
+#: gains them at open).
+_ADDED_JOB_COLUMNS = {"deploy_tolerance": "REAL", "deploy_check": "TEXT"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq               INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,7 +91,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     deploy_outcome    TEXT,
     deploy_reason     TEXT,
     epoch             INTEGER NOT NULL DEFAULT 0,
-    epochs            INTEGER NOT NULL DEFAULT 0
+    epochs            INTEGER NOT NULL DEFAULT 0,
+    deploy_tolerance  REAL,
+    deploy_check      TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS deployments (
@@ -144,6 +150,10 @@ class Job:
     deploy_reason: str | None
     epoch: int
     epochs: int
+    #: deploy-if-faster: the metric tolerance (None for other policies).
+    deploy_tolerance: float | None = None
+    #: deploy-if-faster: what it compared and measured (service.control.plane; JSON in SQLite).
+    deploy_check: dict | None = None
 
     @property
     def final(self) -> bool:
@@ -205,6 +215,10 @@ class JobStore:
             for column, decl in (("done", "INTEGER NOT NULL DEFAULT 1"), ("popped_id", "INTEGER")):
                 if column not in columns:  # a version-1 database
                     self._conn.execute(f"ALTER TABLE deployments ADD COLUMN {column} {decl}")
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+            for column, decl in _ADDED_JOB_COLUMNS.items():
+                if column not in columns:  # a version-1 or -2 database
+                    self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -239,7 +253,8 @@ class JobStore:
     # ---- jobs -----------------------------------------------------------------------
     def create_job(self, *, spec: dict, output_model: str, base: str | None, runner: str,
                    run_dir: Path | str, log_path: Path | str, deploy_policy: str,
-                   deploy_workers: int = 0, job_id: str | None = None) -> Job:
+                   deploy_workers: int = 0, job_id: str | None = None,
+                   deploy_tolerance: float | None = None) -> Job:
         if deploy_policy not in DEPLOY_POLICIES:
             raise FailedPrecondition(f"unknown deploy policy {deploy_policy!r}")
         job_id = job_id or new_job_id()
@@ -248,10 +263,11 @@ class JobStore:
         def insert(conn):
             conn.execute(
                 "INSERT INTO jobs (id, state, spec, output_model, base, runner, run_dir, log_path, "
-                "deploy_policy, deploy_workers, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "deploy_policy, deploy_workers, deploy_tolerance, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, QUEUED, json.dumps(spec, sort_keys=True), output_model, base, runner,
-                 str(run_dir), str(log_path), deploy_policy, int(deploy_workers), now, now))
+                 str(run_dir), str(log_path), deploy_policy, int(deploy_workers),
+                 None if deploy_tolerance is None else float(deploy_tolerance), now, now))
         self._write(insert)
         return self.get(job_id)
 
@@ -428,6 +444,8 @@ def _check_columns(changes: dict) -> None:
 
 
 def _update(conn, job_id: str, values: dict) -> None:
+    if isinstance(values.get("deploy_check"), dict):
+        values = dict(values, deploy_check=json.dumps(values["deploy_check"], sort_keys=True))
     cols = sorted(values)
     conn.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
                  (*[values[c] for c in cols], job_id))
@@ -436,6 +454,8 @@ def _update(conn, job_id: str, values: dict) -> None:
 def _job(row: sqlite3.Row) -> Job:
     data = {k: row[k] for k in _JOB_COLUMNS}
     data["spec"] = json.loads(data["spec"])
+    if data["deploy_check"] is not None:
+        data["deploy_check"] = json.loads(data["deploy_check"])
     return Job(**data)
 
 

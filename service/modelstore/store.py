@@ -13,6 +13,11 @@ A version is its ``<version>.mar``. Its lineage sidecar ``<version>.json`` is pu
 never visible without its lineage, whatever step a crash interrupts; a sidecar left alone
 by a crash is invisible and replaced by the next write of that version. ``deployment.json``
 is replaced atomically and durably (service/atomic.py).
+
+The lineage is immutable too (the archive holds a copy, and its sha256 names the archive's).
+What is decided about a version later, a deploy policy's comparison and measurements, goes
+to ``<version>.deploy.json`` beside it (:meth:`ModelStore.record_deploy_decision`): a list of
+decisions, one per job, replaced atomically and durably under the model's lock.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 ARCHIVE_SUFFIX = ".mar"
 #: ``<root>/<name>/deployment.json``: the model's desired serving state, shared by replicas.
 DEPLOYMENT_FILE = "deployment.json"
+#: ``<root>/<name>/<version>.deploy.json``: the deploy decisions made about a version.
+DEPLOY_RECORD_SUFFIX = ".deploy.json"
+#: Decisions kept per version (the oldest go first).
+MAX_DEPLOY_DECISIONS = 100
 HANDLER_MODULE = "modelctl_handler"
 # The only code inside an archive: a shim naming our installed handler. Nothing the
 # user wrote is ever packed or executed.
@@ -267,6 +276,45 @@ class ModelStore:
 
     def list(self) -> list[ArchiveInfo]:
         return [self.get(name, v) for name, versions in self.models().items() for v in versions]
+
+    # ---- deploy decisions -------------------------------------------------------------
+    def deploy_decisions(self, name: str, version: int) -> list[dict]:
+        """The deploy decisions recorded about a version, oldest first ([] when none).
+        A record that cannot be read raises InvalidSpec naming it."""
+        path = self.path(name, version).with_name(f"{int(version)}{DEPLOY_RECORD_SUFFIX}")
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise InvalidSpec(str(path), f"is not a deploy record: {exc}") from exc
+        decisions = data.get("decisions") if isinstance(data, dict) else None
+        if not isinstance(decisions, list):
+            raise InvalidSpec(str(path), "is not a deploy record: it has no list of decisions")
+        return [d for d in decisions if isinstance(d, dict)]
+
+    def record_deploy_decision(self, name: str, version: int, decision: Mapping[str, Any]) -> None:
+        """Add ``decision`` to the version's deploy record, atomically and durably, under the
+        model's lock. One of the same ``job_id`` is replaced: a job finished again after a
+        restart decides again. An unreadable record is replaced (the job store keeps each
+        job's own copy). The version must exist."""
+        version = int(version)
+        decision = dict(decision)
+        try:
+            with self._locked(validate_model_name(name)) as model_dir:
+                if version not in self._versions_in(model_dir):
+                    raise NotFound(f"model {name!r} has no version {version}")
+                try:
+                    kept = self.deploy_decisions(name, version)
+                except InvalidSpec:
+                    kept = []
+                job = decision.get("job_id")
+                kept = [d for d in kept if job is None or d.get("job_id") != job] + [decision]
+                record = {"name": name, "version": version, "decisions": kept[-MAX_DEPLOY_DECISIONS:]}
+                atomic.write_text(model_dir / f"{version}{DEPLOY_RECORD_SUFFIX}",
+                                  json.dumps(record, indent=2, sort_keys=True) + "\n")
+        except OSError as exc:
+            raise _unwritable(self.root, f"the deploy record of {name!r} version {version}", exc) from exc
 
     # ---- desired serving state ------------------------------------------------------
     def desired(self, name: str) -> DesiredState | None:
