@@ -254,7 +254,7 @@ def test_the_serving_versions_metric_and_a_model_without_another_version(tmp_pat
         assert messages.job_message(job).deploy_check.serving_version == 0 and store.desired("solo").version == 1
 
         store.write("m", cnn(FAST, lineage=finetuned("x:1", 0.7, None)))          # trained on the digits
-        store.write("m", cnn(FAST, lineage={**finetuned("m:1", 0.8, 0.75)}))    # its parent: m:1
+        store.write("m", cnn(FAST, lineage=finetuned("m:1", 0.8, 0.75)))    # its parent: m:1
         other = finetuned("x:1", 0.6, None)
         other["dataset"]["sha256"] = "e" * 64
         store.write("m", cnn(FAST, lineage=other))                              # other data

@@ -133,10 +133,6 @@ def job_message(job) -> pb.FineTuneJob:
     return msg
 
 
-def _finite(value) -> float:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
-
-
 def deploy_check_message(check: dict) -> pb.DeployCheck:
     """A deploy check as the plane records it (service/control/plane.py, ``_record_check``)."""
     msg = pb.DeployCheck(serving_version=int(check.get("serving_version") or 0),
@@ -149,7 +145,7 @@ def deploy_check_message(check: dict) -> pb.DeployCheck:
             device=str(speed.get("device") or ""), unit=str(speed.get("unit") or ""),
             rounds=int(speed.get("rounds") or 0), faster=bool(speed.get("faster")),
             error=str(speed.get("error") or ""),
-            **{k: _finite(speed.get(k)) for k in ("new_p50_ms_b1", "serving_p50_ms_b1", "new_throughput_b8",
+            **{k: _number(speed, k) for k in ("new_p50_ms_b1", "serving_p50_ms_b1", "new_throughput_b8",
                                                   "serving_throughput_b8", "margin", "seconds")}))
     return msg
 
