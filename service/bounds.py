@@ -37,7 +37,7 @@ MAX_BATCH_SIZE = 8192
 MAX_NPROC = 64
 #: DataLoader worker processes per training process.
 MAX_DATALOADER_WORKERS = 32
-#: Examples a dataset, train_size and val_size may hold.
+#: Examples a dataset, train_size, val_size and test_size may hold.
 MAX_EXAMPLES = 2_000_000
 #: Elements of the arrays of a .npz dataset, all together, read from their headers before
 #: any is loaded: 2**28 float32 values are 1 GiB (and the loader copies them once).

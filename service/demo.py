@@ -104,12 +104,13 @@ FINETUNES = {
 
 
 def held_out_digits():
-    """The digits the fine-tunes never trained on: the trainer's own seeded validation split."""
-    from service.training.datasets import _split
+    """The digits the fine-tunes never saw: the trainer's fixed held-out test split (neither
+    trained on nor used to pick the weights)."""
+    from service.training.datasets import held_out_test_indices
 
     images, targets = digits_samples(None)
-    _, val_idx = _split(len(targets), targets, VAL_SPLIT, SEED, "multiclass")
-    return images[val_idx], targets[val_idx]
+    _, test_idx = held_out_test_indices(targets, "multiclass")
+    return images[test_idx], targets[test_idx]
 
 
 def _inputs(name: str, images) -> dict[str, bytes]:

@@ -40,7 +40,7 @@ BUILTIN_RUNS = {
                    {"train_size": 300, "val_size": 100}),
     "fashion-mnist": ({"family": "cnn", "config": {"channels": [8]},
                        "input": {"type": "image", "channels": 1, "size": 28, "resize": None}},
-                      {"train_size": 300, "val_size": 100}),
+                      {"train_size": 300, "val_size": 100, "test_size": 200}),
     "rotten-tomatoes": ({"family": "rnn", "config": {"cell": "gru", "vocab_size": 2000, "embedding_dim": 16,
                                                      "hidden_size": 16}, "input": {"type": "sequence", "max_length": 64}},
                         {"train_size": 400, "val_size": 100}),
@@ -95,7 +95,8 @@ def val_data(spec: dict, policy: Policy, model_spec: ModelSpec, vocab=None) -> d
     raw = ds.load_raw(rs.dataset_kind, rs.builtin_name,
                       ds.LoadContext(rs.dataset_path, model_spec.task, policy.data_roots))
     return ds.prepare(raw, name=rs.dataset.source, spec=model_spec, task=model_spec.task, hp=rs.hp,
-                      train_size=rs.dataset.train_size, val_size=rs.dataset.val_size, base_vocab=vocab)
+                      train_size=rs.dataset.train_size, val_size=rs.dataset.val_size,
+                      test_size=rs.dataset.test_size, base_vocab=vocab)
 
 
 def probabilities(result, num_classes: int) -> torch.Tensor:
@@ -123,6 +124,9 @@ def test_short_run_on_each_builtin_writes_an_archive_that_predicts_like_the_chec
     assert lineage["source"] == "finetune" and lineage["parent"] is None
     assert len(lineage["dataset"]["sha256"]) == 64
     assert lineage["metrics"]["val_count"] == lineage["dataset"]["val_size"] > 0
+    assert lineage["metrics"]["test_count"] == lineage["dataset"]["test_size"] > 0
+    assert lineage["dataset"]["test_split"] == ("official" if name in ("fashion-mnist", "basic-motions")
+                                                else "held_out")
     assert lineage["code"]["version"] and lineage["hyperparameters"]["epochs"] == 1
 
     bundle = unpack(store.path(f"ft-{name}", 1), tmp_path / "unpacked")
@@ -212,7 +216,7 @@ def test_fine_tune_a_stored_model_frozen_backbone_new_version_with_parent(tmp_pa
     assert metrics["parent_val_metric"] == pytest.approx(expected["metric"])
 
     # other labels: the head is replaced (new size), the backbone carried over
-    fashion = {"source": "builtin:fashion-mnist", "train_size": 100, "val_size": 50}
+    fashion = {"source": "builtin:fashion-mnist", "train_size": 100, "val_size": 50, "test_size": 100}
     out = run(make_spec(base="base-cnn", dataset=fashion, freeze_backbone=True, name="fashion-from-digits"),
               tmp_path, policy, "run3")
     moved = read_archive(out.archive)
@@ -238,7 +242,9 @@ def test_jsonl_text_vocabulary_comes_from_the_train_split_only(tmp_path, roots, 
     bundle = read_archive(out.archive)
     assert bundle.labels == ["neg", "pos"]
     assert "good" in bundle.vocab.ids and "zyzzyva" not in bundle.vocab.ids
-    assert bundle.lineage["dataset"]["split"] == "official" and bundle.lineage["metrics"]["val_count"] == 2
+    # the "val" rows are the official held-out split: the test split; validation is carved from the 40 train rows
+    assert bundle.lineage["dataset"]["test_split"] == "official" and bundle.lineage["metrics"]["test_count"] == 2
+    assert bundle.lineage["metrics"]["val_count"] == 8
 
 
 @pytest.mark.parametrize("task,metric", [("multilabel", "micro_f1"), ("regression", "mse")])
@@ -252,7 +258,9 @@ def test_npz_multilabel_and_regression(task, metric, tmp_path, roots, policy):
     lineage = out.archive.lineage
     assert lineage["task"] == task and lineage["metrics"]["metric"] == metric
     assert lineage["num_classes"] == (3 if task == "multilabel" else 1)
-    assert lineage["metrics"]["val_count"] == 24  # val_split 0.2 of 120
+    assert lineage["metrics"]["test_count"] == 24  # the held-out test split: 0.2 of 120
+    assert lineage["metrics"]["val_count"] == 20  # val_split 0.2 of the other 96, rounded up
+    assert np.isfinite(lineage["metrics"]["test_metric"])
     assert np.isfinite(lineage["metrics"]["val_metric"])
 
 
@@ -268,7 +276,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, policy):
 @pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16")
 def test_bf16_autocast_on_a_cpu_with_native_bf16(tmp_path, policy):
     spec = make_spec(dataset={"source": "builtin:digits", "train_size": 200, "val_size": 100},
-                     precision="bf16", epochs=2)
+                     precision="bf16", epochs=2, lr=0.01)  # 0.003 sat at chance+0.1 on the new train split
     out = run(spec, tmp_path, policy)
     assert out.archive.lineage["precision"] == "bf16"
     assert out.metrics["val_metric"] > 0.2  # trained (chance is 0.1); evaluation itself runs in fp32
@@ -276,7 +284,7 @@ def test_bf16_autocast_on_a_cpu_with_native_bf16(tmp_path, policy):
 
 def test_channels_last_training_writes_plain_weights_that_predict_like_the_checkpoint(tmp_path, policy):
     spec = make_spec(dataset={"source": "builtin:digits", "train_size": 200, "val_size": 100},
-                     channels_last=True, epochs=2)
+                     channels_last=True, epochs=2, lr=0.01)  # 0.003 sat at chance+0.1 on the new train split
     out = run(spec, tmp_path, policy)
     assert out.archive.lineage["hyperparameters"]["channels_last"] is True
     assert out.metrics["val_metric"] > 0.2
@@ -425,8 +433,9 @@ def test_image_folder_inside_the_roots(tmp_path, roots, policy):
     model = {"family": "cnn", "config": {"channels": [4]}, "input": {"type": "image", "channels": 3, "size": 8,
                                                                       "resize": 10}}
     out = run(make_spec(model, "shapes", name="shapes", epochs=3, lr=0.02), tmp_path, policy)
-    assert out.archive.lineage["dataset"]["split"] == "official"
-    assert out.archive.lineage["dataset"]["train_size"] == 24 and out.metrics["val_count"] == 8
+    # val/ is the held-out set: the test split; validation is carved from train/
+    assert out.archive.lineage["dataset"]["test_split"] == "official" and out.metrics["test_count"] == 8
+    assert out.archive.lineage["dataset"]["train_size"] + out.metrics["val_count"] == 24
     assert read_archive(out.archive).labels == ["dark", "light"]
 
 
@@ -523,3 +532,9 @@ def test_torchrun_two_processes_one_archive_metrics_over_the_whole_validation_se
     assert result["count"] == 101
     assert result["metric"] == pytest.approx(lineage["metrics"]["val_metric"], abs=1e-9)
     assert result["loss"] == pytest.approx(lineage["metrics"]["val_loss"], rel=1e-4)
+    # the test split too: each rank a shard, the sums all-reduced
+    loader = torch.utils.data.DataLoader(data.test, batch_size=64, collate_fn=data.collate)
+    result = evaluate(load_model(bundle.spec, bundle.state_dict), task.criterion(0.0), loader,
+                      torch.device("cpu"), task)
+    assert result["count"] == lineage["metrics"]["test_count"] == lineage["dataset"]["test_size"] == 360
+    assert result["metric"] == pytest.approx(lineage["metrics"]["test_metric"], abs=1e-9)

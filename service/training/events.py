@@ -2,7 +2,9 @@
 
 Every line has ``event`` ("start", "resume", "epoch", "stopped", "done") and ``time``.
 Epoch lines carry epoch, epochs, train_loss, val_loss, val_metric, metric, val_count,
-lr, samples_per_s and epoch_seconds. Only rank 0 writes. Lines are appended and
+lr, samples_per_s and epoch_seconds; the done line name, version, epochs, val_metric (the
+kept weights' on the validation split), test_metric and test_count (on the test split,
+evaluated once at the end) and metric. Only rank 0 writes. Lines are appended and
 flushed one at a time, so a reader (a job watcher, a test) may tail the file.
 """
 

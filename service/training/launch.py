@@ -75,7 +75,8 @@ def run_command(spec_path: Path | str, *, run_dir=None, store=None, data_roots=N
         return 128 + int(outcome.signum or signal.SIGTERM)
     if outcome.status == "finished" and outcome.archive is not None:
         print(f"wrote {outcome.archive.name} version {outcome.archive.version}: {outcome.archive.path} "
-              f"({outcome.metrics['metric']} {outcome.metrics['val_metric']:.4f})", flush=True)
+              f"(test {outcome.metrics['metric']} {outcome.metrics['test_metric']:.4f}, "
+              f"validation {outcome.metrics['val_metric']:.4f})", flush=True)
     elif outcome.status == "already_finished":
         print(f"run {run_dir} already finished: {outcome.metrics.get('name')} version "
               f"{outcome.metrics.get('version')}; use another --run-dir for a new run", flush=True)
