@@ -79,9 +79,11 @@ def test_every_family_builds_and_gives_one_output_per_class(name):
     assert torch.isfinite(out).all()
 
 
-def test_registry_names_the_four_families_and_their_modalities():
+def test_registry_names_the_families_their_modalities_and_tasks():
     assert {name: f.modality for name, f in FAMILIES.items()} == {
-        "resnet": "image", "mobilenet_v2": "image", "cnn": "image", "rnn": "sequence"}
+        "resnet": "image", "mobilenet_v2": "image", "cnn": "image", "rnn": "sequence", "unet": "image"}
+    assert FAMILIES["unet"].tasks == ("segmentation",)
+    assert all("segmentation" not in f.tasks for name, f in FAMILIES.items() if name != "unet")
 
 
 @pytest.mark.parametrize("arch,features", [("resnet34", 512), ("resnet50", 2048)])
