@@ -69,9 +69,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from service.control.speed import SpeedCheck
-
 from service import faultpoints
+from service.control.speed import SpeedCheck
 from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec, NotFound, ServiceError, Unavailable
 from service.serving import readiness
 from service.serving.converge import ModelLocks
