@@ -273,6 +273,21 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, policy):
     assert (m["epochs_run"], m["stopped_early"], m["weights_epoch"]) == (2, True, 1)
 
 
+def test_max_time_stops_before_an_epoch_that_would_pass_the_budget(tmp_path, policy):
+    # every epoch takes far more than 1 ms: the first runs (always), the second would pass
+    spec = make_spec(dataset={"source": "builtin:digits", "train_size": 100, "val_size": 50},
+                     epochs=4, max_time_s=0.001)
+    out = run(spec, tmp_path, policy)
+    m = out.metrics
+    assert (m["epochs_run"], m["stopped_early"], len(m["history"])) == (1, True, 1)
+    # a budget that holds all epochs changes nothing; the epoch records carry the wall time
+    out = run({**spec, "hyperparameters": {**spec["hyperparameters"], "max_time_s": 3600, "epochs": 2},
+               "output": {"name": "m2"}}, tmp_path, policy, run_name="run2")
+    assert (out.metrics["epochs_run"], out.metrics["stopped_early"]) == (2, False)
+    with pytest.raises(InvalidSpec, match="hyperparameters.max_time_s"):
+        RunSpec.from_dict({**spec, "hyperparameters": {"max_time_s": 0}}, policy)
+
+
 @pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16")
 def test_bf16_autocast_on_a_cpu_with_native_bf16(tmp_path, policy):
     spec = make_spec(dataset={"source": "builtin:digits", "train_size": 200, "val_size": 100},

@@ -541,8 +541,9 @@ class FineTuneRecipe:
             return Outcome("already_finished", self.run_dir, self.finished.get("epochs", 0), metrics=self.finished)
         hp, d = self.hp, self.dist
         epoch = self.start_epoch
-        while epoch < hp.epochs and not self._should_stop_early():
+        while epoch < hp.epochs and not self._should_stop_early() and not self._out_of_time():
             epoch += 1
+            epoch_start = time.perf_counter()
             self.sampler.set_epoch(epoch)
             self.generator.manual_seed(hp.seed * 1_000_003 + epoch * 1009 + d.rank)
             set_train_mode(self.ddp)
@@ -576,7 +577,8 @@ class FineTuneRecipe:
             record = {"epoch": epoch, "epochs": hp.epochs, "train_loss": float(train_sums[0] / train_sums[1]),
                       "val_loss": val["loss"], "val_metric": val["metric"], "metric": self.task.metric_name,
                       "val_count": val["count"], "lr": lr, "samples_per_s": samples / max(seconds, 1e-9),
-                      "epoch_seconds": seconds, **val.get("details", {}), "time": now()}
+                      "epoch_seconds": seconds, **val.get("details", {}),
+                      "wall_seconds": max(d.gather(time.perf_counter() - epoch_start)), "time": now()}
             self.history.append(record)
             self.save_checkpoint(epoch)
             if d.is_main:
@@ -588,11 +590,26 @@ class FineTuneRecipe:
                             val["metric"], lr, record["samples_per_s"], "  (best)" if improved else "")
             if d.any(self.stop.requested):
                 return self._stopped(epoch, "after")
-        return self._finish(epoch, self._should_stop_early())
+        return self._finish(epoch, self._should_stop_early() or self._out_of_time())
 
     def _should_stop_early(self) -> bool:
         patience = self.hp.early_stopping_patience
         return patience is not None and self.bad_epochs >= patience
+
+    def _out_of_time(self) -> bool:
+        """``max_time_s`` (Lightning's max_time, by whole epochs): whether one more epoch,
+        as long as the longest so far, would end past the budget. Time is each epoch's wall
+        time (training and validation, the slowest rank's), summed over resumes; the first
+        epoch always runs. Every rank decides from the same history, so all stop together."""
+        if self.hp.max_time_s is None or not self.history:
+            return False
+        walls = [r.get("wall_seconds", r["epoch_seconds"]) for r in self.history]
+        out = sum(walls) + max(walls) > self.hp.max_time_s
+        if out and self.dist.is_main and not getattr(self, "_told_out_of_time", False):
+            self._told_out_of_time = True
+            logger.info("stopping after epoch %d: another epoch (~%.0f s) would pass max_time_s %.0f (%.0f s used)",
+                        len(self.history), max(walls), self.hp.max_time_s, sum(walls))
+        return out
 
     def save_checkpoint(self, epoch: int) -> None:
         """Write the fixed-key checkpoint (from the unwrapped model) into the run dir.

@@ -147,6 +147,7 @@ class Hyperparameters(Schema):
     lr_factor: float = field(0.1, gt=0, lt=1)
     lr_patience: int = field(2, ge=0)
     early_stopping_patience: int | None = field(None, ge=1)
+    max_time_s: float | None = field(None, gt=0)
     monitor: str = field("metric", choices=("metric", "loss"))
     keep: str = field("best", choices=("best", "last"))
     freeze_backbone: bool = False
