@@ -28,15 +28,21 @@ MAX_DEPTH = 6
 
 @dataclass(frozen=True)
 class UNetConfig(Schema):
-    """``depth`` levels (``depth - 1`` down-samplings). Level i has ``channels[i]`` channels;
-    without ``channels``, ``base_channels`` doubled at each level. ``upsample``: how the
-    decoder goes up a level (``transpose``: a learned ConvTranspose2d; ``bilinear``: fixed)."""
+    """``depth`` levels (``depth - 1`` down-samplings; default: one per entry of ``channels``,
+    else 3). Level i has ``channels[i]`` channels; without ``channels``, ``base_channels``
+    doubled at each level. ``upsample``: how the decoder goes up a level (``transpose``: a
+    learned ConvTranspose2d; ``bilinear``: fixed)."""
 
-    depth: int = field(3, ge=2)
+    depth: int | None = field(None, ge=2)
     base_channels: int = field(32, ge=1)
     channels: tuple[int, ...] | None = field(None, ge=1)
     upsample: str = field("transpose", choices=UPSAMPLES)
     batch_norm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.depth is None:
+            object.__setattr__(self, "depth", len(self.channels) if isinstance(self.channels, tuple) else 3)
 
     def check(self, path: str) -> None:
         if self.depth > MAX_DEPTH:
