@@ -58,8 +58,9 @@ bench: setup
 		|| echo "bench: captum could not be installed; baseline (c) will report why it did not run"
 	$(PY) benchmarks/bench_serving.py --stock-pythonpath $(BENCH_PYDEPS)
 
-# Model quality of the fine-tuning recipe (issue 3): every run against its target; the
-# figures go into BENCHMARKS.md. Takes about 20 minutes on 2 CPU cores.
+# Model quality of the fine-tuning recipe (issues 3 and 13): every run against its target on
+# its test split, the U-Net on fashion-scenes and the distillation group; the figures go into
+# BENCHMARKS.md. Takes about 55 minutes on 2 CPU cores.
 .PHONY: eval
 eval: setup
 	$(PY) -m service.training.bench --out BENCHMARKS.md
