@@ -153,6 +153,26 @@ def bundles():
     return {name: make_unet(name, seed=1) for name in SPECS}
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The archive of a short real segmentation run (the recipe on builtin:fashion-scenes,
+    one epoch of 96 scenes), read back from its model store: what a fine-tune serves."""
+    from service.training.recipe import run_finetune
+    from service.training.spec import Policy, RunSpec
+
+    root = tmp_path_factory.mktemp("seg-run")
+    policy = Policy((root,))
+    spec = RunSpec.from_dict({
+        "model": {"family": "unet", "config": {"channels": [8, 16]},
+                  "input": {"type": "image", "channels": 1, "size": 64, "resize": None}},
+        "dataset": {"source": "builtin:fashion-scenes", "train_size": 96, "val_size": 16, "test_size": 16},
+        "hyperparameters": {"epochs": 1, "batch_size": 16, "lr": 0.01},
+        "output": {"name": "scenes"}}, policy)
+    outcome = run_finetune(spec, root / "run", root / "store", policy)
+    assert outcome.status == "finished" and outcome.metrics["metric"] == "mean_iou"
+    return ModelBundle.from_archive(outcome.archive.path)
+
+
 def test_the_served_rule_is_the_trainers():
     assert tasks.segmentation_prediction is decisions.segmentation_prediction
     assert tasks.MULTILABEL_THRESHOLD == decisions.MULTILABEL_THRESHOLD == 0.5
@@ -272,17 +292,18 @@ def test_oip_contract_of_a_segmentation_model(bundles):
 # ---- served by each engine ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=["torchserve", "native"])
-def served(tmp_path_factory, request, bundles):
+def served(tmp_path_factory, request, bundles, trained):
     engine = request.param
     root = tmp_path_factory.mktemp(f"seg-{engine}")
     store = ModelStore(root / "store")
+    bundles = {**bundles, "scenes": trained}
     for name, bundle in bundles.items():
         store.write(name, bundle, options=ServingOptions(batch_size=4, max_batch_delay_ms=20))
     settings = settings_for(root / "store", root / "state", engine=engine, startup_timeout_s=120)
     serving = serving_class(engine)(settings)
     report = serving.start()
     try:
-        assert all(r.ready for r in report) and len(report) == 2, report
+        assert all(r.ready for r in report) and len(report) == 3, report
         token = read_token(settings.state_dir)
         yield {"engine": engine, "settings": settings, "token": token, "bundles": bundles,
                "client": PredictionClient(rest_url=f"http://127.0.0.1:{settings.inference_port}",
@@ -318,6 +339,26 @@ def test_masks_over_rest_and_grpc_match_in_process(served):
     resp = _rest_raw(served, "seg", data, {"X-Top-K": "not a number"})
     assert resp.status_code == 200, resp.text
     assert_prediction(resp.json()["predictions"][0], bundles["seg"], data)
+
+
+def test_a_fine_tuned_archive_is_served_as_it_predicts_in_process(served):
+    """The archive of a real segmentation run (fashion-scenes) over REST, TorchServe gRPC and,
+    on the native engine, OIP v2 (tritonclient HTTP and gRPC): the in-process forward's masks."""
+    client, bundle = served["client"], served["bundles"]["scenes"]
+    assert bundle.labels[0] == "background" and len(bundle.labels) == 11
+    images = {"scene": image(64, 64, seed=81), "other-size": image(48, 80, seed=82)}
+    for answer in (client.rest("scenes", images), client.grpc("scenes", images)):
+        preds = {p["input"]: p for p in answer["predictions"]}
+        for key, data in images.items():
+            assert_prediction(preds[key], bundle, data)
+    if served["engine"] == "native":
+        for protocol in ("http", "grpc"):
+            oip_client = _oip_client(served, protocol)
+            try:
+                result = oip_clients.infer(oip_client, "scenes", [oip_clients.images_input([images["scene"]])])
+                assert_same_mask(result.as_numpy("mask")[0], bundle, images["scene"])
+            finally:
+                oip_client.close()
 
 
 def test_batched_requests_each_get_their_own_size(served):
