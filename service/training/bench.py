@@ -57,6 +57,9 @@ FASHION_CNN = {"family": "cnn", "config": {"channels": [32, 64, 128, 256], "drop
 MOBILENET = {"family": "mobilenet_v2", "config": {"pretrained": "imagenet"},
              "input": {"type": "image", "channels": 3, "size": 96, "resize": None}}
 ADAMW = {"optimizer": "adamw", "weight_decay": 5e-4, "lr_factor": 0.3}
+# basic-motions validates on 8 examples (20% of its 40 training ones): their accuracy is 1.0
+# from an early epoch on, and "best by accuracy" kept that undertrained epoch (test 0.925);
+# the validation loss still tells the epochs apart (test 1.0 with it).
 
 
 # Issue 13: a U-Net of the classic blocks for fashion-scenes (64x64). Four levels with few
@@ -75,8 +78,8 @@ UNET_HP = {"epochs": 60, "batch_size": 16, "lr": 2e-3, "lr_patience": 1, "channe
 # The student of the distillation group: 46,410 parameters, under 1/8 of FASHION_CNN's 391,370.
 STUDENT_CNN = {"family": "cnn", "config": {"channels": [24, 48, 80], "dropout": 0.1},
                "input": {"type": "image", "channels": 1, "size": 28, "resize": None}}
-STUDENT_HP = {"epochs": 10, "batch_size": 128, "lr": 3e-3, "lr_patience": 1, "augment": "crop",
-              "max_time_s": 560, **ADAMW}
+# No max_time_s: both students must run the same epochs (the distilled one also runs the teacher).
+STUDENT_HP = {"epochs": 10, "batch_size": 128, "lr": 3e-3, "lr_patience": 1, "augment": "crop", **ADAMW}
 TEACHER = "eval-fashion-cnn:1"
 #: The distillation group's targets (issue 13): distilled >= scratch + 0.5 points and
 #: >= teacher - 2 points; the student's served batch-8 throughput >= 3x the teacher's.
@@ -140,7 +143,7 @@ BENCHES: dict[str, Bench] = {
         "LSTM on builtin:basic-motions (official test set)",
         _spec({"family": "rnn", "config": {"cell": "lstm", "input_size": 6, "hidden_size": 64, "num_layers": 2}},
               "builtin:basic-motions", "eval-basic-motions-lstm", epochs=40, batch_size=8, lr=3e-3, lr_patience=10,
-              clip_grad_norm=1.0, **ADAMW), 0.95, 300, "quality"),
+              clip_grad_norm=1.0, monitor="loss", **ADAMW), 0.95, 300, "quality"),
     "fashion3000-mobilenet-imagenet": Bench(
         "MobileNetV2, ImageNet weights, fine-tuned on 3000 Fashion-MNIST images",
         _spec(MOBILENET, FASHION_3000, "eval-fashion3000-mobilenet", epochs=6, batch_size=64, lr=1e-3,
