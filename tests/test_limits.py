@@ -39,13 +39,6 @@ CNN = {"family": "cnn", "config": {"channels": [4]}, "input": {"type": "image", 
                                                                  "resize": None}}
 
 
-@pytest.fixture
-def roots(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
-
-
 def spec(dataset="builtin:digits", **hp) -> dict:
     return {"model": CNN, "dataset": dataset, "output": {"name": "m"},
             "hyperparameters": {"epochs": 1, "batch_size": 8, **hp}}

@@ -42,18 +42,6 @@ def unet_spec(num_classes=3, size=32, in_channels=1, **config) -> dict:
             "input": {"type": "image", "channels": in_channels, "size": size, "resize": None}}
 
 
-@pytest.fixture
-def roots(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
-def policy(roots):
-    return Policy((roots,))
-
-
 # ---- the family ----------------------------------------------------------------------
 @pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
 def test_unet_from_a_spec_answers_per_pixel_at_the_input_size(upsample):

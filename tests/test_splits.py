@@ -31,13 +31,6 @@ def digits() -> ds.RawData:
     return ds.load_raw("builtin", "digits", ds.LoadContext(None, "multiclass"))
 
 
-@pytest.fixture
-def policy(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return Policy((root,))
-
-
 def ids_of(raw: ds.RawData) -> ds.RawData:
     """``raw`` with its inputs replaced by their positions: a split's inputs say which examples it took."""
     return ds.RawData(raw.kind, np.arange(len(raw.y)), raw.y, raw.labels)

@@ -37,13 +37,6 @@ TAGS = {"train/loss": "train_loss", "val/loss": "val_loss", "val/accuracy": "val
         "samples_per_s": "samples_per_s"}
 
 
-@pytest.fixture
-def policy(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return Policy((root,))
-
-
 def spec(epochs: int = 2, **extra) -> dict:
     return {"model": CNN, "dataset": DIGITS, "output": {"name": "tb"},
             "hyperparameters": {"epochs": epochs, "batch_size": 32, "lr": 0.003, **extra}}

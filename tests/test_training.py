@@ -48,18 +48,6 @@ BUILTIN_RUNS = {
 }
 
 
-@pytest.fixture
-def roots(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
-def policy(roots):
-    return Policy((roots,))
-
-
 def make_spec(model=None, dataset="builtin:digits", name=None, base=None, **hp) -> dict:
     """A run spec; the output name defaults to "m", or to the base's name when there is a base."""
     spec = {"dataset": dataset, "hyperparameters": {"epochs": 1, "batch_size": 32, "lr": 0.003, **hp}}
