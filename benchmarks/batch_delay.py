@@ -22,7 +22,7 @@ import requests
 import torch
 from torchvision.io import encode_png
 
-from service.client import read_token
+from service.predict_client import read_token
 from service.models import ModelSpec, build_model
 from service.modelstore import ModelBundle, ModelStore
 from service.modelstore.store import ServingOptions

@@ -65,7 +65,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.client import read_token  # noqa: E402
+from service.predict_client import read_token  # noqa: E402
 from service.handlers.torchserve import warm_up_sizes  # noqa: E402
 from service.inference import Predictor, RuntimeOptions, check_precision  # noqa: E402
 from service.inference.fastpath import native_precisions  # noqa: E402
@@ -316,8 +316,8 @@ def ours_in_torchserve(work: Path, bundle, jpegs, runtime: dict, checks: dict, q
     store.write(MODEL, bundle, version=1, options=options)
     settings = serve_settings(store.root, work / f"state-{tag}", workers)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # workers inherit it: (a)'s compiled graphs
-    from service.control.config import ControlConfig
-    from service.control.serve import ServingWithControl
+    from service.control.settings import ControlConfig
+    from service.app import ServingWithControl
 
     shutil.rmtree(work / "control", ignore_errors=True)
     control = ControlConfig(port=free_port(), db_path=work / "control" / "control.db", runs_dir=work / "control" / "runs",
@@ -373,7 +373,7 @@ def job_to_first_answer(serving, settings: ServeSettings) -> dict:
     from torchvision.io import encode_png
 
     from service._gen.modelctl.v1 import control_pb2 as pb
-    from service.control.client import ControlClient
+    from service.control.api.client import ControlClient
 
     spec = {"model": {"family": "cnn", "config": {"channels": [8, 16]},
                       "input": {"type": "image", "channels": 1, "size": 8, "resize": None}},

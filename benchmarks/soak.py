@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service._gen import inference_pb2, inference_pb2_grpc  # noqa: E402
-from service.client import read_token  # noqa: E402
+from service.predict_client import read_token  # noqa: E402
 from service.models import image_eval_transform, load_model  # noqa: E402
 from service.modelstore import ModelStore  # noqa: E402
 from service.modelstore.store import ServingOptions  # noqa: E402

@@ -8,7 +8,7 @@ same across replicas and never expires, because the operator provides it:
 2. ``MODELCTL_API_TOKEN``: the token itself;
 3. otherwise ``<state_dir>/api_token``. A server (``load_token(..., create=True)``)
    generates it there once, mode 0600, and logs where it is; local clients (the CLI, the
-   demo, :func:`service.client.read_token`) read it from there. It is written to a
+   demo, :func:`service.predict_client.read_token`) read it from there. It is written to a
    temporary file, fsynced, then linked into place: never visible empty or partial.
 
 A token is 16 to 4096 characters of RFC 6750's ``b64token`` alphabet

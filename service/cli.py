@@ -45,7 +45,7 @@ def _add_control_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _control_config(args):
-    from service.control.config import ControlConfig
+    from service.control.settings import ControlConfig
 
     return ControlConfig.from_env(**{dest: getattr(args, f"control_{dest}", None)
                                      for dest, _, _ in CONTROL_FLAGS.values()})
@@ -61,7 +61,7 @@ def _add_target_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _control_client(args):
-    from service.control.client import ControlClient
+    from service.control.api.client import ControlClient
 
     return ControlClient(args.control, token=args.token, tls_ca=args.tls_ca)
 
@@ -81,7 +81,7 @@ def cmd_serve(args) -> int:
     if args.no_control:  # a serving replica: the control service runs elsewhere
         serving = serving_class(settings.engine)(settings)
     else:
-        from service.control.serve import with_control
+        from service.app import with_control
 
         serving = with_control(settings.engine)(settings, _control_config(args))
     serving.run_forever()
@@ -156,7 +156,7 @@ def cmd_finetune_run(args) -> int:
 
 
 def cmd_finetune_create(args) -> int:
-    from service.control import display
+    from service.control.api import display
 
     with _control_client(args) as client:
         job = client.create_job(Path(args.spec), deploy=args.deploy, workers=args.workers, tolerance=args.tolerance)
@@ -167,7 +167,7 @@ def cmd_finetune_create(args) -> int:
 
 
 def cmd_finetune_list(args) -> int:
-    from service.control import display
+    from service.control.api import display
 
     with _control_client(args) as client:
         reply = client.list_jobs(states=[s.upper() for s in args.state or []], output_model=args.model or "",
@@ -177,7 +177,7 @@ def cmd_finetune_list(args) -> int:
 
 
 def cmd_finetune_get(args) -> int:
-    from service.control import display
+    from service.control.api import display
 
     with _control_client(args) as client:
         job = client.get_job(args.job_id)
@@ -186,14 +186,14 @@ def cmd_finetune_get(args) -> int:
 
 
 def cmd_finetune_watch(args) -> int:
-    from service.control import display
+    from service.control.api import display
 
     with _control_client(args) as client:
         return display.follow(client.watch(args.job_id, skip_history=args.new_only), sys.stdout)
 
 
 def cmd_finetune_cancel(args) -> int:
-    from service.control import display
+    from service.control.api import display
 
     with _control_client(args) as client:
         print(display.job_line(client.cancel_job(args.job_id)))
@@ -201,7 +201,7 @@ def cmd_finetune_cancel(args) -> int:
 
 
 def cmd_models_deploy(args) -> int:
-    from service.control import display
+    from service.control.api import display
 
     with _control_client(args) as client:
         print(display.deployment_line(client.deploy(args.name, args.version, workers=args.workers,
@@ -210,7 +210,7 @@ def cmd_models_deploy(args) -> int:
 
 
 def cmd_models_rollback(args) -> int:
-    from service.control import display
+    from service.control.api import display
 
     with _control_client(args) as client:
         print(display.deployment_line(client.rollback(args.name, args.to or 0, workers=args.workers)))
@@ -218,7 +218,7 @@ def cmd_models_rollback(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from service.client import PredictionClient, read_token
+    from service.predict_client import PredictionClient, read_token
 
     settings = _settings(args)
     token = args.token or read_token(settings.state_dir)

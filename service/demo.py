@@ -21,7 +21,7 @@ import sys
 import torch
 from torchvision.io import encode_png
 
-from service.client import PredictionClient, read_token
+from service.predict_client import PredictionClient, read_token
 from service.errors import PretrainedWeightsNotFound
 from service.models import ModelSpec, build_model
 from service.modelstore import ModelBundle, ModelStore
@@ -134,9 +134,9 @@ def served_accuracy(predict, name: str, version, images, targets, chunk: int = 3
 
 
 def run_demo(settings, control) -> int:
-    from service.control import display
-    from service.control.client import ControlClient
-    from service.control.serve import ServingWithControl
+    from service.control.api import display
+    from service.control.api.client import ControlClient
+    from service.app import ServingWithControl
 
     store = ModelStore(settings.model_store)
     ensure_archives(store)

@@ -1608,7 +1608,7 @@ def start_server(root: Path, engine: str = "torchserve", startup_timeout_s: floa
     """A real engine on free ports serving the two fuzz models (the same two archives):
     ``torchserve`` (TorchServe + gateway, one worker each) or ``native`` (the native engine,
     in this process)."""
-    from service.client import read_token
+    from service.predict_client import read_token
     from service.serving.settings import ServeSettings
     from tests.helpers import free_port
 

@@ -26,11 +26,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
-from service.client import PredictionClient, read_token
-from service.control.config import ControlConfig
-from service.control.deployer import Deployer
-from service.control.serve import ServingWithControl
-from service.control.store import JobStore
+from service.predict_client import PredictionClient, read_token
+from service.control.settings import ControlConfig
+from service.deploy.deployer import Deployer
+from service.app import ServingWithControl
+from service.control.jobs.jobstore import JobStore
 from service.errors import ArchiveRefused
 from service.modelstore import ModelStore, check_archive, known_refusal, verify_archive
 from service.modelstore.check import ALLOW_FOREIGN_ENV

@@ -35,10 +35,10 @@ from service.auth import (
     find_token,
     load_token,
 )
-from service.client import PredictionClient, read_token
-from service.control.client import ControlClient
-from service.control.config import ControlConfig
-from service.control.server import create_server, stop_server
+from service.predict_client import PredictionClient, read_token
+from service.control.api.client import ControlClient
+from service.control.settings import ControlConfig
+from service.control.api.servicer import create_server, stop_server
 from service.errors import FailedPrecondition, InvalidArgument, ServiceError, Unauthenticated
 from service.serving.torchserve.config import parse_properties, render_config_properties
 from service.serving.torchserve.management import ManagementClient

@@ -26,10 +26,10 @@ import pytest
 
 from service import bounds, spectext
 from service.auth import ApiToken, load_token
-from service.control.client import ControlClient
-from service.control.config import ControlConfig
-from service.control.plane import ControlPlane
-from service.control.server import ControlService
+from service.control.api.client import ControlClient
+from service.control.settings import ControlConfig
+from service.control.jobs.plane import ControlPlane
+from service.control.api.servicer import ControlService
 from service.errors import MAX_SHOWN_CHARS, InvalidArgument, ServiceError, Unavailable
 from service.modelstore import ModelStore
 from service.serving.settings import ServeSettings

@@ -24,11 +24,11 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from service.control import containment
-from service.control.config import ControlConfig
-from service.control.runner import LocalRunner, local_runner
-from service.control.scheduler import Scheduler
-from service.control.store import FAILED, JobStore
+from service.control.runners import containment
+from service.control.settings import ControlConfig
+from service.control.runners.local import LocalRunner, local_runner
+from service.control.jobs.scheduler import Scheduler
+from service.control.jobs.jobstore import FAILED, JobStore
 from service.errors import InvalidArgument
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,7 +176,7 @@ def test_the_settings_reach_the_local_runner():
 
 # ---- Kubernetes: the Job the runner builds ------------------------------------------------------------
 def _settings(**kw):
-    from service.control.k8s_runner import K8sSettings, Mount
+    from service.control.runners.kubernetes import K8sSettings, Mount
 
     base = dict(image="img", namespace="ns", volume_claim="store", cpu_request="2", memory_request="4Gi",
                 mounts=(Mount("store", "/models"), Mount("runs", "/runs"), Mount("data", "/data", True)),
@@ -187,7 +187,7 @@ def _settings(**kw):
 
 @pytest.mark.parametrize("nproc, gpus", [(1, 0), (4, 2)])
 def test_kubernetes_jobs_are_contained_like_the_deployments(nproc, gpus):
-    from service.control.k8s_runner import build_job
+    from service.control.runners.kubernetes import build_job
 
     job = SimpleNamespace(id="job-0123", attempts=1, run_dir="/runs/job-0123", output_model="m",
                           spec={"hyperparameters": {"nproc": nproc}})
@@ -218,7 +218,7 @@ def test_kubernetes_jobs_are_contained_like_the_deployments(nproc, gpus):
 
 
 def test_kubernetes_limit_settings_are_checked():
-    from service.control.k8s_runner import K8sSettings
+    from service.control.runners.kubernetes import K8sSettings
 
     assert _settings(shm_mb=0).effective_shm_mb == 1024
     assert _settings(memory_limit_mb=1024, memory_request="").effective_shm_mb == 512

@@ -29,13 +29,13 @@ from torchvision.io import ImageReadMode, decode_image, encode_png
 
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
-from service.client import PredictionClient, read_token
-from service.control import deployer as deploy_policies
-from service.control.client import ControlClient
-from service.control.config import ControlConfig
+from service.predict_client import PredictionClient, read_token
+from service.deploy import deployer as deploy_policies
+from service.control.api.client import ControlClient
+from service.control.settings import ControlConfig
 from service.control.events import EventTail
-from service.control.serve import ServingWithControl
-from service.control.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from service.app import ServingWithControl
+from service.control.jobs.jobstore import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from service.errors import FailedPrecondition
 from service.models import ModelSpec, image_eval_transform, load_model
 from service.modelstore import ModelStore

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from service.client import PredictionClient, read_token
-from service.control.deployer import Deployer
-from service.control.store import JobStore
+from service.predict_client import PredictionClient, read_token
+from service.deploy.deployer import Deployer
+from service.control.jobs.jobstore import JobStore
 from service.errors import InvalidSpec, NotFound
 from service.modelstore import ModelStore
 from service.serving.settings import ServeSettings

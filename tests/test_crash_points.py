@@ -31,10 +31,10 @@ import pytest
 
 from service import atomic
 from service.auth import find_token, load_token, state_token_path
-from service.control.config import ControlConfig
-from service.control.deployer import Deployer
-from service.control.plane import ControlPlane
-from service.control.store import JobStore
+from service.control.settings import ControlConfig
+from service.deploy.deployer import Deployer
+from service.control.jobs.plane import ControlPlane
+from service.control.jobs.jobstore import JobStore
 from service.errors import InvalidArgument, StoreUnwritable, Unavailable
 from service.faultpoints import FAULT_ENV, FAULT_EXIT_CODE
 from service.modelstore import ModelStore
@@ -128,8 +128,8 @@ def test_a_trainer_killed_at_each_step_resumes_to_exactly_one_version(tmp_path):
 DEPLOY = """
 import sys
 from pathlib import Path
-from service.control.deployer import Deployer
-from service.control.store import JobStore
+from service.deploy.deployer import Deployer
+from service.control.jobs.jobstore import JobStore
 from service.modelstore import ModelStore
 from service.serving.settings import ServeSettings
 root, action = Path(sys.argv[1]), sys.argv[2]
@@ -280,7 +280,7 @@ def test_the_api_token_is_never_visible_empty(tmp_path):
 
 # ---- spec.json, run.json, result.json ---------------------------------------------------------------
 def test_run_dir_files_are_fsynced_file_and_directory(tmp_path, monkeypatch):
-    from service.control import specs
+    from service.control.jobs import intake as specs
     from service.training.spec import Policy, RunSpec
 
     synced: list[tuple[int, int]] = []

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.control.config import ControlConfig
+from service.control.settings import ControlConfig
 from service.serving.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,7 +255,7 @@ def test_control_service_runs_jobs_with_least_privilege(rendered):
     # No TorchServe beside it: deployments write the store's desired state for the replicas.
     assert ControlConfig.from_env(environ=env).deploy_target == "store"
     # Its Jobs are contained: limits no lower than the requests (else the API refuses them).
-    from service.control.k8s_runner import K8sSettings
+    from service.control.runners.kubernetes import K8sSettings
 
     runner = K8sSettings.from_env(ControlConfig.from_env(environ=env), env)
     gpu = overlay.startswith("gpu")
@@ -968,7 +968,7 @@ def test_apiserver_kserve_schema_refuses_a_wrong_type_with_422(kserve):
 
 # ---- the Kubernetes runner, with the scheduler and job store of the control service ---------
 def _runner_settings(**kw):
-    from service.control.k8s_runner import K8sSettings, Mount
+    from service.control.runners.kubernetes import K8sSettings, Mount
 
     base = dict(image="registry.example.com/modelctl:test", namespace=NAMESPACE, volume_claim="modelctl-store",
                 mounts=(Mount("store", "/models"), Mount("runs", "/runs"), Mount("data", "/data", True)),
@@ -1031,9 +1031,9 @@ class Cluster:
 def control(deployed, tmp_path):
     """A job store and scheduler with the Kubernetes runner acting as the control service's
     service account (impersonated: RBAC checks every call against the Role of k8s/)."""
-    from service.control.k8s_runner import KubernetesRunner
-    from service.control.scheduler import Scheduler
-    from service.control.store import JobStore
+    from service.control.runners.kubernetes import KubernetesRunner
+    from service.control.jobs.scheduler import Scheduler
+    from service.control.jobs.jobstore import JobStore
 
     jobs = JobStore(tmp_path / "control.db")
     runner = KubernetesRunner(_runner_settings(), api_client=deployed.api_client(impersonate=CONTROL_SA))
@@ -1085,7 +1085,7 @@ def _until(c, job_id, predicate, timeout_s=20.0):
 def test_apiserver_runner_runs_a_job_to_success(control):
     import json
 
-    from service.control.k8s_runner import job_name, run_key
+    from service.control.runners.kubernetes import job_name, run_key
 
     c = control
     job = _new_job(c, "k8s-ok")
@@ -1129,7 +1129,7 @@ def test_apiserver_runner_runs_a_job_to_success(control):
 
 
 def test_apiserver_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(control):
-    from service.control.k8s_runner import job_name
+    from service.control.runners.kubernetes import job_name
 
     c = control
     failing, evicted = _new_job(c, "k8s-fail"), _new_job(c, "k8s-evicted")
@@ -1147,7 +1147,7 @@ def test_apiserver_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(contr
     assert job.state == "RUNNING" and c.cluster.job(job_name(evicted.id, 2)) is not None
     assert c.cluster.job(job_name(evicted.id, 1)) is None
     # A restarted control service finds the running attempt again by its run key.
-    from service.control.k8s_runner import KubernetesRunner
+    from service.control.runners.kubernetes import KubernetesRunner
 
     fresh = KubernetesRunner(c.runner.settings, api_client=c.runner._api_client)
     handle = fresh.adopt(job.pid, job.proc_started)
@@ -1159,7 +1159,7 @@ def test_apiserver_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(contr
 def test_apiserver_runner_fails_a_job_past_its_deadline_or_its_memory_limit(control):
     """A Job the cluster ended for its activeDeadlineSeconds, and one whose trainer was
     OOMKilled: FAILED with that reason, not resumed as an interruption (issue 12, point 5)."""
-    from service.control.k8s_runner import job_name
+    from service.control.runners.kubernetes import job_name
 
     c = control
     slow, hog = _new_job(c, "k8s-deadline"), _new_job(c, "k8s-oom")
@@ -1180,7 +1180,7 @@ def test_apiserver_runner_fails_a_job_past_its_deadline_or_its_memory_limit(cont
 
 
 def test_apiserver_runner_cancel_deletes_the_job_in_the_foreground(control):
-    from service.control.k8s_runner import job_name
+    from service.control.runners.kubernetes import job_name
 
     c = control
     job = _new_job(c, "k8s-cancel")
@@ -1201,8 +1201,8 @@ def test_apiserver_runner_cancel_deletes_the_job_in_the_foreground(control):
 def test_apiserver_a_stopping_control_service_leaves_its_jobs_running(control):
     """A control pod that is replaced (rollout, eviction) must not kill the training it
     launched: the Job keeps running and the next service adopts it."""
-    from service.control.k8s_runner import KubernetesRunner, job_name
-    from service.control.scheduler import Scheduler
+    from service.control.runners.kubernetes import KubernetesRunner, job_name
+    from service.control.jobs.scheduler import Scheduler
 
     c = control
     job = _new_job(c, "k8s-outlives")
@@ -1230,7 +1230,7 @@ def test_apiserver_a_stopping_control_service_leaves_its_jobs_running(control):
 def test_apiserver_runner_spreads_a_multi_node_run_over_an_indexed_job(control):
     import dataclasses
 
-    from service.control.k8s_runner import build_job, job_name
+    from service.control.runners.kubernetes import build_job, job_name
 
     c = control
     c.runner.settings = dataclasses.replace(c.runner.settings, gpus_per_pod=2)
@@ -1268,7 +1268,7 @@ def test_runner_jobs_pass_kubernetes_validate_strict(tmp_path):
     """The Jobs and Services the runner creates, against the 1.37 schema (Indexed included)."""
     from types import SimpleNamespace
 
-    from service.control.k8s_runner import build_job
+    from service.control.runners.kubernetes import build_job
 
     docs = []
     for nproc, gpus in ((1, 0), (4, 2), (4, 0)):
@@ -1284,8 +1284,8 @@ def test_runner_jobs_pass_kubernetes_validate_strict(tmp_path):
 
 
 def test_runner_settings_and_registration(tmp_path):
-    from service.control.config import ControlConfig
-    from service.control.k8s_runner import K8sSettings, Mount, layout
+    from service.control.settings import ControlConfig
+    from service.control.runners.kubernetes import K8sSettings, Mount, layout
 
     config = ControlConfig(model_store="/models", runs_dir="/runs", data_roots=("/data",), cancel_grace_s=15)
     s = K8sSettings.from_env(config, {"MODELCTL_K8S_IMAGE": "img", "MODELCTL_K8S_NAMESPACE": "ns",
@@ -1304,7 +1304,7 @@ def test_runner_settings_and_registration(tmp_path):
         K8sSettings.from_env(config, {"MODELCTL_K8S_MOUNTS": "nope"})
     # The registry offers the runner where an image is configured (the control Deployment's
     # ConfigMap sets MODELCTL_K8S_IMAGE).
-    code = "import service.control.runner as r; print(sorted(r.RUNNERS))"
+    code = "import service.control.runners.local as r; print(sorted(r.RUNNERS))"
     env = {k: v for k, v in os.environ.items() if k != "MODELCTL_K8S_IMAGE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout
@@ -1322,7 +1322,7 @@ def test_apiserver_image_runs_the_control_service_that_creates_jobs(image, deplo
     import time
 
     from service._gen.modelctl.v1 import control_pb2 as pb
-    from service.control.client import ControlClient
+    from service.control.api.client import ControlClient
     from tests.helpers import free_port
 
     docs = docs_of(kustomize("cpu"))

@@ -4,7 +4,7 @@ than the serving version and its metric is within the tolerance of that version'
 Real parts: a real model store holding a slow version (a CNN of 128 and 256 channels, about
 19 M multiply-adds per 16x16 image) and fast ones (one block of 4 channels, about 9 K: some
 2000x fewer), written directly as archives; the real speed check
-(``python -m service.control.speed`` as a subprocess, both versions in alternating rounds);
+(``python -m service.deploy.speed`` as a subprocess, both versions in alternating rounds);
 the real control plane, job store and deployer (target "store": deployments write
 ``deployment.json``, as on Kubernetes, so no TorchServe starts); and one real fine-tuning
 job created through the real control API with ``modelctl finetune create --deploy
@@ -32,15 +32,15 @@ import torch
 
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service.auth import ApiToken
-from service.control import deployer as policies
-from service.control import display, messages
-from service.control.client import ControlClient
-from service.control.config import ControlConfig
-from service.control.plane import ControlPlane, check_tolerance, serving_metric
-from service.control.scheduler import FinishDeferred
-from service.control.server import ControlService
-from service.control.speed import SpeedCheck, SpeedCheckInterrupted, run_speed_check
-from service.control.store import RUNNING, SUCCEEDED, JobStore
+from service.deploy import deployer as policies
+from service.control.api import display, messages
+from service.control.api.client import ControlClient
+from service.control.settings import ControlConfig
+from service.control.jobs.plane import ControlPlane, check_tolerance, serving_metric
+from service.control.jobs.scheduler import FinishDeferred
+from service.control.api.servicer import ControlService
+from service.deploy.speed import SpeedCheck, SpeedCheckInterrupted, run_speed_check
+from service.control.jobs.jobstore import RUNNING, SUCCEEDED, JobStore
 from service.errors import InvalidArgument, InvalidSpec, ServiceError, Unavailable
 from service.models import ModelSpec, build_model
 from service.modelstore import ModelBundle, ModelStore

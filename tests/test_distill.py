@@ -21,10 +21,10 @@ from torch import nn
 
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service.auth import ApiToken
-from service.control.client import ControlClient
-from service.control.config import ControlConfig
-from service.control.plane import ControlPlane
-from service.control.server import ControlService
+from service.control.api.client import ControlClient
+from service.control.settings import ControlConfig
+from service.control.jobs.plane import ControlPlane
+from service.control.api.servicer import ControlService
 from service.errors import InvalidSpec, NotFound, ServiceError, Unavailable
 from service.models import ModelSpec, build_model, load_model
 from service.modelstore import ModelBundle, ModelStore

@@ -17,7 +17,7 @@ import requests
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from service.client import PredictionClient, read_token
+from service.predict_client import PredictionClient, read_token
 from service.models import image_eval_transform, load_model
 from service.modelstore import ModelStore
 from service.modelstore.store import ServingOptions

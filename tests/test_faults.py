@@ -34,7 +34,7 @@ import torch
 
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service.auth import load_token
-from service.control.client import ControlClient
+from service.control.api.client import ControlClient
 from service.errors import StoreUnwritable
 from service.modelstore import ModelStore
 from service.training.recipe import read_archive

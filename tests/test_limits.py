@@ -210,9 +210,9 @@ def test_archive_command_refuses_weights_that_need_pickled_code(tmp_path, capsys
 # ---- issue 12, point 4: bounds set by the operator ------------------------------------------------
 def test_the_operator_lowers_the_run_bounds_by_environment_never_raises_them(roots):
     from service import bounds
-    from service.control import specs
-    from service.control.config import ControlConfig
-    from service.control.runner import local_runner
+    from service.control.jobs import intake as specs
+    from service.control.settings import ControlConfig
+    from service.control.runners.local import local_runner
     from service.errors import InvalidArgument
 
     env = {"MODELCTL_MAX_EPOCHS": "5", "MODELCTL_MAX_BATCH_SIZE": "64", "MODELCTL_MAX_NPROC": "2",
@@ -306,7 +306,7 @@ def test_a_spec_value_is_bounded_in_size_and_depth_whatever_its_source(roots, tm
     import time
 
     from service import spectext
-    from service.control import specs
+    from service.control.jobs import intake as specs
 
     # a value that shares its parts, as YAML aliases would make it, given as a Python value
     bomb = ["x"] * 9

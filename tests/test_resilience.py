@@ -40,9 +40,9 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._gen import inference_pb2, inference_pb2_grpc
-from service.control.client import ControlClient
-from service.control.config import ControlConfig
-from service.control.serve import with_control
+from service.control.api.client import ControlClient
+from service.control.settings import ControlConfig
+from service.app import with_control
 from service.errors import Unavailable
 from service.modelstore import ModelStore
 from service.serving import readiness

@@ -5,7 +5,7 @@ head biases perturbed so that the masks are not constant): ``seg`` (4 classes, b
 first) and ``seg-bin`` (one class: a binary mask). They are written by the real model store
 and served by each engine in turn (the module's fixture is parametrized): a real TorchServe
 with its gRPC gateway, then the native engine. Clients: ``requests`` and TorchServe's gRPC
-stub (:class:`service.client.PredictionClient`) on both; NVIDIA's ``tritonclient`` (OIP v2,
+stub (:class:`service.predict_client.PredictionClient`) on both; NVIDIA's ``tritonclient`` (OIP v2,
 HTTP and gRPC; tests/oip_clients.py) on the native engine.
 
 Every served mask is compared with an in-process forward of the same weights, written out
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image, decode_png, encode_jpeg, encode_png
 
-from service.client import PredictionClient, read_token
+from service.predict_client import PredictionClient, read_token
 from service.errors import InvalidInput, InvalidSpec
 from service.inference import Predictor, RuntimeOptions, check_precision, maskpng
 from service.inference.segmentation import crop_box, predict_masks, predict_masks_through_crop

@@ -26,7 +26,7 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.client import read_token
+from service.predict_client import read_token
 from service.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from service.serving import readiness
 from service.serving.torchserve.config import frontend_jvm_args, parse_properties, render_config_properties

@@ -22,8 +22,8 @@ from service._gen import inference_pb2_grpc
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
 from service.auth import ApiToken
-from service.control.config import ControlConfig
-from service.control.server import create_server, stop_server
+from service.control.settings import ControlConfig
+from service.control.api.servicer import create_server, stop_server
 from service.grpc_streams import DEFAULT_MAX_OPEN_STREAMS, StreamLimit
 from service.serving.settings import ServeSettings
 from service.serving.torchserve.gateway import GatewayThread

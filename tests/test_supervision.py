@@ -37,9 +37,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._gen import inference_pb2_grpc
 from service.auth import ApiToken
-from service.control.client import ControlClient
-from service.control.config import ControlConfig
-from service.control.serve import with_control
+from service.control.api.client import ControlClient
+from service.control.settings import ControlConfig
+from service.app import with_control
 from service.errors import InvalidArgument, Unavailable
 from service.serving.readiness import ModelReadiness
 from service.serving.settings import ServeSettings

@@ -1,19 +1,19 @@
 """The control service: the ``modelctl.v1.ModelControl`` gRPC API over fine-tuning jobs and
 deployments.
 
-Modules (imported lazily by callers; importing this package imports nothing else):
+Sub-packages (imported lazily by callers; importing this package imports nothing else):
 
-* ``config``: :class:`ControlConfig` (``MODELCTL_*`` variables, CLI overrides);
-* ``store``: the SQLite job store, its state machine and the deployment history;
-* ``runner``: runners (``RUNNERS``; ``local``: a process group per run);
-* ``events``: following a run's ``events.jsonl``;
-* ``scheduler``: bounded concurrency, following, settling, resuming jobs;
-* ``deployer``: deploy policies, deployment to TorchServe, rollback;
-* ``speed``: deploy-if-faster's speed check (a subprocess; only it imports torch);
-* ``specs``: run specs from the API, validated by the trainer's own rules;
-* ``plane``: :class:`ControlPlane`, everything above composed, without gRPC;
-* ``messages``: Python values <-> ``modelctl.v1`` messages;
-* ``server``: the servicer, the error interceptor, ``create_server``, ``ControlService``;
-* ``serve``: the control service beside TorchServe (``modelctl serve``), or alone;
-* ``client``: :class:`ControlClient`; ``display``: text for the CLI.
+* ``settings``: :class:`ControlConfig` (``MODELCTL_*`` variables, CLI overrides);
+* ``api/``: the edge: ``servicer`` (typed methods, translation only; ``create_server``,
+  ``ControlService``), ``messages`` (Python values <-> ``modelctl.v1``), ``client``
+  (:class:`ControlClient`), ``display`` (text for the CLI);
+* ``jobs/``: orchestration: ``plane`` (:class:`ControlPlane`, everything composed, without
+  gRPC), ``scheduler`` (bounded concurrency, following, settling, resuming), ``jobstore``
+  (the SQLite job store and its state machine), ``intake`` (run specs from the API, validated
+  by the trainer's own rules);
+* ``runners/``: where a run's trainer process lives: ``local`` (a process group per run, its
+  ``containment``) and ``kubernetes`` (a batch/v1 Job per run).
+
+Deployment (policies, the deployer, the speed check, converging) is its own room,
+:mod:`service.deploy`; the composition root of ``modelctl serve`` is :mod:`service.app`.
 """

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from service.control.config import ControlConfig
-    from service.control.serve import standalone_service
+    from service.control.settings import ControlConfig
+    from service.app import standalone_service
     from service.serving.settings import ServeSettings
 
     try:

@@ -92,7 +92,7 @@ class ServeSettings:
     workers_per_model: int = 1
     #: How long ``Serving.start`` waits for every worker to be READY.
     startup_timeout_s: float = 120.0
-    #: Seconds between two looks at the model store's desired state (service/serving/converge.py).
+    #: Seconds between two looks at the model store's desired state (service/deploy/converge.py).
     sync_interval_s: float = 2.0
     #: Seconds between two liveness looks of ``run_forever`` at TorchServe, nginx and the
     #: gateway (whether each process or thread still runs: no request is made); one that died

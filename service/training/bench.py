@@ -19,7 +19,7 @@ Issue 13's groups: a U-Net on ``builtin:fashion-scenes`` (mean IoU over the 11 c
 distillation: a student CNN with at most 1/8 of the Fashion-MNIST CNN's parameters, trained
 from scratch and distilled from that CNN with the same epochs and data. The distilled student
 is written as a new version of the teacher's model, so that ``deploy-if-faster`` judges it
-against the teacher as the serving version: the speed check (service/control/speed.py) and
+against the teacher as the serving version: the speed check (service/deploy/speed.py) and
 the policy's decision are reported.
 
 A run that asks for bf16 trains in fp32 on a CPU without native bf16 (the table says which).
@@ -230,8 +230,8 @@ def run_bench(name: str, bench: Bench, work: Path, store: ModelStore, policy: Po
 def judge_distillation(results: dict[str, dict], work: Path, store: ModelStore) -> dict | None:
     """The distillation group's targets and the deploy-if-faster decision on the distilled
     student (version 2 of the teacher's model) against the teacher (version 1)."""
-    from service.control.deployer import RunFacts, policy_deploy_if_faster
-    from service.control.speed import run_speed_check
+    from service.deploy.deployer import RunFacts, policy_deploy_if_faster
+    from service.deploy.speed import run_speed_check
 
     scratch, distilled = results.get("fashion-student-scratch"), results.get("fashion-student-distilled")
     if scratch is None or distilled is None or "distill" not in distilled:
@@ -345,7 +345,7 @@ def render_distillation(j: dict) -> list[str]:
     else:
         lines.append(f"| student's served batch-8 throughput ≥ {DISTILL_SPEEDUP:.0f}× the teacher's | "
                      f"not measured: {sp.get('error')} | **miss** |")
-    lines += ["", f"`deploy-if-faster` (the speed check of service/control/speed.py on {sp.get('device') or 'cpu'}, "
+    lines += ["", f"`deploy-if-faster` (the speed check of service/deploy/speed.py on {sp.get('device') or 'cpu'}, "
               f"{sp.get('rounds')} alternating rounds; the metric on the same validation set, tolerance 0.01): "
               f"**{j['decision']['outcome']}**: {j['decision']['reason']}.", ""]
     return lines

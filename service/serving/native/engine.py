@@ -4,7 +4,7 @@
 
 What it shares with the TorchServe engine, unchanged: the store scan and the archive check
 before every registration (:func:`~service.serving.store_scan.register_store`), convergence
-on ``deployment.json`` (:class:`~service.serving.converge.Converger`), readiness from the
+on ``deployment.json`` (:class:`~service.deploy.converge.Converger`), readiness from the
 models' real state (:mod:`service.serving.readiness`), the operator's API token
 (:mod:`service.auth`), the control API deploying to it (its deployer drives
 :class:`~.models.NativeModels` through TorchServe's management interface), and the metric
@@ -31,7 +31,7 @@ from service.errors import Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
 from service.metrics.handler import HandlerMetrics
 from service.serving import readiness
-from service.serving.converge import Converger, ConvergeThread, ModelLocks
+from service.deploy.converge import Converger, ConvergeThread, ModelLocks
 from service.serving.native.dataplane import DataPlane
 from service.serving.native.models import NativeModels
 from service.serving.native.runner import DeviceRunner

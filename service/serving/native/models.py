@@ -5,7 +5,7 @@ answers for TorchServe (``register``, ``set_default``, ``describe``, ``list_mode
 ``scale``, ``unregister``), with the same entries and the same errors. So everything that
 drives an engine through that interface drives this one unchanged: registration of the
 store (:func:`service.serving.store_scan.register_store`), convergence on
-``deployment.json`` (:mod:`service.serving.converge`), readiness
+``deployment.json`` (:mod:`service.deploy.converge`), readiness
 (:mod:`service.serving.readiness`) and the control API's deployer.
 
 A version is loaded on its device's torch thread (:class:`~.runner.DeviceRunner`): the

@@ -10,7 +10,7 @@ service/modelstore/check.py), starts the public gRPC gateway
 ``startup_timeout_s``) until every worker is READY; then it logs one INFO line naming
 the endpoints, or one WARNING naming the versions that are not ready. From then on it
 converges on the model store's desired state every ``sync_interval_s``
-(:mod:`service.serving.converge`): new archives are registered and defaults follow the
+(:mod:`service.deploy.converge`): new archives are registered and defaults follow the
 deployments, so every replica sharing the store serves the same versions. ``run_forever()``
 blocks until SIGINT/SIGTERM, renewing TorchServe's keys before they expire, and then
 stops everything.
@@ -50,7 +50,7 @@ from service.auth import ApiToken, load_token
 from service.errors import ServiceError, Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
 from service.serving import readiness
-from service.serving.converge import Converger, ConvergeThread, ModelLocks
+from service.deploy.converge import Converger, ConvergeThread, ModelLocks
 from service.serving.torchserve.gateway import GatewayThread
 from service.serving.torchserve.liveness import (
     COMPONENTS,

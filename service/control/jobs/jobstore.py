@@ -23,7 +23,7 @@ A row is first written as an intent (``done = 0``): rollbacks, :meth:`JobStore.t
 and :meth:`JobStore.desired_defaults` do not see it until :meth:`JobStore.complete_deployment`
 marks it done (and, for a rollback, takes the row it pops off the stack in the same
 transaction), or :meth:`JobStore.discard_deployment` deletes it. The deployer writes
-``deployment.json`` between the two (service/control/deployer.py, "Crash-safe order").
+``deployment.json`` between the two (service/deploy/deployer.py, "Crash-safe order").
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class Job:
     epochs: int
     #: deploy-if-faster: the metric tolerance (None for other policies).
     deploy_tolerance: float | None = None
-    #: deploy-if-faster: what it compared and measured (service.control.plane; JSON in SQLite).
+    #: deploy-if-faster: what it compared and measured (service.control.jobs.plane; JSON in SQLite).
     deploy_check: dict | None = None
 
     @property

@@ -31,8 +31,8 @@ import grpc
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
 from service.auth import ApiToken, find_token, validate
-from service.control import messages
-from service.control.config import DEFAULT_PORT, ControlConfig
+from service.control.api import messages
+from service.control.settings import DEFAULT_PORT, ControlConfig
 from service.errors import (
     AlreadyExists,
     FailedPrecondition,

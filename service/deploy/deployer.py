@@ -15,7 +15,7 @@ A deployment (:meth:`Deployer.deploy`):
    unregisters what it registered and raises Unavailable, leaving the default as it was;
    then makes it the default;
 3. records the model's desired state in the model store (``deployment.json``), which every
-   serving replica converges on (:mod:`service.serving.converge`); with ``target="store"``
+   serving replica converges on (:mod:`service.deploy.converge`); with ``target="store"``
    (replicas elsewhere, as on Kubernetes) this is all it does;
 4. pushes it on the model's deployment history with the default it replaced.
 
@@ -40,7 +40,7 @@ version before the one ``deployment.json`` names.
 Deploy policies are plain functions of a finished run's facts, in :data:`DEPLOY_POLICIES`.
 Those in :data:`SERVING_POLICIES` compare with the model's serving version: the control
 plane first gathers that version, its metric on the run's validation set, and a speed
-check of both (:mod:`service.control.speed`) into the facts.
+check of both (:mod:`service.deploy.speed`) into the facts.
 
 **deploy-if-faster** deploys the new version only when it is faster *and* its metric is
 within the tolerance of the serving version's:
@@ -55,7 +55,7 @@ within the tolerance of the serving version's:
   head) nothing is comparable: NO_COMPARABLE_METRIC, not deployed;
 * within tolerance: ``new >= serving - tolerance`` for a metric where larger is better,
   ``new <= serving + tolerance`` where smaller is (mse: absolute on the loss side);
-* faster: :attr:`service.control.speed.SpeedCheck.faster` (batch-1 p50 and batch-8
+* faster: :attr:`service.deploy.speed.SpeedCheck.faster` (batch-1 p50 and batch-8
   throughput, each better by more than the noise margin). A check that failed or timed out
   is not faster.
 
@@ -70,10 +70,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from service import faultpoints
-from service.control.speed import SpeedCheck
+from service.deploy.speed import SpeedCheck
 from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec, NotFound, ServiceError, Unavailable
 from service.serving import readiness
-from service.serving.converge import ModelLocks
+from service.deploy.converge import ModelLocks
 from service.modelstore import require_archive
 from service.serving.store_scan import checked_link
 
@@ -210,7 +210,7 @@ class Deployer:
         #: always sets one, ControlConfig.deploy_workers_limit).
         self.max_workers = max_workers
         self.target = target
-        #: Shared with the converger of a TorchServe in this process (service.serving.converge).
+        #: Shared with the converger of a TorchServe in this process (service.deploy.converge).
         self._lock = locks or ModelLocks()
 
     @property

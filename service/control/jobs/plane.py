@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from service.control import specs
-from service.control.config import ControlConfig
-from service.control.deployer import (
+from service.control.jobs import intake as specs
+from service.control.settings import ControlConfig
+from service.deploy.deployer import (
     DEFAULT_TOLERANCE,
     DEPLOY_FAILED,
     DEPLOY_POLICIES,
@@ -31,10 +31,10 @@ from service.control.deployer import (
     within_tolerance,
 )
 from service.control.events import EVENTS_FILE, EventTail
-from service.control.runner import LOG_FILE, RUNNERS, SPEC_FILE
-from service.control.scheduler import FinishDeferred, Scheduler
-from service.control.speed import SpeedCheck, SpeedCheckInterrupted, run_speed_check
-from service.control.store import FINAL_STATES, QUEUED, RUNNING, Job, JobStore, new_job_id
+from service.control.runners.local import LOG_FILE, RUNNERS, SPEC_FILE
+from service.control.jobs.scheduler import FinishDeferred, Scheduler
+from service.deploy.speed import SpeedCheck, SpeedCheckInterrupted, run_speed_check
+from service.control.jobs.jobstore import FINAL_STATES, QUEUED, RUNNING, Job, JobStore, new_job_id
 from service.errors import FailedPrecondition, InvalidSpec, NotFound, ServiceError, shown
 from service.modelstore import ArchiveInfo, ModelStore, known_refusal
 

@@ -9,8 +9,8 @@ Two steps, so tests bind port 0 and call through a real channel::
 
 :class:`ControlService` runs both steps with the plane's own start and stop.
 
-The servicer only translates messages (:mod:`service.control.messages`) to and from
-:class:`~service.control.plane.ControlPlane` calls. Every exception leaving it is turned
+The servicer only translates messages (:mod:`service.control.api.messages`) to and from
+:class:`~service.control.jobs.plane.ControlPlane` calls. Every exception leaving it is turned
 into a status in one place, :class:`ErrorInterceptor`, through
 :func:`service.errors.grpc_status`: a named error keeps its message; anything else is
 INTERNAL with a generic message (and its traceback in the log).
@@ -48,7 +48,7 @@ from grpc_reflection.v1alpha import reflection
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
 from service.auth import ApiToken
-from service.control import messages
+from service.control.api import messages
 from service.errors import FailedPrecondition, ServiceError, Unavailable, grpc_status
 from service.grpc_streams import ANONYMOUS, AUTHENTICATED, StreamLimit, enter_sync_stream, streams_pool
 

@@ -1,6 +1,6 @@
 """The speed check of deploy-if-faster: two versions of a model, side by side, in a subprocess.
 
-``python -m service.control.speed --store DIR --name NAME --new V --serving S`` loads both
+``python -m service.deploy.speed --store DIR --name NAME --new V --serving S`` loads both
 archives of the model store into :class:`service.inference.Predictor` on the serving
 device, each with its own serving options (precision, channels_last, compile: what a worker
 would run, :func:`service.inference.fastpath.resolve_runtime`), warms both up, then measures
@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from service.control.config import SPEED_CHECK_DEVICES
+from service.control.settings import SPEED_CHECK_DEVICES
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def run_speed_check(store_root: Path | str, name: str, new: int, serving: int, *
     missing = [v for v in (new, serving) if not store.path(name, v).is_file()]
     if missing:  # said at once, not after a process has loaded torch
         return SpeedCheck(error=f"{name} version {missing[0]} is not in the model store", margin=margin)
-    cmd = [python or sys.executable, "-m", "service.control.speed", "--store", str(store_root), "--name", name,
+    cmd = [python or sys.executable, "-m", "service.deploy.speed", "--store", str(store_root), "--name", name,
            "--new", str(int(new)), "--serving", str(int(serving)), "--device", device, "--rounds", str(int(rounds)),
            "--budget-s", f"{timeout_s * _BUDGET_SHARE:.3f}"]
     env = scrubbed_env(os.environ)  # never the API token
@@ -270,7 +270,7 @@ def measure(store_root: Path | str, name: str, new: int, serving: int, *, device
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.control.speed", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m service.deploy.speed", description=__doc__.split("\n")[0])
     parser.add_argument("--store", required=True, type=Path)
     parser.add_argument("--name", required=True)
     parser.add_argument("--new", required=True, type=int)

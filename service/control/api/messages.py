@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service import spectext
-from service.control import specs
+from service.control.jobs import intake as specs
 from service.errors import InvalidSpec
 
 STATES = {"QUEUED": pb.JOB_STATE_QUEUED, "RUNNING": pb.JOB_STATE_RUNNING,
@@ -134,7 +134,7 @@ def job_message(job) -> pb.FineTuneJob:
 
 
 def deploy_check_message(check: dict) -> pb.DeployCheck:
-    """A deploy check as the plane records it (service/control/plane.py, ``_record_check``)."""
+    """A deploy check as the plane records it (service/control/jobs/plane.py, ``_record_check``)."""
     msg = pb.DeployCheck(serving_version=int(check.get("serving_version") or 0),
                          within_tolerance=bool(check.get("within_tolerance")))
     if isinstance(check.get("serving_val_metric"), (int, float)):

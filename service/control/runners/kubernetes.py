@@ -2,7 +2,7 @@
 
 With ``runner: kubernetes`` (or ``MODELCTL_DEFAULT_RUNNER=kubernetes``) the scheduler starts,
 follows and stops trainers through :class:`KubernetesRunner`, which has the runner protocol
-of :mod:`service.control.runner` (``start``, ``adopt``, ``poll``, ``signal``, ``reap``):
+of :mod:`service.control.runners.local` (``start``, ``adopt``, ``poll``, ``signal``, ``reap``):
 
 * ``start(job)`` creates the Job ``modelctl-<job id>-<attempt>`` through the official
   ``kubernetes`` client: the control service's image, the trainer's command (the local
@@ -48,7 +48,7 @@ Settings (environment; the control service's ConfigMap in ``k8s/``):
 
 =============================== =========================================================
 ``MODELCTL_K8S_IMAGE``          image of the Jobs (required; the runner is offered only
-                                where it is set, see :data:`service.control.runner.RUNNERS`)
+                                where it is set, see :data:`service.control.runners.local.RUNNERS`)
 ``MODELCTL_K8S_NAMESPACE``      namespace [the pod's own, else ``default``]
 ``MODELCTL_K8S_VOLUME_CLAIM``   PersistentVolumeClaim mounted into the Jobs [none]
 ``MODELCTL_K8S_MOUNTS``         ``subPath:path[:ro],…`` of that claim [``store:<model
@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from service.control.runner import SPEC_FILE, RunHandle
+from service.control.runners.local import SPEC_FILE, RunHandle
 from service.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)

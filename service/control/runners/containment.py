@@ -1,7 +1,7 @@
 """The memory of a local trainer: a memory cgroup where this service can make one, else a watch.
 
 Each attempt of a job run by the local runner may use at most ``MODELCTL_JOB_MEMORY_LIMIT_MB``
-(:class:`~service.control.config.ControlConfig`, ``job_memory_limit_mb``), all its processes
+(:class:`~service.control.settings.ControlConfig`, ``job_memory_limit_mb``), all its processes
 together (the trainer, its DataLoader workers, torchrun's ranks). Two ways, chosen per attempt:
 
 * :class:`JobCgroup`: a child of the control service's own memory cgroup (cgroup v1's memory

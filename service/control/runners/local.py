@@ -18,7 +18,7 @@ recording it) is found by its ``--run-dir`` (:meth:`LocalRunner.find_running`).
 
 Each attempt is contained (``MODELCTL_JOB_MEMORY_LIMIT_MB``, ``MODELCTL_JOB_DEADLINE_S``):
 its processes together may use ``memory_limit_mb`` (a memory cgroup where this service can
-make one, else the runner's watch of their resident memory: :mod:`service.control.containment`),
+make one, else the runner's watch of their resident memory: :mod:`service.control.runners.containment`),
 and it may run ``deadline_s`` seconds of wall-clock time from its start. Past the memory limit
 the group is killed (SIGKILL: memory can grow faster than a trainer stops); past the deadline
 it gets SIGTERM (the trainer stops at a safe point, keeping its checkpoint), and SIGKILL after
@@ -28,7 +28,7 @@ the limit a trainer hit, which makes its job FAILED with that reason rather than
 A runner is an object with ``start(job) -> RunHandle``, ``adopt(pid, started)``,
 optionally ``find_running(run_dir)``, ``poll(handle)``, ``signal(handle, sig)``,
 ``reap(handle)`` and optionally ``limit(handle) -> reason | None`` (the Kubernetes runner:
-:mod:`service.control.k8s_runner`).
+:mod:`service.control.runners.kubernetes`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Callable
 
 import psutil
 
-from service.control import containment
+from service.control.runners import containment
 
 log = logging.getLogger(__name__)
 
@@ -300,5 +300,5 @@ def local_runner(config) -> LocalRunner:
 #: Runner name -> factory taking the ControlConfig.
 RUNNERS: dict[str, Callable] = {
     "local": local_runner,
-    **({"kubernetes": lambda config: __import__("service.control.k8s_runner", fromlist=["_"]).kubernetes_runner(config)} if os.environ.get("MODELCTL_K8S_IMAGE") else {}),  # noqa: E501 - service/control/k8s_runner.py; offered where an image is configured
+    **({"kubernetes": lambda config: __import__("service.control.runners.kubernetes", fromlist=["_"]).kubernetes_runner(config)} if os.environ.get("MODELCTL_K8S_IMAGE") else {}),  # noqa: E501 - service/control/runners/kubernetes.py; offered where an image is configured
 }

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Callable
 
 from service.control.events import EVENTS_FILE, EventTail
-from service.control.runner import RESULT_FILE, RunHandle
-from service.control.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobStore
+from service.control.runners.local import RESULT_FILE, RunHandle
+from service.control.jobs.jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobStore
 from service.errors import FailedPrecondition, ServiceError
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import TextIO
 from google.protobuf import json_format
 
 from service._gen.modelctl.v1 import control_pb2 as pb
-from service.control.messages import POLICY_NAMES, STATE_NAMES
+from service.control.api.messages import POLICY_NAMES, STATE_NAMES
 
 _OUTCOMES = {v: k for k, v in pb.DeployOutcome.items()}
 

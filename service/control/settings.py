@@ -27,7 +27,7 @@ MIN_JOB_MEMORY_LIMIT_MB = 512
 
 #: Values of ``deploy_target``.
 DEPLOY_TARGETS = ("torchserve", "store")
-#: Values of ``speed_check_device`` (service/control/speed.py), and the most rounds of a check.
+#: Values of ``speed_check_device`` (service/deploy/speed.py), and the most rounds of a check.
 SPEED_CHECK_DEVICES = ("auto", "cpu", "cuda")
 MAX_SPEED_CHECK_ROUNDS = 100
 #: Environment variable of each field whose name is not simply ``MODELCTL_<FIELD>``.
@@ -82,7 +82,7 @@ class ControlConfig:
     max_dataset_elements: int = bounds.MAX_DATASET_ELEMENTS
     #: Memory of one attempt of a fine-tune job, its processes together, in MB. Local runner:
     #: a memory cgroup where the service can make one, else a watch of the processes'
-    #: resident memory (service/control/containment.py); Kubernetes: the trainer container's
+    #: resident memory (service/control/runners/containment.py); Kubernetes: the trainer container's
     #: memory limit. Past it the job is FAILED "memory limit: …", its checkpoint kept.
     #: Measured: a ResNet-18 run (64 px, batch 64, 2 DataLoader workers) peaked at 1.1 GB in
     #: a cgroup, 2.2 GB as the watch counts; a small CNN at 0.43 GB.
@@ -96,11 +96,11 @@ class ControlConfig:
     #: What a deployment changes: "torchserve" registers the version in the TorchServe beside
     #: this service, waits for READY workers, switches the default, then records the desired
     #: state in the model store; "store" only records it, for serving replicas elsewhere
-    #: (Kubernetes) that converge on it (service/serving/converge.py).
+    #: (Kubernetes) that converge on it (service/deploy/converge.py).
     deploy_target: str = "torchserve"
     #: Runner of jobs that do not name one.
     default_runner: str = "local"
-    # deploy-if-faster's speed check (service/control/speed.py): a subprocess that measures
+    # deploy-if-faster's speed check (service/deploy/speed.py): a subprocess that measures
     # the new version against the serving one, side by side.
     #: Wall-clock seconds the check may take, loading and warm-up included; past it the
     #: process is killed and the version is not deployed (NOT_FASTER, "timed out").

@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 
 from service.auth import ApiToken, load_token
-from service.control.config import ControlConfig
-from service.control.plane import ControlPlane
-from service.control.server import ControlService
-from service.control.store import TRANSITIONS
+from service.control.settings import ControlConfig
+from service.control.jobs.plane import ControlPlane
+from service.control.api.servicer import ControlService
+from service.control.jobs.jobstore import TRANSITIONS
 from service.metrics.jobs import JobMetricsCollector
 from service.serving.torchserve.supervisor import Serving
 

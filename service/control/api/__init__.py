@@ -1,0 +1,1 @@
+"""The control API's edge: the gRPC servicer, the message translation, the client and the CLI's text."""
