@@ -25,7 +25,7 @@ from torchvision.io import encode_png
 from service.predict_client import read_token
 from service.models import ModelSpec, build_model
 from service.modelstore import ModelBundle, ModelStore
-from service.modelstore.store import ServingOptions
+from service.inference.options import ServingOptions
 from service.serving.settings import ServeSettings
 from service.serving.torchserve.supervisor import Serving
 

@@ -71,7 +71,7 @@ from service.inference import Predictor, RuntimeOptions, check_precision  # noqa
 from service.inference.fastpath import native_precisions  # noqa: E402
 from service.models import ModelSpec, build_model, image_eval_transform  # noqa: E402
 from service.modelstore import ModelBundle, ModelStore  # noqa: E402
-from service.modelstore.store import ServingOptions  # noqa: E402
+from service.inference.options import ServingOptions  # noqa: E402
 from service.serving.settings import ServeSettings  # noqa: E402
 from service.modelstore.check import ALLOW_FOREIGN_ENV  # noqa: E402
 from service.serving.store_scan import link_archive  # noqa: E402

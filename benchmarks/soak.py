@@ -70,7 +70,7 @@ from service._gen import inference_pb2, inference_pb2_grpc  # noqa: E402
 from service.predict_client import read_token  # noqa: E402
 from service.models import image_eval_transform, load_model  # noqa: E402
 from service.modelstore import ModelStore  # noqa: E402
-from service.modelstore.store import ServingOptions  # noqa: E402
+from service.inference.options import ServingOptions  # noqa: E402
 from service.report import cpu_model, replace_section  # noqa: E402
 from service.serving import readiness  # noqa: E402
 from service.serving.torchserve.management import ManagementClient  # noqa: E402

@@ -98,7 +98,7 @@ def cmd_models_archive(args) -> int:
     from service.models import ModelSpec, Vocabulary, build_model
     from service.modelstore import ModelBundle, ModelStore
     from service.modelstore.bundle import read_weights
-    from service.modelstore.store import ServingOptions
+    from service.inference.options import ServingOptions
 
     spec = ModelSpec.from_dict(json.loads(Path(args.spec).read_text()))
     if args.weights:

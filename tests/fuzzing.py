@@ -1592,7 +1592,7 @@ class FuzzServer:
 def _write_store(root: Path):
     from service.models import ModelSpec, build_model
     from service.modelstore import ModelBundle, ModelStore
-    from service.modelstore.store import ServingOptions
+    from service.inference.options import ServingOptions
 
     store = ModelStore(root / "store")
     options = ServingOptions(batch_size=BATCH_SIZE, max_batch_delay_ms=MAX_BATCH_DELAY_MS)

@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._gen import inference_pb2, inference_pb2_grpc
 from service.errors import InvalidArgument
 from service.modelstore import ModelStore
-from service.modelstore.store import ServingOptions
+from service.inference.options import ServingOptions
 from service.serving import readiness
 from service.serving.torchserve.config import parse_properties, render_config_properties
 from service.serving.torchserve.gateway import Admission

@@ -20,7 +20,7 @@ from torchvision.io import ImageReadMode, decode_image
 from service.predict_client import PredictionClient, read_token
 from service.models import image_eval_transform, load_model
 from service.modelstore import ModelStore
-from service.modelstore.store import ServingOptions
+from service.inference.options import ServingOptions
 from service.serving.settings import ServeSettings
 from service.serving.store_scan import refused_archives
 from service.serving.engines import serving_class

@@ -20,7 +20,7 @@ from service.inference import Predictor, RuntimeOptions, check_precision, resolv
 from service.inference.fastpath import cpu_has_native_bf16, native_precisions
 from service.models import image_eval_transform, load_model
 from service.modelstore import ModelBundle, ModelStore
-from service.modelstore.store import ServingOptions
+from service.inference.options import MODEL_CONFIG_FILE, ServingOptions
 from tests.helpers import make_bundle, random_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,6 +286,24 @@ def test_old_archives_and_default_options_serve_fp32(tmp_path):
     assert "startupTimeout: 900" in ServingOptions(compile=True).to_yaml()
 
 
+@pytest.mark.parametrize("name", ["cnn", "lstm", "text"])
+def test_the_options_write_what_archives_before_issue_14_hold(name, tmp_path):
+    # service.inference.options took ServingOptions out of the model store: the options an
+    # archive of 0b5d150 recorded give its model-config.yaml and serving record byte for byte,
+    # and the store writes them the same way today.
+    old = ROOT / "tests" / "fixtures" / "archives-0b5d150" / "store" / name
+    with zipfile.ZipFile(old / "1.mar") as mar:
+        old_yaml = mar.read(MODEL_CONFIG_FILE).decode()
+    old_serving = json.loads((old / "1.json").read_text())["serving"]
+    options = ServingOptions(**{k: v for k, v in old_serving.items() if k != "precision_check"})
+    assert options.to_yaml() == old_yaml and options.lineage() == old_serving
+    kind = {"cnn": "cnn", "lstm": "lstm", "text": "gru-text"}[name]
+    info = ModelStore(tmp_path).write(name, make_bundle(kind), options=options)
+    with zipfile.ZipFile(info.path) as mar:
+        assert mar.read(MODEL_CONFIG_FILE).decode() == old_yaml
+    assert info.lineage["serving"] == old_serving
+
+
 def test_a_zero_batch_delay_is_refused_where_torchserve_would_stall():
     # TorchServe 0.12 with maxBatchDelay 0 and batchSize > 1 waits about 100 ms per batch
     # (measured side by side in BENCHMARKS.md); a batch of one never waits.
@@ -338,7 +356,8 @@ def _exposed_sample_names(tmp_path: Path) -> set[str]:
     from service.metrics.exporter import QueueDepthCollector
     from service.metrics.gpu import GpuCollector
     from service.metrics.handler import HandlerMetrics
-    from service.metrics.jobs import EVENTS_FILE, JobMetricsCollector
+    from service.metrics.jobs import JobMetricsCollector
+    from service.rundir import EVENTS_FILE
 
     registry = CollectorRegistry()
     metrics = HandlerMetrics.create(registry)

@@ -28,7 +28,7 @@ from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
 from service._gen.oip.v2 import open_inference_grpc_pb2_grpc as pb_grpc
 from service.inference import Predictor
 from service.modelstore import ModelStore
-from service.modelstore.store import ServingOptions
+from service.inference.options import ServingOptions
 from service.serving.native import oip
 from service.serving.native.engine import NativeServing
 from service.serving.native.runner import batch_target

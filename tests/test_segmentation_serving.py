@@ -38,7 +38,7 @@ from service.models import ModelSpec, build_model, image_eval_transform, load_mo
 from service.models import decisions
 from service.modelstore import ModelBundle, ModelStore
 from service.modelstore.check import verify_archive
-from service.modelstore.store import ServingOptions
+from service.inference.options import ServingOptions
 from service.serving.engines import serving_class
 from service.serving.native import oip
 from service.training import tasks

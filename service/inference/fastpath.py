@@ -1,7 +1,7 @@
 """How a worker runs a model: precision, memory format and compilation.
 
-The archive asks for them (``ServingOptions``, recorded in the lineage's ``serving``
-record); :func:`resolve_runtime` decides what the worker really runs:
+The archive asks for them (:class:`service.inference.options.ServingOptions`, recorded in
+the lineage's ``serving`` record); :func:`resolve_runtime` decides what the worker really runs:
 
 * a reduced precision (bf16 autocast on a CPU with native bf16; bf16 or fp16 on a GPU)
   only when the lineage holds a passed agreement check (top-1 agreement with fp32 on
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from service.modelstore.bundle import state_dict_sha256
-from service.modelstore.store import MIN_AGREEMENT, PRECISIONS
+from service.inference.options import MIN_AGREEMENT, PRECISIONS
 
 log = logging.getLogger(__name__)
 
