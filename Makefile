@@ -42,7 +42,7 @@ demo: setup
 	$(VENV)/bin/modelctl demo
 
 test: setup
-	$(VENV)/bin/ruff check service tests benchmarks scripts
+	$(VENV)/bin/ruff check service tests testkit benchmarks scripts
 	$(PY) -m pytest -q
 
 # Serving benchmark (not part of `make test`; ~20 min on 2 cores): writes BENCHMARKS.md.
@@ -56,21 +56,21 @@ bench: setup
 		contourpy==1.3.3 cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 \
 		python-dateutil==4.0.0 six==1.17.0 tqdm==4.70.1 \
 		|| echo "bench: captum could not be installed; baseline (c) will report why it did not run"
-	$(PY) benchmarks/bench_serving.py --stock-pythonpath $(BENCH_PYDEPS)
+	$(PY) -m benchmarks.bench_serving --stock-pythonpath $(BENCH_PYDEPS)
 
 # Model quality of the fine-tuning recipe (issues 3 and 13): every run against its target on
 # its test split, the U-Net on fashion-scenes and the distillation group; the figures go into
 # BENCHMARKS.md. Takes about 55 minutes on 2 CPU cores.
 .PHONY: eval
 eval: setup
-	$(PY) -m service.training.bench --out BENCHMARKS.md
+	$(PY) -m benchmarks.quality --out BENCHMARKS.md
 
 # Bad-input fuzzing (issues 7 and 11): ~1000 generated bad payloads against a real TorchServe and
 # against the native engine over REST and gRPC, plus ~650 OIP v2 ones against the native engine
 # (the campaigns of tests/test_fuzz.py); their figures go into BENCHMARKS.md. About 2 minutes on 2 cores.
 .PHONY: fuzz
 fuzz: setup
-	$(PY) benchmarks/fuzz_report.py --out BENCHMARKS.md
+	$(PY) -m benchmarks.fuzz_report --out BENCHMARKS.md
 
 # Memory soak (issue 7, 5c): `modelctl serve` (TorchServe, nginx, the gRPC gateway) under 10 minutes
 # of valid REST and gRPC requests at concurrency 8; fails when the RSS of the Java frontend or of
@@ -79,7 +79,7 @@ fuzz: setup
 # About 11 minutes (start included); the short version is tests/test_soak.py.
 .PHONY: soak
 soak: setup
-	$(PY) benchmarks/soak.py --duration 600 --out BENCHMARKS.md
+	$(PY) -m benchmarks.soak --duration 600 --out BENCHMARKS.md
 
 clean:
 	rm -rf service/_gen .modelctl .pytest_cache

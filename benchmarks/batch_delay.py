@@ -1,6 +1,6 @@
 """TorchServe's batch delay at concurrency 1, side by side in one TorchServe.
 
-    .venv/bin/python benchmarks/batch_delay.py [--requests 40]
+    .venv/bin/python -m benchmarks.batch_delay [--requests 40]
 
 Three archives of the same ResNet-18 (64x64 input, random weights): batch 8 with
 ``maxBatchDelay`` 0 ms, batch 8 with 2 ms, and batch 1. Requests go one at a time over REST,

@@ -1,6 +1,6 @@
 """`make bench`: our serving path against plain PyTorch and stock TorchServe, in one run.
 
-    python benchmarks/bench_serving.py [--out BENCHMARKS.md] [--work-dir .modelctl/bench]
+    python -m benchmarks.bench_serving [--out BENCHMARKS.md] [--work-dir .modelctl/bench]
                                        [--stock-pythonpath DIR] [--quick]
                                        [--skip trainer b c compile native replica new-version]
 
@@ -62,22 +62,22 @@ import numpy as np
 import requests
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from service.predict_client import read_token
+from service.handlers.torchserve import warm_up_sizes
+from service.inference import Predictor, RuntimeOptions, check_precision
+from service.inference.fastpath import native_precisions
+from service.models import ModelSpec, build_model, image_eval_transform
+from service.modelstore import ModelBundle, ModelStore
+from service.inference.options import ServingOptions
+from service.serving.settings import ServeSettings
+from service.modelstore.check import ALLOW_FOREIGN_ENV
+from service.serving.store_scan import link_archive
+from service.serving.torchserve.supervisor import Serving
+from benchmarks import loadgen
+from benchmarks.report import replace_section
 
-from service.predict_client import read_token  # noqa: E402
-from service.handlers.torchserve import warm_up_sizes  # noqa: E402
-from service.inference import Predictor, RuntimeOptions, check_precision  # noqa: E402
-from service.inference.fastpath import native_precisions  # noqa: E402
-from service.models import ModelSpec, build_model, image_eval_transform  # noqa: E402
-from service.modelstore import ModelBundle, ModelStore  # noqa: E402
-from service.inference.options import ServingOptions  # noqa: E402
-from service.serving.settings import ServeSettings  # noqa: E402
-from service.modelstore.check import ALLOW_FOREIGN_ENV  # noqa: E402
-from service.serving.store_scan import link_archive  # noqa: E402
-from service.report import replace_section  # noqa: E402
-from service.serving.torchserve.supervisor import Serving  # noqa: E402
-from benchmarks import loadgen  # noqa: E402
+#: The repo root: default paths of the output and the work directory.
+ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("bench")
 START, END = "<!-- serving-bench:start -->", "<!-- serving-bench:end -->"
@@ -1438,7 +1438,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
                  "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "quick": args.quick,
-                 "command": "python benchmarks/bench_serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "command": "python -m benchmarks.bench_serving " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "gpu_note": gpu_note()}
     others = loadgen.OthersCpu().start()
     jpegs = photo_jpegs(32 if args.quick else 64, seed=0)

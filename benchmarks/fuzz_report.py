@@ -1,11 +1,11 @@
 """`make fuzz`: the bad-input campaigns of tests/test_fuzz.py, against both engines, with their figures in BENCHMARKS.md.
 
-    python benchmarks/fuzz_report.py [--out BENCHMARKS.md] [--engines torchserve,native] [--seed N]
+    python -m benchmarks.fuzz_report [--out BENCHMARKS.md] [--engines torchserve,native] [--seed N]
                                      [--threads 4] [--timeout 30] [--json .modelctl/fuzz/results.json]
 
 For each engine in turn, starts it on free ports serving a tiny image CNN and a tiny
 float-sequence LSTM (TorchServe: one worker each, with the gRPC gateway; native: the native
-engine in this process), sends every generated bad payload (``tests/fuzzing.py``) over REST
+engine in this process), sends every generated bad payload (``testkit/fuzzing.py``) over REST
 and gRPC, and counts: inputs tried by category, answers by status, crashes (a 5xx, gRPC
 INTERNAL / UNAVAILABLE / UNKNOWN, a worker TorchServe had to restart, or a native engine not
 alive and READY afterwards), hangs (no answer within the client timeout), bad payloads
@@ -29,11 +29,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.report import cpu_model, replace_section
+from testkit import fuzzing
 
-from service.report import cpu_model, replace_section  # noqa: E402
-from tests import fuzzing  # noqa: E402
+#: The repo root: default paths of the output and the work directory.
+ROOT = Path(__file__).resolve().parent.parent
 
 START, END = "<!-- fuzz:start -->", "<!-- fuzz:end -->"
 DEFAULT_SEED = 20260101
@@ -126,7 +126,7 @@ def section(results: dict[str, fuzzing.CampaignResult], meta: dict) -> str:
              + ", ".join(f"{TITLES[e]} campaign {r.seconds:.0f} s" for e, r in results.items())
              + f"). Machine: {meta['cpu']}, {os.cpu_count()} cores; load average before the run: "
              f"{meta['load_before']}. The client shares the cores with the server.", "",
-             f"`tests/fuzzing.py`, seed {meta['seed']}, {meta['threads']} requests at a time, client timeout "
+             f"`testkit/fuzzing.py`, seed {meta['seed']}, {meta['threads']} requests at a time, client timeout "
              f"{meta['timeout']:.0f} s, against each engine in turn. The same campaigns are "
              "`tests/test_fuzz.py` (its module fixture runs every test on both engines). A 5xx, a connection "
              "error or a timeout is a failure for both.", ""]

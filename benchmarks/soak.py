@@ -1,6 +1,6 @@
 """`make soak`: memory under a long steady load (issue 7, 5c), with its figures in BENCHMARKS.md.
 
-    python benchmarks/soak.py [--duration 600] [--warmup S] [--concurrency 8] [--interval 2]
+    python -m benchmarks.soak [--duration 600] [--warmup S] [--concurrency 8] [--interval 2]
                               [--out BENCHMARKS.md] [--work-dir .modelctl/soak] [--no-report]
 
 Starts the real product, ``modelctl serve --no-control``, as its own process: TorchServe (the
@@ -63,18 +63,18 @@ import requests
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from service._gen import inference_pb2, inference_pb2_grpc
+from service.predict_client import read_token
+from service.models import image_eval_transform, load_model
+from service.modelstore import ModelStore
+from service.inference.options import ServingOptions
+from service.serving import readiness
+from service.serving.torchserve.management import ManagementClient
+from benchmarks.report import cpu_model, replace_section
+from testkit.builders import free_port, make_bundle, random_image
 
-from service._gen import inference_pb2, inference_pb2_grpc  # noqa: E402
-from service.predict_client import read_token  # noqa: E402
-from service.models import image_eval_transform, load_model  # noqa: E402
-from service.modelstore import ModelStore  # noqa: E402
-from service.inference.options import ServingOptions  # noqa: E402
-from service.report import cpu_model, replace_section  # noqa: E402
-from service.serving import readiness  # noqa: E402
-from service.serving.torchserve.management import ManagementClient  # noqa: E402
-from tests.helpers import free_port, make_bundle, random_image  # noqa: E402
+#: The repo root: default paths of the output and the work directory.
+ROOT = Path(__file__).resolve().parent.parent
 
 START, END = "<!-- soak:start -->", "<!-- soak:end -->"
 log = logging.getLogger("soak")
@@ -862,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_model(),
             "ram_gb": psutil.virtual_memory().total / 2**30,
-            "command": "make soak" if os.environ.get("MAKELEVEL") else f"python benchmarks/soak.py {argv_text}".strip(),
+            "command": "make soak" if os.environ.get("MAKELEVEL") else f"python -m benchmarks.soak {argv_text}".strip(),
             "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     work = args.work_dir / time.strftime("%Y%m%d-%H%M%S")
     log.info("starting modelctl serve in %s", work)

@@ -4,7 +4,7 @@ Every test with the ``server`` fixture runs once per engine: one TorchServe (a t
 and a tiny float-sequence LSTM, one worker each) with the real gRPC gateway, then the native
 engine (in this process) serving the same two archives. The native engine also gets the OIP
 v2 category (REST ``/v2/models/<m>/infer`` and gRPC ``ModelInfer``). The generator and the
-campaign are in ``tests/fuzzing.py``; ``make fuzz`` runs the same campaigns for BENCHMARKS.md.
+campaign are in ``testkit/fuzzing.py``; ``make fuzz`` runs the same campaigns for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from torchvision.io import ImageReadMode, decode_image
 from service._gen import inference_pb2, inference_pb2_grpc
 from service.errors import InvalidInput, PayloadTooLarge
 from service.inference import decode
-from tests import fuzzing
-from tests.fuzzing import IMAGE_MODEL, SEQ_MODEL, generate, run_campaign, start_server
+from testkit import fuzzing
+from testkit.fuzzing import IMAGE_MODEL, SEQ_MODEL, generate, run_campaign, start_server
 
 #: Small counts for the determinism check: every category, a fraction of the cases.
 SMALL = {category: 12 for category in fuzzing.ALL_CATEGORIES} | {"oversize_body": 2, "oip": 80}

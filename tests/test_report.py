@@ -1,6 +1,6 @@
-"""service.report: one benchmark's section of BENCHMARKS.md is replaced, the rest kept."""
+"""benchmarks.report: one benchmark's section of BENCHMARKS.md is replaced, the rest kept."""
 
-from service.report import replace_section
+from benchmarks.report import replace_section
 
 
 def test_replaces_only_its_own_section_and_appends_a_missing_one(tmp_path):

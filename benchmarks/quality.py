@@ -1,6 +1,6 @@
 """Model quality of the fine-tuning recipe (issue 3, point 6): ``make eval``.
 
-``python -m service.training.bench [--only NAME ...] [--out BENCHMARKS.md]`` runs each
+``python -m benchmarks.quality [--only NAME ...] [--out BENCHMARKS.md]`` runs each
 benchmark below with the real recipe (``run_finetune``) into a scratch store, checks its
 target and time budget, and writes the table between the markers of BENCHMARKS.md
 (other content of the file is kept). The metric judged against the target is the test
@@ -45,8 +45,9 @@ import torch
 from service.models import load_model
 from service.modelstore import ModelBundle, ModelStore
 from service.training.recipe import native_bf16, run_finetune
-from service.report import replace_section
 from service.training.spec import Policy, RunSpec
+
+from benchmarks.report import cpu_model, replace_section
 
 START, END = "<!-- finetune-eval:start -->", "<!-- finetune-eval:end -->"
 
@@ -263,15 +264,7 @@ def judge_distillation(results: dict[str, dict], work: Path, store: ModelStore) 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads; "
+    return (f"{cpu_model()}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads; "
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
@@ -352,7 +345,7 @@ def render_distillation(j: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.training.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--work-dir", type=Path, default=Path(".modelctl/eval"))

@@ -1,7 +1,7 @@
 """Bad-input fuzzing: a seeded generator of bad payloads, and a campaign against a real server.
 
 Used by ``tests/test_fuzz.py`` (a real TorchServe, real gRPC gateway) and by
-``benchmarks/fuzz_report.py`` (``make fuzz``, the figures in BENCHMARKS.md). Nothing here
+``benchmarks.fuzz_report`` (``make fuzz``, the figures in BENCHMARKS.md). Nothing here
 is faked: every case is sent over the wire, REST to TorchServe's ``/predictions`` and gRPC
 through our gateway.
 
@@ -1610,7 +1610,7 @@ def start_server(root: Path, engine: str = "torchserve", startup_timeout_s: floa
     in this process)."""
     from service.predict_client import read_token
     from service.serving.settings import ServeSettings
-    from tests.helpers import free_port
+    from testkit.builders import free_port
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
