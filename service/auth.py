@@ -27,8 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service import faultpoints
-from service.atomic import fsync_dir
+from service.atomic import atomic_write
 from service.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -184,36 +183,19 @@ def _blank(path: Path) -> bool:
 
 
 def _generate(path: Path, *, replace: bool = False) -> bool:
-    """Write a new token to ``path``: into a temporary file (mode 0600, fsynced), then
-    published with ``os.link`` (which fails if another process published one first: theirs
-    is kept) or, with ``replace``, ``os.replace``; the directory is fsynced. The file is
-    never visible empty or partial. Returns whether this call's token was published."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write a new token to ``path`` with :func:`service.atomic.atomic_write`: a temporary
+    file (mode 0600, fsynced), then published with ``os.link`` (which fails if another
+    process published one first: theirs is kept) or, with ``replace``, ``os.replace``; the
+    directory is fsynced. The file is never visible empty or partial. Returns whether this
+    call's token was published."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        faultpoints.point("token.temp_written")
-        if replace:
-            os.replace(tmp, path)
-            published = True
-        else:
-            try:
-                os.link(tmp, path)
-                published = True
-            except FileExistsError:  # another process generated it just now
-                published = False
-        fsync_dir(path.parent)
+        return atomic_write(path, secrets.token_urlsafe(32) + "\n", mode=0o600, exclusive=not replace,
+                            fault_point="token.temp_written")
     except OSError as exc:
         raise FailedPrecondition(
             f"no API token: {TOKEN_FILE_ENV} and {TOKEN_ENV} are unset, and {path} cannot "
             f"be generated ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return published
 
 
 def scrubbed_env(environ: typing.Mapping[str, str]) -> dict[str, str]:

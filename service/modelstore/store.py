@@ -326,16 +326,12 @@ class ModelStore:
                     lineage = self._lineage(name, version, bundle, options)
                     mar = self._build_archive(staging, name, version, bundle, lineage, options)
                     lineage["archive_sha256"] = _sha256_file(mar)
-                    sidecar_tmp = staging / "lineage.sidecar.json"
-                    sidecar_tmp.write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
                     _fsync(mar)
-                    _fsync(sidecar_tmp)
                     sidecar = final.with_suffix(".json")
                     # The lineage first: a version is its .mar, so a sidecar alone is invisible (one
                     # left by a crash here is replaced by the next write of that version).
-                    os.replace(sidecar_tmp, sidecar)
                     try:
-                        _fsync(model_dir)
+                        atomic.atomic_write(sidecar, json.dumps(lineage, indent=2, sort_keys=True) + "\n")
                         faultpoints.point("store.lineage_published")
                         try:
                             os.link(mar, final)  # atomic publish; never overwrites

@@ -22,6 +22,7 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.atomic import atomic_symlink
 from service.errors import AlreadyExists, ArchiveRefused, FailedPrecondition, ServiceError, Unavailable
 from service.modelstore import ModelStore, check_archive, known_refusal, require_archive
 
@@ -50,10 +51,7 @@ def link_archive(settings, name: str, version: int) -> str:
     archive_dir = Path(settings.archive_dir)
     archive_dir.mkdir(parents=True, exist_ok=True)
     link = archive_dir / archive_link_name(name, version)
-    tmp = archive_dir / f".{link.name}.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target.resolve())
-    os.replace(tmp, link)  # atomic: an existing link is replaced, never missing
+    atomic_symlink(target.resolve(), link)  # an existing link is replaced, never missing
     return link.name
 
 

@@ -5,30 +5,26 @@ Keys: ``model`` (written from the unwrapped model, never the DDP wrapper), ``bes
 ``scaler``, ``epoch`` (the last completed, 1-based), ``best``, ``bad_epochs``, ``rng``
 (one entry per rank), ``model_spec``, ``labels``, ``vocab``, ``dataset_sha256``,
 ``run_id``, ``history``, ``train_seconds``. Nothing is pickled: it is read back with
-``weights_only=True``. Writes are atomic (a temporary file, then ``os.replace``), so a
-run killed while writing keeps its previous checkpoint.
+``weights_only=True``. Writes are atomic and durable (service/atomic.py), so a run killed
+while writing keeps its previous checkpoint.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from service.atomic import atomic_write
+
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 1
 
 
 def save(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def load(path: Path) -> dict | None:

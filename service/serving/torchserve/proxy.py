@@ -52,6 +52,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from service.atomic import atomic_write
 from service.auth import INVALID_MESSAGE, MISSING_MESSAGE, ApiToken
 from service.errors import (
     FailedPrecondition,
@@ -277,12 +278,8 @@ def render_upstream_auth(ts_inference_key: str) -> str:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` atomically, mode 0600."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write ``text`` atomically and durably, mode 0600 (service/atomic.py)."""
+    atomic_write(path, text, mode=0o600)
 
 
 class NginxProxy:
