@@ -231,7 +231,7 @@ def run_bench(name: str, bench: Bench, work: Path, store: ModelStore, policy: Po
 def judge_distillation(results: dict[str, dict], work: Path, store: ModelStore) -> dict | None:
     """The distillation group's targets and the deploy-if-faster decision on the distilled
     student (version 2 of the teacher's model) against the teacher (version 1)."""
-    from service.deploy.deployer import RunFacts, policy_deploy_if_faster
+    from service.deploy.policies import RunFacts, policy_deploy_if_faster
     from service.deploy.speed import run_speed_check
 
     scratch, distilled = results.get("fashion-student-scratch"), results.get("fashion-student-distilled")

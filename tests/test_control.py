@@ -30,7 +30,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_png
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
 from service.predict_client import PredictionClient, read_token
-from service.deploy import deployer as deploy_policies
+from service.deploy import policies as deploy_policies
 from service.control.api.client import ControlClient
 from service.control.settings import ControlConfig
 from service.control.events import EventTail

@@ -32,7 +32,7 @@ import torch
 
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service.auth import ApiToken
-from service.deploy import deployer as policies
+from service.deploy import policies
 from service.control.api import display, messages
 from service.control.api.client import ControlClient
 from service.control.settings import ControlConfig

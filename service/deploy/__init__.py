@@ -1,2 +1,3 @@
-"""Deployment in one room: deploy policies and the deployer, the speed check of
-deploy-if-faster, and converging a serving replica on the store's desired state."""
+"""Deployment in one room: deploy policies (policies), the deployer (deployer), the speed
+check of deploy-if-faster (speed), and converging a serving replica on the store's desired
+state (converge)."""

@@ -36,6 +36,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from service.deploy.policies import DEPLOY_POLICIES  # the policies a job may carry
 from service.errors import FailedPrecondition, NotFound, shown
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
@@ -49,9 +50,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     CANCELLED: frozenset(),
 }
 FINAL_STATES = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
-
-#: Deploy policies a job may carry.
-DEPLOY_POLICIES = ("none", "deploy", "deploy-if-better", "deploy-if-faster")
 
 #: 2: deployments.done and deployments.popped_id (a version-1 database gains them at open).
 #: 3: jobs.deploy_tolerance and jobs.deploy_check (deploy-if-faster; gained at open too).

@@ -21,12 +21,12 @@ from typing import Callable, Iterator
 
 from service.control.jobs import intake as specs
 from service.control.settings import ControlConfig
-from service.deploy.deployer import (
+from service.deploy.deployer import Deployer
+from service.deploy.policies import (
     DEFAULT_TOLERANCE,
     DEPLOY_FAILED,
     DEPLOY_POLICIES,
     SERVING_POLICIES,
-    Deployer,
     RunFacts,
     within_tolerance,
 )
