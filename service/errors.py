@@ -1,8 +1,10 @@
 """Named errors of the service, and their one mapping to wire statuses.
 
 Code anywhere in the package raises these. Only the edges (the TorchServe handler,
-the gRPC gateway, the CLI) translate them, through ``http_status`` and ``grpc_status``
-below, so a status code is decided in exactly one place.
+the gRPC servers' error interceptor, the CLI) translate them, through ``http_status`` and
+``grpc_status`` below, so a status code is decided in exactly one place. An error body that
+crossed a process (the handler's, read back by the gRPC gateway) is turned back into its
+named error by its ``type`` (:func:`from_body`).
 """
 
 from __future__ import annotations
@@ -166,6 +168,29 @@ class Unavailable(ServiceError):
 class StoreUnwritable(Unavailable):
     """The model store refused a write: its filesystem is full (ENOSPC, EDQUOT, EFBIG) or
     not writable (EROFS, EACCES, EPERM). Nothing partial was published."""
+
+
+def error_types() -> dict[str, type[ServiceError]]:
+    """The named errors of this module by their ``type`` (class name), ServiceError included:
+    the one table an error body's ``type`` is read through (:func:`from_body`)."""
+    found, todo = {}, [ServiceError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__ == __name__:
+            found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def from_body(body: dict) -> ServiceError:
+    """The named error an error body (:meth:`ServiceError.to_dict`, as a handler answers it)
+    stands for, chosen by its ``type``, with its ``message``; a type this module does not name
+    is a plain ServiceError (INTERNAL). The body's ``code`` is not read: the type decides both
+    statuses."""
+    cls = error_types().get(body.get("type"), ServiceError)
+    err = cls.__new__(cls)  # some named errors build their message from other arguments
+    ServiceError.__init__(err, str(body.get("message", "")))
+    return err
 
 
 def http_status(exc: BaseException) -> int:

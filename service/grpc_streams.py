@@ -135,38 +135,88 @@ def enter_sync_stream(limit: StreamLimit, kind: str, context):
     return release
 
 
-class AioStreamLimitInterceptor(aio.ServerInterceptor):
-    """The bound on a ``grpc.aio`` server: put it first in the server's interceptors.
-
-    ``open_services``: the services answered without a token (their streams are ``anonymous``);
-    ``token``: the operator's :class:`~service.auth.ApiToken`, for the other services (a
-    stream without the valid token is left uncounted, for the server to refuse). Unary
-    calls pass through untouched.
+class StreamLimitInterceptor(grpc.ServerInterceptor):
+    """The bound on a synchronous server, innermost of its interceptors
+    (:mod:`service.grpc_server`): every stream takes a place of its kind before its handler
+    runs (:func:`enter_sync_stream`; refused: :class:`~service.errors.ResourceExhausted`, for
+    the error mapping outside) and runs on ``pool`` (:func:`streams_pool`), never on the
+    server's own threads. ``open_services``: the services answered without a token (their
+    streams are ``anonymous``); a call of another service has passed the token check
+    already, so its streams are ``authenticated``. Unary calls pass through untouched.
     """
 
-    def __init__(self, limit: StreamLimit, *, open_services, token=None):
+    def __init__(self, limit: StreamLimit, pool: futures.ThreadPoolExecutor, *, open_services):
+        self.limit = limit
+        self.pool = pool
+        self.open_services = frozenset(open_services)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        service = details.method.lstrip("/").split("/", 1)[0]
+        kind = ANONYMOUS if service in self.open_services else AUTHENTICATED
+        enter = lambda context: enter_sync_stream(self.limit, kind, context)  # noqa: E731
+        for factory, behavior in ((grpc.unary_stream_rpc_method_handler, handler.unary_stream),
+                                  (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
+                                  (grpc.stream_unary_rpc_method_handler, handler.stream_unary)):
+            if behavior is not None:
+                return factory(self._bounded(behavior, enter, handler.response_streaming),
+                               request_deserializer=handler.request_deserializer,
+                               response_serializer=handler.response_serializer)
+        return handler
+
+    def _bounded(self, behavior, enter, streaming: bool):
+        """``behavior`` in its place among the open streams, given back when the call ends.
+
+        A non-blocking behavior (grpc's ``experimental_non_blocking``: health's Watch
+        answers through a callback and holds no thread) stays non-blocking; wrapping it in a
+        generator would hold a thread for as long as the stream is open."""
+        if getattr(behavior, "experimental_non_blocking", False):
+            def call(request, context, send_response_callback=None):
+                enter(context)
+                behavior(request, context, send_response_callback=send_response_callback)
+            call.experimental_non_blocking = True
+        elif streaming:
+            def call(request, context):
+                release = enter(context)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    release()
+        else:
+            def call(request_iterator, context):
+                release = enter(context)
+                try:
+                    return behavior(request_iterator, context)
+                finally:
+                    release()
+        call.experimental_thread_pool = self.pool
+        return call
+
+
+class AioStreamLimitInterceptor(aio.ServerInterceptor):
+    """The bound on a ``grpc.aio`` server, innermost of its interceptors
+    (:mod:`service.grpc_server`).
+
+    ``open_services``: the services answered without a token (their streams are
+    ``anonymous``); a call of another service has passed the token check already, so its
+    streams are ``authenticated``. Unary calls pass through untouched.
+    """
+
+    def __init__(self, limit: StreamLimit, *, open_services):
         self.limit = limit
         self.open_services = frozenset(open_services)
-        self.token = token
 
-    def _kind(self, details) -> str | None:
+    def _kind(self, details) -> str:
         service = details.method.lstrip("/").split("/", 1)[0]
-        if service in self.open_services:
-            return ANONYMOUS
-        if self.token is not None:
-            try:
-                self.token.check_metadata(details.invocation_metadata)
-            except Exception:  # noqa: BLE001 - refused by the server itself, uncounted here
-                return None
-        return AUTHENTICATED
+        return ANONYMOUS if service in self.open_services else AUTHENTICATED
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
         kind = self._kind(details)
-        if kind is None:
-            return handler
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._bounded(handler.unary_stream, kind),

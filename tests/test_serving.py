@@ -223,12 +223,15 @@ def test_translate_is_the_one_status_mapping():
     def resp(body):
         return inference_pb2.PredictionResponse(prediction=json.dumps(body).encode())
 
-    cases = {400: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
-             404: "NOT_FOUND", 409: "ALREADY_EXISTS", 412: "FAILED_PRECONDITION",
-             429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 500: "INTERNAL", 418: "INTERNAL"}
-    for code, name in cases.items():
-        err = translate(resp({"code": code, "type": "X", "message": f"m{code}"}))
-        assert err is not None and err.grpc_code == name and err.message == f"m{code}"
+    # By the body's type, through service.errors' named errors; its code is not read.
+    cases = {"InvalidInput": "INVALID_ARGUMENT", "PayloadTooLarge": "INVALID_ARGUMENT",
+             "InvalidSpec": "INVALID_ARGUMENT", "NotFound": "NOT_FOUND", "AlreadyExists": "ALREADY_EXISTS",
+             "ArchiveRefused": "FAILED_PRECONDITION", "ResourceExhausted": "RESOURCE_EXHAUSTED",
+             "Unavailable": "UNAVAILABLE", "Internal": "INTERNAL", "X": "INTERNAL"}
+    for type_, name in cases.items():
+        err = translate(resp({"code": 418, "type": type_, "message": f"m {type_}"}))
+        assert err is not None and err.grpc_code == name and err.message == f"m {type_}"
+        assert err.type == (type_ if type_ != "X" else "ServiceError")
     for ok in ({"code": 200, "type": "X", "message": "m"}, {"code": 400, "type": "X"},
                {"code": 400, "type": "X", "message": "m", "extra": 1}, {"echo": 1},
                {"code": True, "type": "X", "message": "m"}):

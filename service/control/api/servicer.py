@@ -1,4 +1,4 @@
-"""The control API's gRPC server: a thin servicer, one error interceptor, health, reflection.
+"""The control API's gRPC server: a thin servicer on the service's one gRPC server assembly.
 
 Two steps, so tests bind port 0 and call through a real channel::
 
@@ -10,15 +10,16 @@ Two steps, so tests bind port 0 and call through a real channel::
 :class:`ControlService` runs both steps with the plane's own start and stop.
 
 The servicer only translates messages (:mod:`service.control.api.messages`) to and from
-:class:`~service.control.jobs.plane.ControlPlane` calls. Every exception leaving it is turned
-into a status in one place, :class:`ErrorInterceptor`, through
+:class:`~service.control.jobs.plane.ControlPlane` calls. The server, its interceptors, health
+and reflection are :mod:`service.grpc_server`'s: every exception leaving the servicer is turned
+into a status in one place, its ``ErrorInterceptor``, through
 :func:`service.errors.grpc_status`: a named error keeps its message; anything else is
 INTERNAL with a generic message (and its traceback in the log).
 
 Every call of ``modelctl.v1.ModelControl`` needs the operator's API token in its metadata
-(``authorization: Bearer <token>``, :mod:`service.auth`); the same interceptor checks it
-first, so a missing or wrong token is :class:`~service.errors.Unauthenticated`
-(UNAUTHENTICATED) like any other named error. Health and reflection stay open for probes.
+(``authorization: Bearer <token>``, :mod:`service.auth`); ``AuthInterceptor`` checks it
+first: a missing or wrong token is UNAUTHENTICATED with
+:class:`~service.errors.Unauthenticated`'s message. Health and reflection stay open for probes.
 
 Streams cannot starve unary calls (:mod:`service.grpc_streams`): unary calls run on the
 server's pool of ``config.max_workers`` threads, streams on a pool of their own. Health
@@ -39,150 +40,22 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
+from service import grpc_server
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
 from service.auth import ApiToken
 from service.control.api import messages
-from service.errors import FailedPrecondition, ServiceError, Unavailable, grpc_status
-from service.grpc_streams import ANONYMOUS, AUTHENTICATED, StreamLimit, enter_sync_stream, streams_pool
+from service.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelControl"].full_name  # "modelctl.v1.ModelControl"
 #: Services answered without a token: probes and tools need them.
-OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME,
-                 "grpc.reflection.v1.ServerReflection")
-
-
-# ---- errors -----------------------------------------------------------------------------------
-def _abort(context, exc: BaseException, method: str) -> None:
-    code = grpc_status(exc)
-    if isinstance(exc, ServiceError):
-        log.info("%s: %s %s", method, code.name, exc.message)
-        message = exc.message
-    else:
-        log.exception("%s failed", method, exc_info=exc)
-        message = f"internal error ({type(exc).__name__}); see the control service's log"
-    context.abort(code, message)
-
-
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """The one place where exceptions become gRPC statuses (unary and streaming calls).
-
-    With ``token``, a call of any service but the open ones (health, reflection) first
-    checks the operator's API token: Unauthenticated goes through the same mapping.
-
-    With ``streams`` (a :class:`~service.grpc_streams.StreamLimit`) and ``pool``, every
-    stream is counted (after the token check) and bounded, and runs on ``pool``, never on
-    the server's own threads.
-    """
-
-    def __init__(self, token: ApiToken | None = None, *, streams: StreamLimit | None = None,
-                 pool=None):
-        self.token = token
-        self.streams = streams
-        self.pool = pool
-
-    def _stream_guard(self, method: str):
-        """What a stream does before it runs: take its place (see :func:`_guard_stream`)."""
-        if self.streams is None:
-            return None
-        service = method.lstrip("/").split("/", 1)[0]
-        kind = ANONYMOUS if service in OPEN_SERVICES else AUTHENTICATED
-        return lambda context: enter_sync_stream(self.streams, kind, context)
-
-    def _authenticate(self, method: str):
-        service = method.lstrip("/").split("/", 1)[0]
-        if self.token is None or service in OPEN_SERVICES:
-            return None
-        return self.token.check_metadata
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        auth = self._authenticate(method)
-        if auth is not None:
-            metadata = handler_call_details.invocation_metadata
-            check = lambda: auth(metadata)  # noqa: E731
-        else:
-            check = None
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, method, check),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        enter = self._stream_guard(method)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream, method, check, enter, self.pool),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if check is not None:
-            # Client-streaming calls: only reflection has them, and it is open. Anything
-            # else would bypass the check, so it is refused.
-            raise RuntimeError(f"{method}: streaming requests are not guarded")
-        if handler.stream_stream is not None and enter is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _guard_stream(handler.stream_stream, method, None, enter, self.pool),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return handler
-
-
-def _guard_unary(behavior, method, check=None):
-    def call(request, context):
-        try:
-            if check is not None:
-                check()
-            return behavior(request, context)
-        except Exception as exc:  # noqa: BLE001 - the one mapping point
-            _abort(context, exc, method)
-    return call
-
-
-def _guard_stream(behavior, method, check=None, enter=None, pool=None):
-    """A stream's behavior: the token ``check``, then ``enter`` (its place among the open
-    streams, given back when the call ends), then ``behavior``; run on ``pool``.
-
-    A non-blocking behavior (grpc's ``experimental_non_blocking``: health's Watch answers
-    through a callback and holds no thread) stays non-blocking; wrapping it in a generator
-    would hold a thread for as long as the stream is open."""
-    if getattr(behavior, "experimental_non_blocking", False):
-        def call(request, context, send_response_callback=None):
-            try:
-                if check is not None:
-                    check()
-                if enter is not None:
-                    enter(context)
-                behavior(request, context, send_response_callback=send_response_callback)
-            except Exception as exc:  # noqa: BLE001 - the one mapping point
-                _abort(context, exc, method)
-        call.experimental_non_blocking = True
-    else:
-        def call(request, context):
-            release = None
-            try:
-                if check is not None:
-                    check()
-                if enter is not None:
-                    release = enter(context)
-                yield from behavior(request, context)
-            except Exception as exc:  # noqa: BLE001 - the one mapping point
-                _abort(context, exc, method)
-            finally:
-                if release is not None:
-                    release()
-    if pool is not None:
-        call.experimental_thread_pool = pool
-    return call
+OPEN_SERVICES = grpc_server.OPEN_SERVICES
 
 
 # ---- the servicer -------------------------------------------------------------------------------
@@ -251,27 +124,15 @@ def create_server(config, deps, *, token: ApiToken) -> tuple[grpc.Server, int]:
     if not isinstance(token, ApiToken):
         raise TypeError("the control API needs the operator's ApiToken")
     credentials = server_credentials(config)
-    streams = StreamLimit(config.max_open_streams, server="control API")
-    pool = streams_pool(streams, "modelctl-grpc-stream")
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="modelctl-grpc"),
-        interceptors=[ErrorInterceptor(token, streams=streams, pool=pool)],
-        options=[("grpc.so_reuseport", 0)],  # a busy port is an error, not a shared one
-    )
+    spec = grpc_server.ServerSpec("control API", (SERVICE_NAME,), token, config.max_open_streams)
+    server, streams, pool = grpc_server.sync_server(spec, max_workers=config.max_workers,
+                                                    thread_name_prefix="modelctl-grpc")
     pb_grpc.add_ModelControlServicer_to_server(ModelControlServicer(deps), server)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    address = f"{config.host}:{config.port}"
-    try:
-        port = (server.add_secure_port(address, credentials) if credentials is not None
-                else server.add_insecure_port(address))
-    except RuntimeError as exc:
-        raise Unavailable(f"cannot bind the control API to {address}: {exc}") from None
-    if not port:
-        raise Unavailable(f"cannot bind the control API to {address}")
+    grpc_server.serve_health_and_reflection(server, spec, health_servicer)
+    port = grpc_server.bind(server, spec, config.host, config.port, credentials)
     server._modelctl_health = health_servicer  # for stop_server
     server._modelctl_streams = (streams, pool)  # the open streams (tests), the pool to stop
     return server, port

@@ -13,9 +13,11 @@ Services:
 Open streams are bounded per kind by ``max_open_streams`` (``MODELCTL_MAX_OPEN_STREAMS``,
 :mod:`service.grpc_streams`); one more is RESOURCE_EXHAUSTED with a retry-after.
 
-Every other call wants ``authorization: Bearer <API token>``. :class:`StatusInterceptor` checks
-it and turns the named errors of :mod:`service.errors` into statuses, in one place; a
-RESOURCE_EXHAUSTED carries ``retry-after`` and ``grpc-retry-pushback-ms``.
+Every other call wants ``authorization: Bearer <API token>``. The server and its interceptors
+are :mod:`service.grpc_server`'s: ``AuthInterceptor`` checks the token, ``ErrorInterceptor``
+turns the named errors of :mod:`service.errors` into statuses, in one place (a
+RESOURCE_EXHAUSTED carries ``retry-after`` and ``grpc-retry-pushback-ms``; a request that
+does not parse is INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -23,16 +25,13 @@ from __future__ import annotations
 import json
 import logging
 
-import grpc
 from grpc import aio
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from service import grpc_server
 from service._gen import inference_pb2, inference_pb2_grpc
 from service._gen.oip.v2 import open_inference_grpc_pb2 as pb
 from service._gen.oip.v2 import open_inference_grpc_pb2_grpc as pb_grpc
-from service.errors import InvalidInput, NotFound, ResourceExhausted, ServiceError, Unavailable, grpc_status
-from service.grpc_streams import AioStreamLimitInterceptor, StreamLimit
+from service.errors import InvalidInput, NotFound, Unavailable
 from service.serving.health import ReadinessHealthServicer
 from service.serving.native import oip
 from service.serving.native.dataplane import DataPlane
@@ -41,8 +40,7 @@ log = logging.getLogger(__name__)
 
 OIP_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 TORCHSERVE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name
-OPEN_SERVICES = {health.SERVICE_NAME, reflection.SERVICE_NAME,
-                 "grpc.reflection.v1.ServerReflection"}
+OPEN_SERVICES = grpc_server.OPEN_SERVICES
 
 #: InferTensorContents' field per datatype.
 CONTENTS_FIELD = {
@@ -51,121 +49,6 @@ CONTENTS_FIELD = {
     "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
     "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
-
-
-class StatusInterceptor(aio.ServerInterceptor):
-    """The token check and the error-to-status mapping of every call (health and reflection
-    are open)."""
-
-    def __init__(self, token, retry_after_s: int):
-        self.token = token
-        self.retry_after_s = retry_after_s
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        service = details.method.lstrip("/").split("/", 1)[0]
-        check = None if service in OPEN_SERVICES else self.token.check_metadata
-        metadata = details.invocation_metadata
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary(request, context):
-                try:
-                    if check is not None:
-                        check(metadata)
-                    _decoded(request)
-                    return await inner(request, context)
-                except ServiceError as exc:
-                    await self._abort(context, exc)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=_lenient(handler.request_deserializer),
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request, context):
-                try:
-                    if check is not None:
-                        check(metadata)
-                    _decoded(request)
-                    async for item in _aiter(inner_stream(request, context)):
-                        yield item
-                except ServiceError as exc:
-                    await self._abort(context, exc)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=_lenient(handler.request_deserializer),
-                response_serializer=handler.response_serializer)
-        if check is None:
-            return handler
-        # Client- and bidi-streaming calls of closed services: checked before anything runs.
-        try:
-            check(metadata)
-        except ServiceError as exc:
-            return _refusing_handler(handler, exc)
-        return handler
-
-    async def _abort(self, context, exc: ServiceError):
-        if isinstance(exc, ResourceExhausted):
-            context.set_trailing_metadata((("retry-after", str(self.retry_after_s)),
-                                           ("grpc-retry-pushback-ms", str(self.retry_after_s * 1000))))
-        await context.abort(grpc_status(exc), exc.message)
-
-
-class _Undecodable:
-    """A request message that did not parse (what :func:`_lenient` hands on instead)."""
-
-    def __init__(self, error: Exception):
-        self.error = error
-
-
-def _lenient(deserializer):
-    """``deserializer``, but a message that does not parse comes out as :class:`_Undecodable`
-    rather than raising inside grpc (which answers UNKNOWN and logs a traceback)."""
-    if deserializer is None:
-        return None
-
-    def parse(data):
-        try:
-            return deserializer(data)
-        except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever the parser raises
-            return _Undecodable(exc)
-
-    return parse
-
-
-def _decoded(request) -> None:
-    if isinstance(request, _Undecodable):
-        raise InvalidInput(f"the request is not a valid message ({type(request.error).__name__}: "
-                           f"{str(request.error)[:200]})")
-
-
-async def _aiter(result):
-    if hasattr(result, "__aiter__"):
-        async for item in result:
-            yield item
-    else:  # a coroutine returning an iterable
-        for item in await result:
-            yield item
-
-
-def _refusing_handler(handler, exc: ServiceError):
-    async def refuse(request_or_iterator, context):
-        await context.abort(grpc_status(exc), exc.message)
-
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse, request_deserializer=handler.request_deserializer,
-                                                    response_serializer=handler.response_serializer)
-
-    async def refuse_stream(request_iterator, context):
-        await context.abort(grpc_status(exc), exc.message)
-        yield  # pragma: no cover
-
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, request_deserializer=handler.request_deserializer,
-                                                 response_serializer=handler.response_serializer)
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -290,26 +173,18 @@ def create_grpc_server(settings, plane: DataPlane, readiness_fn, *, token, serve
                        port: int | None = None, host: str | None = None,
                        health_poll_s: float = 2.0) -> tuple[aio.Server, int]:
     """Build (not start) the server inside the running loop; returns ``(server, bound_port)``."""
-    max_bytes = settings.max_request_size_bytes
-    streams = StreamLimit(settings.max_open_streams, server="native gRPC", retry_after_s=settings.retry_after_s)
-    server = aio.server(  # the stream bound first: a refused stream never reaches the handlers
-        interceptors=[AioStreamLimitInterceptor(streams, open_services=OPEN_SERVICES, token=token),
-                      StatusInterceptor(token, settings.retry_after_s)],
-        options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes),
-                 ("grpc.so_reuseport", 0)])
+    spec = grpc_server.ServerSpec("native gRPC API", (OIP_SERVICE, TORCHSERVE_SERVICE), token,
+                                  settings.max_open_streams, retry_after_s=settings.retry_after_s,
+                                  max_message_bytes=settings.max_request_size_bytes, lenient_requests=True,
+                                  log_level=logging.DEBUG)
+    server, streams = grpc_server.aio_server(spec)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(plane, server_version), server)
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(PredictionsServicer(plane), server)
     health_servicer = ReadinessHealthServicer(readiness_fn, services=(OIP_SERVICE, TORCHSERVE_SERVICE),
                                               poll_s=health_poll_s)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([OIP_SERVICE, TORCHSERVE_SERVICE, health.SERVICE_NAME,
-                                         reflection.SERVICE_NAME], server)
-    host = settings.host if host is None else host
-    port = settings.grpc_inference_port if port is None else port
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
-    if not bound:
-        raise Unavailable(f"cannot bind the gRPC server to {address}")
+    grpc_server.serve_health_and_reflection(server, spec, health_servicer)
+    bound = grpc_server.bind(server, spec, settings.host if host is None else host,
+                             settings.grpc_inference_port if port is None else port)
     server._modelctl_health = health_servicer
     server._modelctl_streams = streams  # the open streams (tests)
     return server, bound

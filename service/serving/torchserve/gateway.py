@@ -13,7 +13,9 @@ wrong status codes:
 * an unknown model or version is INTERNAL ("Model not found: x\\norg.pytorch...
   ModelNotFoundException" / "...ModelVersionNotFoundException");
 * a per-request error of the handler (``context.set_response_status(400, ...)`` plus an
-  error body) is OK, with the error body as the prediction;
+  error body ``{"code", "type", "message"}``) is OK, with the error body as the prediction:
+  it is the named error of the body's ``type`` here (:func:`service.errors.from_body`, the
+  one table), with its message;
 * a model version without workers is INTERNAL ("Model \"x\" has no worker to serve
   inference request. ...", ``ApiUtils.getStreamingInferenceErrorResponseMessage``): it is
   UNAVAILABLE here. TorchServe says exactly the same when its job queue is full, so that
@@ -42,7 +44,9 @@ wrong status codes:
 ``service.errors`` and their ``grpc_status``. Everything else (UNAVAILABLE when TorchServe
 is down) passes through unchanged.
 
-Also served, without a token (probes need none): gRPC health checking
+The server, its interceptors (the token, the error mapping, the streams' bound), health and
+reflection are :mod:`service.grpc_server`'s. Also served, without a token (probes need none):
+gRPC health checking
 (``grpc.health.v1``; service ``""`` is SERVING only when every registered model version
 is ready, ``"<model>"`` when every version of that model is, ``"<model>/<version>"`` for
 one version) and server reflection.
@@ -73,31 +77,19 @@ from typing import Callable, Iterable
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from service import grpc_server
 from service._gen import inference_pb2, inference_pb2_grpc
 from service.auth import ApiToken
-from service.grpc_streams import AioStreamLimitInterceptor, StreamLimit
+from service.errors import NotFound, ResourceExhausted, ServiceError, Unavailable, from_body, grpc_status
 from service.serving.health import ReadinessHealthServicer
 from service.serving.torchserve.budget import SizeClass, endpoint_shares, size_classes
-from service.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PayloadTooLarge,
-    ResourceExhausted,
-    ServiceError,
-    Unavailable,
-    grpc_status,
-)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name
 #: Services answered without a token (their streams count as anonymous).
-OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
+OPEN_SERVICES = grpc_server.OPEN_SERVICES
 #: A prediction larger than this is model output, never an error body: not parsed.
 _MAX_ERROR_BODY = 64 * 1024
 _NOT_FOUND_MARKERS = ("ModelNotFoundException", "ModelVersionNotFoundException")
@@ -112,19 +104,6 @@ _NO_WORKER_MARKER = "has no worker to serve inference request"
 #: TorchServe's answer (INTERNAL, or RESOURCE_EXHAUSTED after a SIGKILL) to the requests a
 #: dying worker was running.
 _WORKER_DIED = "Worker died."
-
-
-
-_ERROR_BY_HTTP_STATUS: dict[int, type[ServiceError]] = {
-    400: InvalidArgument,
-    413: PayloadTooLarge,
-    422: InvalidArgument,
-    404: NotFound,
-    409: AlreadyExists,
-    412: FailedPrecondition,
-    429: ResourceExhausted,
-    503: Unavailable,
-}
 
 
 def error_body(prediction: bytes) -> dict | None:
@@ -165,7 +144,7 @@ def translate(item) -> ServiceError | None:
         body = error_body(item.prediction)
         if body is None:
             return None
-        return _ERROR_BY_HTTP_STATUS.get(body["code"], ServiceError)(body["message"])
+        return from_body(body)
     return None
 
 
@@ -264,7 +243,8 @@ class ByteAdmission:
 class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
     """Forwards TorchServe's inference API to ``upstream_target``.
 
-    ``token``: the operator's API token every call must carry. ``upstream_key``: returns
+    The operator's API token is checked before a call gets here (``AuthInterceptor``,
+    :mod:`service.grpc_server`). ``upstream_key``: returns
     TorchServe's current inference key (None: the upstream wants none); ``fresh_upstream_key``
     the same without any cache (after TorchServe refused a key). ``admit_per_model``: calls
     of one model let through at once (None: no limit), the others are refused
@@ -272,15 +252,12 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
     gateway's share of the byte budget (:class:`ByteAdmission`; None: no limit).
     """
 
-    def __init__(self, upstream_target: str, *, max_message_bytes: int, token: ApiToken,
+    def __init__(self, upstream_target: str, *, max_message_bytes: int,
                  upstream_key: Callable[[], str] | None = None,
                  fresh_upstream_key: Callable[[], str] | None = None,
                  admit_per_model: int | None = None, retry_after_s: int = 1,
                  byte_classes: list[SizeClass] | None = None):
-        if not isinstance(token, ApiToken):
-            raise TypeError("the gateway needs the operator's ApiToken")
         self.upstream_target = upstream_target
-        self.token = token
         self._upstream_key = upstream_key
         self._fresh_key = fresh_upstream_key or upstream_key
         self.admission = Admission(admit_per_model, retry_after_s)
@@ -304,13 +281,6 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
                          ("grpc.max_reconnect_backoff_ms", 2000)])
             self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
         return self._stub
-
-    async def _authenticate(self, context) -> None:
-        """Abort UNAUTHENTICATED unless the call carries the operator's token."""
-        try:
-            self.token.check_metadata(context.invocation_metadata())
-        except ServiceError as err:
-            await context.abort(grpc_status(err), err.message)
 
     def _call_args(self, context, *, fresh_key: bool = False, deadline: bool = True) -> dict:
         remaining = context.time_remaining() if deadline else None
@@ -337,7 +307,6 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
                 request, **self._call_args(context, fresh_key=True, deadline=deadline))
 
     async def Ping(self, request, context):
-        await self._authenticate(context)
         try:
             return await self._unary("Ping", request, context)
         except aio.AioRpcError as exc:
@@ -375,7 +344,6 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         return len(self._upstream_tasks)
 
     async def Predictions(self, request, context):
-        await self._authenticate(context)
         nbytes = request.ByteSize()
         await self._admit(context, request.model_name, nbytes)
         # Without the caller's deadline upstream: TorchServe runs a job whose caller has
@@ -404,7 +372,6 @@ class InferenceGateway(inference_pb2_grpc.InferenceAPIsServiceServicer):
         # Each message one Predictions call (counted, in order), as the native engine serves
         # it: TorchServe's own StreamPredictions2 serves only models set up for sequence
         # batching, which no modelctl archive is, and it took the messages uncounted.
-        await self._authenticate(context)
         async for request in request_iterator:
             yield await self.Predictions(request, context)
 
@@ -431,14 +398,11 @@ def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], li
     picks a free one). Call it inside the event loop that will run the server. Stop it
     with :func:`close_gateway`, which also closes the upstream channel.
     """
-    max_bytes = settings.max_request_size_bytes
-    streams = StreamLimit(settings.max_open_streams, server="gRPC gateway", retry_after_s=settings.retry_after_s)
-    server = aio.server(
-        interceptors=[AioStreamLimitInterceptor(streams, open_services=OPEN_SERVICES, token=token)],
-        options=[("grpc.max_send_message_length", max_bytes),
-                 ("grpc.max_receive_message_length", max_bytes),
-                 ("grpc.so_reuseport", 0)])
-    gateway = InferenceGateway(upstream_target, max_message_bytes=max_bytes, token=token,
+    spec = grpc_server.ServerSpec("gRPC gateway", (SERVICE_NAME,), token, settings.max_open_streams,
+                                  retry_after_s=settings.retry_after_s,
+                                  max_message_bytes=settings.max_request_size_bytes, log_level=logging.DEBUG)
+    server, streams = grpc_server.aio_server(spec)
+    gateway = InferenceGateway(upstream_target, max_message_bytes=settings.max_request_size_bytes,
                                upstream_key=upstream_key, fresh_upstream_key=fresh_upstream_key,
                                admit_per_model=settings.admit_per_model,
                                retry_after_s=settings.retry_after_s,
@@ -446,15 +410,9 @@ def create_gateway(settings, upstream_target: str, readiness_fn: Callable[[], li
                                                          settings.max_request_size_bytes))
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(gateway, server)
     health_servicer = ReadinessHealthServicer(readiness_fn, services=(SERVICE_NAME,), poll_s=health_poll_s)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    host = settings.host if host is None else host
-    port = settings.grpc_inference_port if port is None else port
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
-    if not bound:
-        raise Unavailable(f"cannot bind the gRPC gateway to {address}")
+    grpc_server.serve_health_and_reflection(server, spec, health_servicer)
+    bound = grpc_server.bind(server, spec, settings.host if host is None else host,
+                             settings.grpc_inference_port if port is None else port)
     server._modelctl_parts = (gateway, health_servicer)  # for close_gateway
     server._modelctl_streams = streams  # the open streams (tests)
     return server, bound
