@@ -10,12 +10,11 @@ database is ``<state_dir>/control.db`` and job run directories ``<state_dir>/run
 from __future__ import annotations
 
 import dataclasses
-import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from service import bounds
+from service.environ import EnvSettings
 from service.errors import InvalidArgument
 from service.grpc_streams import DEFAULT_MAX_OPEN_STREAMS
 
@@ -37,7 +36,10 @@ _ENV_NAMES = {"port": "MODELCTL_CONTROL_PORT", "host": "MODELCTL_CONTROL_HOST",
 
 
 @dataclass(frozen=True)
-class ControlConfig:
+class ControlConfig(EnvSettings):
+    settings_kind = "control"  # service/environ.py: from_env, env_var
+    env_names = _ENV_NAMES
+
     #: Address the control API binds to.
     host: str = "127.0.0.1"
     #: Its port; 0 picks a free one (tests).
@@ -206,48 +208,3 @@ class ControlConfig:
                                       f"({self.max_deploy_workers})")
             return self.max_deploy_workers
         return max(bounds.default_max_deploy_workers(), default_workers)
-
-    @classmethod
-    def env_var(cls, name: str) -> str:
-        return _ENV_NAMES.get(name, "MODELCTL_" + name.upper())
-
-    @classmethod
-    def from_env(cls, environ: typing.Mapping[str, str] | None = None, **overrides) -> "ControlConfig":
-        """Defaults < ``MODELCTL_*`` environment < ``overrides`` that are not None."""
-        environ = os.environ if environ is None else environ
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - fields
-        if unknown:
-            raise InvalidArgument(f"unknown control setting(s): {', '.join(sorted(unknown))}")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for name in fields:
-            if overrides.get(name) is not None:
-                values[name] = _convert(overrides[name], hints[name], name)
-            elif environ.get(cls.env_var(name), "").strip():
-                values[name] = _convert(environ[cls.env_var(name)].strip(), hints[name],
-                                        cls.env_var(name))
-        return cls(**values)
-
-
-def _convert(raw, typ, source: str):
-    """A CLI or environment value as the field's type; InvalidArgument naming the source."""
-    base = typing.get_args(typ)[0] if typing.get_origin(typ) in (typing.Union, type(Path | None)) else typ
-    try:
-        if typing.get_origin(base) is tuple:
-            items = raw if isinstance(raw, (list, tuple)) else [p for p in str(raw).split(os.pathsep) if p]
-            return tuple(Path(p) for p in items)
-        if base is Path:
-            if not str(raw):
-                raise ValueError("empty path")
-            return Path(raw)
-        if base is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError(raw)
-            return int(raw) if not isinstance(raw, str) else int(raw.strip())
-        if base is float:
-            return float(raw)
-        return str(raw)
-    except (TypeError, ValueError):
-        kind = {Path: "a path", int: "an integer", float: "a number"}.get(base, "a value")
-        raise InvalidArgument(f"{source}: expected {kind}, got {raw!r}") from None

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from service.control.settings import SPEED_CHECK_DEVICES
+from service.environ import Environ
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +249,9 @@ def measure(store_root: Path | str, name: str, new: int, serving: int, *, device
     """Both versions side by side (see the module's docstring); the result as a dict."""
     import torch
 
-    threads = os.environ.get("MODELCTL_TORCH_THREADS", "").strip()  # as a serving worker sets it
-    if threads:
-        torch.set_num_threads(max(1, int(threads)))
+    threads = Environ().int("MODELCTL_TORCH_THREADS")  # as a serving worker sets it
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
     start = time.monotonic()
     where = _device(device)
     sides = {"new": _Side(Path(store_root), name, new, where), "serving": _Side(Path(store_root), name, serving, where)}

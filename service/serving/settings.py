@@ -29,15 +29,11 @@ Ports:
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.environ import EnvSettings
 from service.errors import InvalidArgument
-
-ENV_PREFIX = "MODELCTL_"
 
 
 def _default_state_dir() -> Path:
@@ -69,7 +65,9 @@ ENGINES = ("torchserve", "native")
 
 
 @dataclass(frozen=True)
-class ServeSettings:
+class ServeSettings(EnvSettings):
+    settings_kind = "serve"  # service/environ.py: from_env, env_var
+
     #: Which engine serves the archives (:data:`ENGINES`).
     engine: str = "torchserve"
     #: Root of the model store: ``<model_store>/<name>/<version>.mar``.
@@ -268,71 +266,7 @@ class ServeSettings:
         """
         return self.state_dir / "archives"
 
-    @classmethod
-    def env_var(cls, name: str) -> str:
-        """The environment variable that sets field ``name``."""
-        return ENV_PREFIX + name.upper()
-
-    @classmethod
-    def from_env(cls, environ: typing.Mapping[str, str] | None = None,
-                 **overrides) -> "ServeSettings":
-        """Defaults < ``MODELCTL_*`` environment < ``overrides`` that are not None.
-
-        An unparseable value raises InvalidArgument naming the variable (or the override).
-        """
-        environ = os.environ if environ is None else environ
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - set(fields)
-        if unknown:
-            raise InvalidArgument(f"unknown serve setting(s): {', '.join(sorted(unknown))}")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for name in fields:
-            var = cls.env_var(name)
-            if overrides.get(name) is not None:
-                raw, source = overrides[name], name
-            elif environ.get(var, "").strip() != "":
-                raw, source = environ[var].strip(), var
-            else:
-                continue
-            values[name] = _convert(raw, hints[name], source)
-        try:
-            return cls(**values)
-        except InvalidArgument as exc:
-            # Name the variable when the value came from the environment.
-            for name in values:
-                if exc.message.split(" ", 1)[0] == name and overrides.get(name) is None:
-                    raise InvalidArgument(f"{cls.env_var(name)}: {exc.message}") from None
-            raise
-
 
 _PORT_FIELDS = ("inference_port", "ts_inference_port", "management_port", "metrics_port", "grpc_inference_port",
                 "grpc_management_port", "ts_grpc_inference_port", "exporter_port",
                 "worker_port_base")
-
-
-def _convert(raw, typ, source: str):
-    if isinstance(raw, typ if isinstance(typ, type) else ()) and not (
-        typ is int and isinstance(raw, bool)
-    ):
-        return raw
-    try:
-        if typ is Path:
-            text = str(raw)
-            if not text:
-                raise ValueError("empty path")
-            return Path(text)
-        if typ is int:
-            if isinstance(raw, float) and not raw.is_integer():
-                raise ValueError(raw)
-            return int(str(raw).strip()) if not isinstance(raw, float) else int(raw)
-        if typ is float:
-            return float(str(raw).strip())
-        if typ is str:
-            return str(raw)
-    except (TypeError, ValueError):
-        pass
-    else:
-        raise InvalidArgument(f"{source}: unsupported setting type {typ}")
-    kind = {Path: "a path", int: "an integer", float: "a number", str: "a string"}[typ]
-    raise InvalidArgument(f"{source}: expected {kind}, got {raw!r}")

@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from service.control.runners.local import SPEC_FILE, RunHandle
+from service.environ import Environ, to_size
 from service.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -162,20 +163,13 @@ class K8sSettings:
 
     @classmethod
     def from_env(cls, config=None, environ=None) -> "K8sSettings":
-        environ = os.environ if environ is None else environ
+        env = Environ(environ)
 
         def get(name, default=""):
-            return environ.get(f"MODELCTL_K8S_{name}", "").strip() or default
+            return env.str(f"MODELCTL_K8S_{name}", default)
 
         def integer(name, default):
-            raw = get(name, str(default))
-            try:
-                value = int(raw)
-            except ValueError:
-                raise InvalidArgument(f"MODELCTL_K8S_{name}: expected an integer, got {raw!r}") from None
-            if value < 0:
-                raise InvalidArgument(f"MODELCTL_K8S_{name}: must be >= 0, got {value}")
-            return value
+            return env.int(f"MODELCTL_K8S_{name}", default, minimum=0)
 
         store = str(getattr(config, "model_store", "") or "")
         runs = str(getattr(config, "runs_dir", "") or "")
@@ -217,17 +211,8 @@ def _run_bounds(config) -> tuple[tuple[str, str], ...]:
 DEFAULT_CPU_LIMIT = "4"
 #: A pod's /dev/shm (DataLoader workers hand batches over in it; NCCL uses it), MB.
 DEFAULT_SHM_MB = 1024
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
-
-
-def _memory_bytes(text: str, source: str) -> int:
-    """A Kubernetes memory quantity ("8Gi", "512Mi", "1G", "1e9", "2048") in bytes."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?\s*", text or "")
-    if m is None:
-        raise InvalidArgument(f"{source}: expected a memory quantity such as 8Gi or 512Mi, got {text!r}")
-    unit = m.group(2) or ""
-    return int(float(m.group(1)) * (_BINARY.get(unit) or _DECIMAL.get(unit) or 1))
+#: A Kubernetes memory quantity ("8Gi", "512Mi", "1G", "1e9", "2048") in bytes.
+_memory_bytes = to_size
 
 
 def _cpu_millis(text: str, source: str) -> int:
