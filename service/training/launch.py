@@ -20,6 +20,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from service import signals
 from service.modelstore import ModelStore
 from service.training import distributed
 from service.training.spec import Policy, RunSpec
@@ -99,12 +100,8 @@ def _relaunch(spec: RunSpec, spec_path: Path, run_dir: Path, store: Path, policy
         received.append(signum)
         proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with signals.handling(forward):
         code = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if received:
         logger.warning("stopped by %s: no archive written; start again with --run-dir %s to resume",
                        signal.Signals(received[0]).name, run_dir)

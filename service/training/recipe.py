@@ -34,7 +34,6 @@ import math
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 import zipfile
@@ -48,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import service
-from service import atomic, faultpoints
+from service import atomic, faultpoints, signals
 from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec
 from service.models import FAMILIES, ImageInput, ModelSpec, build_model, load_model
 from service.modelstore import ArchiveInfo, ModelBundle, ModelStore
@@ -94,15 +93,12 @@ class StopRequest:
         self.signum = signum
 
     def install(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        """Record SIGTERM and SIGINT from now on (main thread only: service/signals.py)."""
+        self._previous.update(signals.install(self._handle))
         return self
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        signals.restore(self._previous)
 
 
 # ---- the two plain functions -------------------------------------------------------

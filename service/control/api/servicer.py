@@ -38,13 +38,13 @@ With ``config.tls_cert`` and ``config.tls_key`` (``MODELCTL_CONTROL_TLS_CERT`` /
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
 from service import grpc_server
+from service import signals
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
 from service.auth import ApiToken
@@ -211,15 +211,10 @@ class ControlService:
 
     def run_forever(self) -> None:
         """Start, log one ready line, block until SIGINT/SIGTERM, stop."""
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda signum, frame: self._stop.set())
-        try:
-            self.start()
-            log.info("ready: %s", self.describe())
-            self._stop.wait()
-        finally:
-            self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with signals.stopping(self._stop):
+            try:
+                self.start()
+                log.info("ready: %s", self.describe())
+                self._stop.wait()
+            finally:
+                self.stop()

@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 
+from service import signals
 from service.auth import ApiToken, load_token
 from service.errors import Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
@@ -284,29 +284,19 @@ class NativeServing:
 
     def run_forever(self) -> None:
         """Start, block until SIGINT/SIGTERM or a dead device thread or I/O loop, stop."""
-        previous = {}
-
-        def _on_signal(signum, _frame):
-            log.info("received %s; stopping", signal.Signals(signum).name)
-            self._stop.set()
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, _on_signal)
-        try:
-            self._stop.clear()
-            self.start()
-            while not self._stop.wait(1.0):
-                dead = [r for r in self._runners if not r.alive()]
-                if dead:
-                    self.failure = f"the torch thread of {dead[0].device} died: {dead[0].died!r}"
-                    break
-            if self.failure:
-                log.error("native engine ends: %s", self.failure)
-        finally:
-            self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with signals.stopping(self._stop, log):
+            try:
+                self._stop.clear()
+                self.start()
+                while not self._stop.wait(1.0):
+                    dead = [r for r in self._runners if not r.alive()]
+                    if dead:
+                        self.failure = f"the torch thread of {dead[0].device} died: {dead[0].died!r}"
+                        break
+                if self.failure:
+                    log.error("native engine ends: %s", self.failure)
+            finally:
+                self.stop()
 
     def __enter__(self):
         self.start()

@@ -39,13 +39,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import signal
 import threading
 import time
 from datetime import datetime, timezone
 
 from prometheus_client import Counter
 
+from service import signals
 from service.auth import ApiToken, load_token
 from service.errors import ServiceError, Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
@@ -268,34 +268,24 @@ class Serving:
     def run_forever(self) -> None:
         """Start, supervise until SIGINT/SIGTERM (or until restarts loop: :attr:`failure`),
         stop everything."""
-        previous = {}
-
-        def _on_signal(signum, _frame):
-            log.info("received %s; stopping", signal.Signals(signum).name)
-            self._stop.set()
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, _on_signal)
-        try:
-            self._stop.clear()
-            self.failure = None
-            self.start()
-            last_key_look = time.monotonic()
-            while not self._stop.wait(self.settings.liveness_interval_s):
-                reason = self.supervise()
-                if reason is not None:
-                    self.failure = reason
-                    log.error("giving up: %s; modelctl serve stops everything and exits "
-                              "non-zero, to be restarted whole", reason)
-                    break
-                if time.monotonic() - last_key_look >= _KEY_LOOK_S and self.torchserve.running():
-                    last_key_look = time.monotonic()
-                    self._look_at_keys()
-        finally:
-            self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with signals.stopping(self._stop, log):
+            try:
+                self._stop.clear()
+                self.failure = None
+                self.start()
+                last_key_look = time.monotonic()
+                while not self._stop.wait(self.settings.liveness_interval_s):
+                    reason = self.supervise()
+                    if reason is not None:
+                        self.failure = reason
+                        log.error("giving up: %s; modelctl serve stops everything and exits "
+                                  "non-zero, to be restarted whole", reason)
+                        break
+                    if time.monotonic() - last_key_look >= _KEY_LOOK_S and self.torchserve.running():
+                        last_key_look = time.monotonic()
+                        self._look_at_keys()
+            finally:
+                self.stop()
 
     def _look_at_keys(self) -> None:
         try:
