@@ -43,8 +43,7 @@ import threading
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from service import grpc_server
-from service import signals
+from service import grpc_server, signals
 from service._gen.modelctl.v1 import control_pb2 as pb
 from service._gen.modelctl.v1 import control_pb2_grpc as pb_grpc
 from service.auth import ApiToken
