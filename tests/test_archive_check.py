@@ -253,12 +253,12 @@ def test_a_deploy_of_a_refused_archive_fails_its_precondition_and_changes_nothin
     try:
         # The control service on Kubernetes: it only writes the store, which replicas follow.
         settings = ServeSettings(model_store=store.root, state_dir=tmp_path / "state")
-        deployer = Deployer(settings, mgmt=None, jobs=jobs, model_store=store, target="store", default_workers=1)
+        deployer = Deployer(settings, mgmt=None, history=jobs.history, model_store=store, target="store", default_workers=1)
         with pytest.raises(ArchiveRefused) as info:
             deployer.deploy("m", 2)
         assert info.value.grpc_code == "FAILED_PRECONDITION"
         assert str(store.path("m", 2)) in info.value.message and "MANIFEST.json is not valid JSON" in info.value.message
-        assert store.desired("m") is None and jobs.top_deployment("m") is None
+        assert store.desired("m") is None and jobs.history.top_deployment("m") is None
         with pytest.raises(ArchiveRefused):
             deployer.rollback("m", 2)
         assert deployer.deploy("m", 1).version == 1, "the good version deploys"

@@ -224,10 +224,10 @@ def test_deploy_model_over_the_maximum_starts_no_worker(tmp_path):
                 err = rpc_error(lambda: client.rollback("m", 1, workers=workers))
                 assert err.grpc_code == "INVALID_ARGUMENT", err
             assert mgmt.calls == []  # nothing registered, scaled or even described: no worker started
-            assert service.plane.jobs.deployments() == [] and store.desired("m") is None
+            assert service.plane.jobs.history.deployments() == [] and store.desired("m") is None
             # the same deployment within the bound does reach TorchServe
             assert rpc_error(lambda: client.deploy("m", 1, workers=2)).grpc_code == "UNAVAILABLE"
-            assert mgmt.calls == ["describe"] and service.plane.jobs.deployments() == []
+            assert mgmt.calls == ["describe"] and service.plane.jobs.history.deployments() == []
     finally:
         service.stop()
 

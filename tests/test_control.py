@@ -213,7 +213,7 @@ def test_create_watch_succeed_deploy_and_serve_the_checkpoints_predictions(serve
                 assert entry["probability"] == pytest.approx(expected[entry["index"]].item(), abs=1e-4)
             assert pred["top_k"][0]["index"] == int(expected.argmax())
 
-    history = served.plane.jobs.deployments(PARENT)
+    history = served.plane.jobs.history.deployments(PARENT)
     assert [(d.version, d.previous_version, d.action, d.job_id) for d in history] == [(1, None, "deploy", job.id)]
     listed = served.client.list_jobs(output_model=PARENT, states=["SUCCEEDED"]).jobs
     assert [j.id for j in listed] == [job.id]
@@ -263,7 +263,7 @@ def test_deploy_if_better_keeps_the_parent_when_worse_promotes_when_not_then_rol
     # the first deployment had no previous default: nothing left to roll back to
     assert_status(rpc_error(served.stub.RollbackModel, pb.RollbackModelRequest(name=PARENT)),
                   grpc.StatusCode.FAILED_PRECONDITION, "no earlier default")
-    actions = [(d.action, d.version, d.active) for d in served.plane.jobs.deployments(PARENT)]
+    actions = [(d.action, d.version, d.active) for d in served.plane.jobs.history.deployments(PARENT)]
     assert actions == [("deploy", 1, True), ("deploy", 3, False), ("rollback", 1, False),
                        ("deploy", 2, False), ("rollback", 1, False)]
 
@@ -540,7 +540,7 @@ def test_a_version_whose_archive_is_refused_is_not_made_default(served, parent):
                   "weights.pt does not fit spec.json")
     after = defaults(served, PARENT)
     assert after[default].is_default and not after[broken].is_default
-    assert served.plane.jobs.top_deployment(PARENT).version != broken
+    assert served.plane.jobs.history.top_deployment(PARENT).version != broken
 
 
 # ---- the parts, without a server --------------------------------------------------------------------------------

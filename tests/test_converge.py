@@ -114,7 +114,7 @@ def test_replicas_converge_on_deployments_and_a_late_replica_serves_the_same(rep
 
     # The control service on Kubernetes: it only writes the store ("store" target).
     jobs = JobStore(tmp_path / "control.db")
-    deployer = Deployer(a.settings, mgmt=None, jobs=jobs, model_store=store, target="store", default_workers=1)
+    deployer = Deployer(a.settings, mgmt=None, history=jobs.history, model_store=store, target="store", default_workers=1)
     dep = deployer.deploy(NAME, 1)
     assert (dep.version, dep.previous_version) == (1, 2)
     assert json.loads((tmp_path / "store" / NAME / "deployment.json").read_text())["version"] == 1

@@ -135,7 +135,7 @@ from service.serving.settings import ServeSettings
 root, action = Path(sys.argv[1]), sys.argv[2]
 store = ModelStore(root / "store")
 deployer = Deployer(ServeSettings(model_store=store.root, state_dir=root / "state"), None,
-                    JobStore(root / "control.db"), store, target="store", default_workers=1)
+                    JobStore(root / "control.db").history, store, target="store", default_workers=1)
 deployer.deploy("m", 3) if action == "deploy" else deployer.rollback("m")
 """
 
@@ -149,7 +149,7 @@ def three_versions(tmp_path_factory):
 
 
 def _deployer(root: Path, store: ModelStore, jobs: JobStore) -> Deployer:
-    return Deployer(ServeSettings(model_store=store.root, state_dir=root / "state"), None, jobs, store,
+    return Deployer(ServeSettings(model_store=store.root, state_dir=root / "state"), None, jobs.history, store,
                     target="store", default_workers=1)
 
 
@@ -175,10 +175,10 @@ def test_history_and_deployment_json_agree_after_a_crash_and_rollback_goes_right
     crash_at(point, DEPLOY, str(tmp_path), action)
     jobs = JobStore(tmp_path / "control.db")
     try:
-        (intent,) = jobs.pending_deployments()  # what the crash left: an intent, not a done row
+        (intent,) = jobs.history.pending_deployments()  # what the crash left: an intent, not a done row
         assert (intent.version, intent.done) == (pending, False)
         assert store.desired("m").version == (pending if point.endswith("desired_written") else before)
-        assert jobs.top_deployment("m").version == before  # rollbacks do not see it yet
+        assert jobs.history.top_deployment("m").version == before  # rollbacks do not see it yet
     finally:
         jobs.close()
 
@@ -193,12 +193,12 @@ def test_history_and_deployment_json_agree_after_a_crash_and_rollback_goes_right
     plane = ControlPlane(config, settings, no_torchserve)
     plane.start(reconcile=False)
     try:
-        assert plane.jobs.pending_deployments() == []
-        assert plane.jobs.top_deployment("m").version == store.desired("m").version == now
-        assert plane.jobs.desired_defaults()["m"].version == now
+        assert plane.jobs.history.pending_deployments() == []
+        assert plane.jobs.history.top_deployment("m").version == store.desired("m").version == now
+        assert plane.jobs.history.desired_defaults()["m"].version == now
         dep = plane.rollback("m")
         assert dep.version == store.desired("m").version == after_rollback
-        assert plane.jobs.top_deployment("m").version == after_rollback
+        assert plane.jobs.history.top_deployment("m").version == after_rollback
     finally:
         plane.stop()
 
@@ -222,11 +222,11 @@ def test_a_failed_deployment_leaves_no_intent(tmp_path, three_versions, monkeypa
                      lambda: deployer.rollback("m", 3)):
             with pytest.raises(StoreUnwritable):
                 call()
-            assert jobs.pending_deployments() == []
-            assert [(d.version, d.active) for d in jobs.deployments("m")] == [(1, True), (2, True)]
+            assert jobs.history.pending_deployments() == []
+            assert [(d.version, d.active) for d in jobs.history.deployments("m")] == [(1, True), (2, True)]
         monkeypatch.undo()
         assert deployer.rollback("m").version == 1 and store.desired("m").version == 1
-        assert [(d.action, d.version, d.active, d.done) for d in jobs.deployments("m")] == [
+        assert [(d.action, d.version, d.active, d.done) for d in jobs.history.deployments("m")] == [
             ("deploy", 1, True, True), ("deploy", 2, False, True), ("rollback", 1, False, True)]
     finally:
         jobs.close()
@@ -248,9 +248,9 @@ def test_a_version_1_job_database_gains_the_intent_columns(tmp_path):
         conn.execute("PRAGMA user_version=1")
     jobs = JobStore(db)
     try:
-        (dep,) = jobs.deployments("m")
+        (dep,) = jobs.history.deployments("m")
         assert (dep.version, dep.done, dep.popped_id) == (4, True, None)
-        assert jobs.top_deployment("m").version == 4 and jobs.pending_deployments() == []
+        assert jobs.history.top_deployment("m").version == 4 and jobs.history.pending_deployments() == []
     finally:
         jobs.close()
 

@@ -174,7 +174,7 @@ def test_a_slower_version_is_not_deployed(tmp_path):
         assert check["serving_version"] == 1 and check["serving_val_metric"] == 0.90 and check["within_tolerance"]
         assert "(not faster by the 5% margin)" in job.deploy_reason and job.deploy_reason.endswith("kept version 1")
         assert "accuracy 0.9500 vs 0.9000 within 0.01" in job.deploy_reason
-        assert store.default_version("m") == 1 and plane.jobs.deployments("m") == []
+        assert store.default_version("m") == 1 and plane.jobs.history.deployments("m") == []
         (record,) = store.deploy_decisions("m", 2)
         assert (record["job_id"], record["outcome"], record["reason"]) == (job.id, "NOT_FASTER", job.deploy_reason)
         assert record["speed"]["new_runtime"]["precision"] == "fp32" and record["speed"]["faster"] is False
@@ -197,7 +197,7 @@ def test_a_faster_version_within_tolerance_is_deployed_and_decides_once(tmp_path
                   "accuracy 0.9050 vs 0.9150 within 0.01: deployed")
         assert job.deploy_reason == reason
         assert store.desired("m").version == 2 and store.desired("m").reason == f"deploy {job.id}"
-        (dep,) = plane.jobs.deployments("m")
+        (dep,) = plane.jobs.history.deployments("m")
         assert (dep.version, dep.previous_version, dep.job_id) == (2, 1, job.id)
         # The job's message and its text say what was measured.
         msg = messages.job_message(job)
@@ -213,7 +213,7 @@ def test_a_faster_version_within_tolerance_is_deployed_and_decides_once(tmp_path
         fields = plane._on_result(job_again, result)
         assert (fields["deploy_outcome"], fields["deploy_reason"]) == (policies.DEPLOYED, reason)
         assert fields["deploy_check"] == check
-        assert len(plane.jobs.deployments("m")) == 1 and len(store.deploy_decisions("m", 2)) == 1
+        assert len(plane.jobs.history.deployments("m")) == 1 and len(store.deploy_decisions("m", 2)) == 1
     finally:
         plane.stop()
 

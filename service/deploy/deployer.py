@@ -60,15 +60,15 @@ class Deployer:
 
     ``settings``: the ServeSettings of that TorchServe (model store, archive dir, timeouts).
     ``mgmt``: a callable returning its ManagementClient, raising Unavailable while there is
-    none. ``jobs``: the JobStore holding the deployment history.
+    none. ``history``: the deployment history (:class:`service.deploy.history.DeploymentHistory`).
     """
 
-    def __init__(self, settings, mgmt: Callable, jobs, model_store, *, timeout_s: float = 120.0,
+    def __init__(self, settings, mgmt: Callable, history, model_store, *, timeout_s: float = 120.0,
                  default_workers: int = 0, max_workers: int | None = None, target: str = "torchserve",
                  locks: ModelLocks | None = None):
         self.settings = settings
         self._mgmt = mgmt
-        self.jobs = jobs
+        self.history = history
         self.model_store = model_store
         self.timeout_s = timeout_s
         self.default_workers = default_workers or settings.workers_per_model
@@ -136,18 +136,18 @@ class Deployer:
         current = self.current_default(name)
         if current != version:
             return current
-        top = self.jobs.top_deployment(name)
+        top = self.history.top_deployment(name)
         return top.previous_version if top is not None and top.version == version else None
 
     def _committed(self, name: str, intent, step: str, **done) -> object:
         """Mark ``intent`` done once deployment.json names its version (the fault point
         ``<step>.desired_written`` falls between the two)."""
         faultpoints.point(f"{step}.desired_written")
-        return self.jobs.complete_deployment(intent.id, **done)
+        return self.history.complete_deployment(intent.id, **done)
 
     def _abandon(self, intent) -> None:
         try:
-            self.jobs.discard_deployment(intent.id)
+            self.history.discard_deployment(intent.id)
         except Exception:  # noqa: BLE001 - recover() settles it at the next start
             log.exception("could not discard the deployment intent %s of %s", intent.id, intent.model)
 
@@ -197,13 +197,13 @@ class Deployer:
         version = int(version)
         self._check_version(name, version)
         with self._lock(name):
-            top = self.jobs.top_deployment(name)
+            top = self.history.top_deployment(name)
             if job_id is not None and top is not None and top.job_id == job_id and top.version == version:
                 # finishing a job again after a restart: it was deployed already
                 if self.current_default(name) == version:
                     return top
             previous = self._previous(name, version)
-            intent = self.jobs.push_deployment(model=name, version=version, previous_version=previous,
+            intent = self.history.push_deployment(model=name, version=version, previous_version=previous,
                                                workers=workers, ready_workers=0, action="deploy", job_id=job_id,
                                                done=False)
             faultpoints.point("deploy.intent_recorded")
@@ -227,17 +227,17 @@ class Deployer:
             if version:
                 self._check_version(name, int(version), "roll back to")
                 previous = self._previous(name, int(version))
-                intent = self.jobs.push_deployment(model=name, version=int(version), previous_version=previous,
+                intent = self.history.push_deployment(model=name, version=int(version), previous_version=previous,
                                                    workers=workers, ready_workers=0, action="rollback", done=False)
             else:
-                top = self.jobs.top_deployment(name)
+                top = self.history.top_deployment(name)
                 if top is None:
                     raise FailedPrecondition(f"model {name!r} has no deployment to roll back")
                 if top.previous_version is None:
                     raise FailedPrecondition(f"{name} version {top.version} was deployed when the model had no "
                                              "default: there is no earlier default to roll back to")
                 self._check_version(name, top.previous_version, "roll back to")
-                intent = self.jobs.pop_deployment(top.id, model=name, version=top.previous_version,
+                intent = self.history.pop_deployment(top.id, model=name, version=top.previous_version,
                                                   workers=workers, ready_workers=0)
             faultpoints.point("rollback.intent_recorded")
             try:
@@ -254,18 +254,18 @@ class Deployer:
         intent is completed when ``deployment.json`` names its version, and deleted when it
         does not. Returns one line per intent settled (also logged). Run before any deploy."""
         settled = []
-        for intent in self.jobs.pending_deployments():
+        for intent in self.history.pending_deployments():
             try:
                 desired = self.model_store.desired(intent.model)
             except ServiceError as exc:  # unreadable: leave it; a later start tries again
                 log.warning("deployment intent %d of %s left pending: %s", intent.id, intent.model, exc.message)
                 continue
             if desired is not None and desired.version == intent.version:
-                self.jobs.complete_deployment(intent.id, ready_workers=0)
+                self.history.complete_deployment(intent.id, ready_workers=0)
                 line = (f"{intent.action} of {intent.model} version {intent.version} was interrupted after "
                         "deployment.json was written: recorded as done")
             else:
-                self.jobs.discard_deployment(intent.id)
+                self.history.discard_deployment(intent.id)
                 now = desired.version if desired is not None else "none"
                 line = (f"{intent.action} of {intent.model} version {intent.version} was interrupted before "
                         f"deployment.json was written (it names {now}): dropped from the history")
@@ -278,7 +278,7 @@ class Deployer:
         have no desired state there yet (deployed before the store kept it); the serving
         replicas converge on them. Returns the models recorded. Errors are logged."""
         recorded = []
-        for name, dep in self.jobs.desired_defaults().items():
+        for name, dep in self.history.desired_defaults().items():
             try:
                 with self._lock(name):
                     if self.model_store.desired(name) is not None:

@@ -1,4 +1,4 @@
-"""The job store: fine-tuning jobs and deployment history in SQLite.
+"""The job store: fine-tuning jobs in SQLite.
 
 A job moves through a state machine, and nothing else moves it::
 
@@ -15,15 +15,9 @@ process behind a lock; every write bumps an in-memory revision and wakes the thr
 :meth:`JobStore.wait_for_change` (watchers), which also poll, so a change made by another
 process is seen too.
 
-The deployment history of each model is a stack: a deployment pushes a row; a rollback
-pops the latest row and restores the version that was the default before it. The model's
-desired default is the version of its latest row, of either kind.
-
-A row is first written as an intent (``done = 0``): rollbacks, :meth:`JobStore.top_deployment`
-and :meth:`JobStore.desired_defaults` do not see it until :meth:`JobStore.complete_deployment`
-marks it done (and, for a rollback, takes the row it pops off the stack in the same
-transaction), or :meth:`JobStore.discard_deployment` deletes it. The deployer writes
-``deployment.json`` between the two (service/deploy/deployer.py, "Crash-safe order").
+The deployment history is a table of the same database (``deployments``), kept by
+:class:`service.deploy.history.DeploymentHistory` (:attr:`JobStore.history`): the store
+opens the database, creates and upgrades both tables, and owns the schema version.
 """
 
 from __future__ import annotations
@@ -33,9 +27,10 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from service.deploy import history
 from service.deploy.policies import DEPLOY_POLICIES  # the policies a job may carry
 from service.errors import FailedPrecondition, NotFound, shown
 
@@ -94,21 +89,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     deploy_check      TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
-CREATE TABLE IF NOT EXISTS deployments (
-    id                INTEGER PRIMARY KEY AUTOINCREMENT,
-    model             TEXT NOT NULL,
-    version           INTEGER NOT NULL,
-    previous_version  INTEGER,
-    workers           INTEGER NOT NULL,
-    ready_workers     INTEGER NOT NULL DEFAULT 0,
-    action            TEXT NOT NULL CHECK (action IN ('deploy','rollback')),
-    job_id            TEXT,
-    created_at        REAL NOT NULL,
-    active            INTEGER NOT NULL DEFAULT 1,
-    done              INTEGER NOT NULL DEFAULT 1,
-    popped_id         INTEGER
-);
-CREATE INDEX IF NOT EXISTS deployments_model ON deployments (model, id);
 """
 
 
@@ -158,26 +138,6 @@ class Job:
         return self.state in FINAL_STATES
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """One row of ``deployments``: a change of a model's default version."""
-
-    id: int
-    model: str
-    version: int
-    previous_version: int | None
-    workers: int
-    ready_workers: int
-    action: str
-    job_id: str | None
-    created_at: float
-    active: bool = field(default=True)
-    #: False while it is an intent: deployment.json may not name it yet.
-    done: bool = field(default=True)
-    #: For a rollback that pops the stack: the row it takes off (once done).
-    popped_id: int | None = field(default=None)
-
-
 _JOB_COLUMNS = [f.name for f in fields(Job)]
 #: Columns a caller may set through update/transition (not the identity or the state).
 _MUTABLE = frozenset(_JOB_COLUMNS) - {"seq", "id", "state", "spec", "output_model", "base",
@@ -209,15 +169,14 @@ class JobStore:
                 raise FailedPrecondition(f"job database {self.path} has schema {version}, newer than "
                                          f"this service's {SCHEMA_VERSION}")
             self._conn.executescript(_SCHEMA)
-            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(deployments)")}
-            for column, decl in (("done", "INTEGER NOT NULL DEFAULT 1"), ("popped_id", "INTEGER")):
-                if column not in columns:  # a version-1 database
-                    self._conn.execute(f"ALTER TABLE deployments ADD COLUMN {column} {decl}")
+            history.ensure_schema(self._conn)
             columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
             for column, decl in _ADDED_JOB_COLUMNS.items():
                 if column not in columns:  # a version-1 or -2 database
                     self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        #: The deployment history, a table of this database (service.deploy.history).
+        self.history = history.DeploymentHistory(self._conn, self._lock, self._write)
 
     def close(self) -> None:
         with self._lock:
@@ -347,87 +306,6 @@ class JobStore:
         self._write(apply)
         return self.get(job_id)
 
-    # ---- deployments ------------------------------------------------------------------
-    def push_deployment(self, *, model: str, version: int, previous_version: int | None,
-                        workers: int, ready_workers: int, action: str = "deploy",
-                        job_id: str | None = None, done: bool = True) -> Deployment:
-        """Record that ``version`` became the default (on top of the model's stack); with
-        ``done=False``, the intent to make it so (see complete_deployment)."""
-        def insert(conn):
-            cur = conn.execute(
-                "INSERT INTO deployments (model, version, previous_version, workers, ready_workers, "
-                "action, job_id, created_at, active, done) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
-                (model, int(version), previous_version, int(workers), int(ready_workers), action, job_id,
-                 time.time(), int(bool(done))))
-            return cur.lastrowid
-        return self._deployment(self._write(insert))
-
-    def top_deployment(self, model: str) -> Deployment | None:
-        """The latest done deployment of ``model`` still on its stack (what a rollback undoes)."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT * FROM deployments WHERE model = ? AND active = 1 AND done = 1 ORDER BY id DESC LIMIT 1",
-                (model,)).fetchone()
-        return _deployment(row) if row is not None else None
-
-    def pop_deployment(self, popped_id: int, *, model: str, version: int, workers: int,
-                       ready_workers: int, done: bool = False) -> Deployment:
-        """The rollback to ``version`` that takes deployment ``popped_id`` off the stack: as an
-        intent (the default), which complete_deployment carries out; ``done=True`` at once."""
-        def pop(conn):
-            row = conn.execute("SELECT * FROM deployments WHERE id = ? AND active = 1 AND done = 1",
-                               (popped_id,)).fetchone()
-            if row is None:
-                raise FailedPrecondition(f"deployment {popped_id} of {model} was rolled back already")
-            cur = conn.execute(
-                "INSERT INTO deployments (model, version, previous_version, workers, ready_workers, "
-                "action, job_id, created_at, active, done, popped_id) "
-                "VALUES (?, ?, ?, ?, ?, 'rollback', NULL, ?, 0, 0, ?)",
-                (model, int(version), row["version"], int(workers), int(ready_workers), time.time(), popped_id))
-            if done:
-                _complete(conn, cur.lastrowid, None)
-            return cur.lastrowid
-        return self._deployment(self._write(pop))
-
-    def complete_deployment(self, dep_id: int, *, ready_workers: int | None = None) -> Deployment:
-        """Mark the intent ``dep_id`` done (a rollback's popped row leaves the stack with it)."""
-        def complete(conn):
-            _complete(conn, dep_id, ready_workers)
-            return dep_id
-        return self._deployment(self._write(complete))
-
-    def discard_deployment(self, dep_id: int) -> None:
-        """Delete the intent ``dep_id`` (a deployment that did not happen); a done row stays."""
-        self._write(lambda conn: conn.execute("DELETE FROM deployments WHERE id = ? AND done = 0", (dep_id,)))
-
-    def pending_deployments(self) -> list[Deployment]:
-        """Intents not yet done nor discarded, oldest first (after a crash)."""
-        with self._lock:
-            rows = self._conn.execute("SELECT * FROM deployments WHERE done = 0 ORDER BY id").fetchall()
-        return [_deployment(r) for r in rows]
-
-    def deployments(self, model: str | None = None) -> list[Deployment]:
-        """The history, oldest first."""
-        sql, args = "SELECT * FROM deployments", ()
-        if model is not None:
-            sql, args = sql + " WHERE model = ?", (model,)
-        with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
-        return [_deployment(r) for r in rows]
-
-    def desired_defaults(self) -> dict[str, Deployment]:
-        """For every model with a history: its latest row (the version meant to be default)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT * FROM deployments WHERE id IN (SELECT MAX(id) FROM deployments WHERE done = 1 "
-                "GROUP BY model) ORDER BY model").fetchall()
-        return {r["model"]: _deployment(r) for r in rows}
-
-    def _deployment(self, dep_id: int) -> Deployment:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM deployments WHERE id = ?", (dep_id,)).fetchone()
-        return _deployment(row)
-
     # ---- health -----------------------------------------------------------------------
     def integrity_check(self) -> str:
         """SQLite's own check: "ok" for an intact database."""
@@ -455,23 +333,3 @@ def _job(row: sqlite3.Row) -> Job:
     if data["deploy_check"] is not None:
         data["deploy_check"] = json.loads(data["deploy_check"])
     return Job(**data)
-
-
-def _complete(conn, dep_id: int, ready_workers: int | None) -> None:
-    row = conn.execute("SELECT * FROM deployments WHERE id = ?", (dep_id,)).fetchone()
-    if row is None:
-        raise FailedPrecondition(f"no deployment {dep_id}")
-    if row["done"]:
-        return
-    if row["popped_id"] is not None:
-        conn.execute("UPDATE deployments SET active = 0 WHERE id = ?", (row["popped_id"],))
-    conn.execute("UPDATE deployments SET done = 1, ready_workers = ? WHERE id = ?",
-                 (row["ready_workers"] if ready_workers is None else int(ready_workers), dep_id))
-
-
-def _deployment(row: sqlite3.Row) -> Deployment:
-    return Deployment(id=row["id"], model=row["model"], version=row["version"],
-                      previous_version=row["previous_version"], workers=row["workers"],
-                      ready_workers=row["ready_workers"], action=row["action"], job_id=row["job_id"],
-                      created_at=row["created_at"], active=bool(row["active"]), done=bool(row["done"]),
-                      popped_id=row["popped_id"])

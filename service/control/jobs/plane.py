@@ -153,7 +153,7 @@ class ControlPlane:
         self.models = ModelStore(self.config.model_store)
         self.runners = {name: factory(self.config) for name, factory in RUNNERS.items()}
         default_workers = self.config.deploy_workers or serve_settings.workers_per_model
-        self.deployer = Deployer(serve_settings, mgmt, self.jobs, self.models,
+        self.deployer = Deployer(serve_settings, mgmt, self.jobs.history, self.models,
                                  timeout_s=self.config.deploy_timeout_s,
                                  default_workers=self.config.deploy_workers,
                                  max_workers=self.config.deploy_workers_limit(default_workers),
