@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from service.errors import InvalidSpec
-from service.models._schema import Schema, field
+from service.models.configs import CNNConfig
 
 if TYPE_CHECKING:
     from service.models.spec import ModelSpec
-
-
-@dataclass(frozen=True)
-class CNNConfig(Schema):
-    """One Conv→[BatchNorm]→activation→pool block per entry of ``channels``."""
-
-    channels: tuple[int, ...] = field((32, 64), ge=1)
-    kernel_size: int = field(3, ge=1)
-    batch_norm: bool = True
-    activation: str = field("relu", choices=("relu", "leaky_relu"))
-    negative_slope: float = field(0.01, ge=0)
-    pool: str = field("max", choices=("max", "avg"))
-    dropout: float = field(0.25, ge=0, lt=1)
-
-    def check(self, path: str) -> None:
-        if not self.channels:
-            raise InvalidSpec(f"{path}.channels", "must list at least one block")
 
 
 def build_cnn(spec: ModelSpec) -> nn.Module:

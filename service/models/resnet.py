@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torchvision
 from torch import nn
 
-from service.errors import InvalidSpec, PretrainedWeightsNotFound
-from service.models._schema import Schema, field
+from service.errors import PretrainedWeightsNotFound
+from service.models.configs import ResNetConfig
 from service.models.pretrained import hub_checkpoints, load_backbone, read_state_dict
 
 if TYPE_CHECKING:
     from service.models.spec import ModelSpec
-
-ARCHS = ("resnet18", "resnet34", "resnet50")
-
-
-@dataclass(frozen=True)
-class ResNetConfig(Schema):
-    """``arch``: one of ARCHS. ``pretrained``: None, "imagenet" or a path to a weights file."""
-
-    arch: str = field("resnet18", choices=ARCHS)
-    pretrained: str | None = None
-
-    def check(self, path: str) -> None:
-        if self.pretrained == "":
-            raise InvalidSpec(f"{path}.pretrained", 'must be null, "imagenet" or a file path')
-
 
 def build_resnet(spec: ModelSpec) -> nn.Module:
     """A fresh ResNet with ``fc`` sized to ``num_classes`` and conv1 to the input channels."""

@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from service.errors import InvalidSpec
-from service.models._schema import Schema, field
+from service.models.configs import RNN_CELLS, RNNConfig
 
 if TYPE_CHECKING:
     from service.models.spec import ModelSpec
 
-CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
-
-
-@dataclass(frozen=True)
-class RNNConfig(Schema):
-    """Exactly one of ``input_size`` (float features) or ``vocab_size`` (token ids) is set."""
-
-    cell: str = field("lstm", choices=tuple(CELLS))
-    input_size: int | None = field(None, ge=1)
-    vocab_size: int | None = field(None, ge=2)
-    embedding_dim: int = field(64, ge=1)
-    hidden_size: int = field(64, ge=1)
-    num_layers: int = field(1, ge=1)
-    bidirectional: bool = False
-    dropout: float = field(0.0, ge=0, lt=1)
-    pooling: str = field("last", choices=("last", "mean", "max"))
-
-    def check(self, path: str) -> None:
-        if (self.input_size is None) == (self.vocab_size is None):
-            raise InvalidSpec(f"{path}.input_size", f"set exactly one of {path}.input_size (float features) "
-                              f"or {path}.vocab_size (token ids)")
-
-    @property
-    def sequence_kind(self) -> str:
-        """"features" or "tokens"."""
-        return "features" if self.input_size is not None else "tokens"
+#: The torch module of each of the config's cells (RNN_CELLS).
+CELLS = dict(zip(RNN_CELLS, (nn.RNN, nn.GRU, nn.LSTM), strict=True))
 
 
 class SequenceClassifier(nn.Module):

@@ -10,65 +10,15 @@ connection) and runs two conv blocks. A final 1×1 Conv2d gives one channel per 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from service.errors import InvalidSpec
-from service.models._schema import Schema, field
+from service.models.configs import UNetConfig
 
 if TYPE_CHECKING:
     from service.models.spec import ModelSpec
-
-UPSAMPLES = ("transpose", "bilinear")
-MAX_DEPTH = 6
-
-
-@dataclass(frozen=True)
-class UNetConfig(Schema):
-    """``depth`` levels (``depth - 1`` down-samplings; default: one per entry of ``channels``,
-    else 3). Level i has ``channels[i]`` channels; without ``channels``, ``base_channels``
-    doubled at each level. ``upsample``: how the decoder goes up a level (``transpose``: a
-    learned ConvTranspose2d; ``bilinear``: fixed)."""
-
-    depth: int | None = field(None, ge=2)
-    base_channels: int = field(32, ge=1)
-    channels: tuple[int, ...] | None = field(None, ge=1)
-    upsample: str = field("transpose", choices=UPSAMPLES)
-    batch_norm: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.depth is None:
-            object.__setattr__(self, "depth", len(self.channels) if isinstance(self.channels, tuple) else 3)
-
-    def check(self, path: str) -> None:
-        if self.depth > MAX_DEPTH:
-            raise InvalidSpec(f"{path}.depth", f"must be <= {MAX_DEPTH}, got {self.depth}")
-        if self.channels is not None and len(self.channels) != self.depth:
-            raise InvalidSpec(f"{path}.channels", f"needs {self.depth} entries, one per level (depth), "
-                              f"got {len(self.channels)}")
-        if self.channels is None and self.base_channels * 2 ** (self.depth - 1) > 4096:
-            raise InvalidSpec(f"{path}.base_channels", "base_channels * 2**(depth-1) must be <= 4096")
-
-    @property
-    def level_channels(self) -> tuple[int, ...]:
-        if self.channels is not None:
-            return self.channels
-        return tuple(self.base_channels * 2 ** i for i in range(self.depth))
-
-
-def check_unet(spec: ModelSpec) -> None:
-    """Cross-field check against the input: a size that halves cleanly at every
-    down-sampling (so the skip connections line up)."""
-    cfg: UNetConfig = spec.config
-    step = 2 ** (cfg.depth - 1)
-    if spec.input.size % step:
-        raise InvalidSpec("input.size", f"must be a multiple of {step} (2**(depth-1)) for a unet of depth "
-                          f"{cfg.depth}, got {spec.input.size}")
-
 
 def _block(in_ch: int, out_ch: int, batch_norm: bool) -> nn.Sequential:
     layers: list[nn.Module] = []

@@ -23,12 +23,7 @@ import torch
 
 from service.errors import InvalidSpec
 from service.models import FAMILIES, ModelSpec, Vocabulary, load_model
-
-SPEC_FILE = "spec.json"
-LABELS_FILE = "labels.json"
-VOCAB_FILE = "vocab.json"
-WEIGHTS_FILE = "weights.pt"
-LINEAGE_FILE = "lineage.json"
+from service.modelstore.names import LABELS_FILE, LINEAGE_FILE, SPEC_FILE, VOCAB_FILE, WEIGHTS_FILE
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:

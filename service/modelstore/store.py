@@ -29,7 +29,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -42,9 +41,7 @@ from service import atomic, faultpoints
 from service.errors import AlreadyExists, InvalidSpec, NotFound, StoreUnwritable, shown
 from service.inference.options import MODEL_CONFIG_FILE, ServingOptions
 from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, state_dict_sha256
-
-#: A model name, matched in full (``fullmatch``: ``$`` would also take a trailing newline).
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+from service.modelstore.names import NAME_RE, validate_model_name
 ARCHIVE_SUFFIX = ".mar"
 #: ``<root>/<name>/deployment.json``: the model's desired serving state, shared by replicas.
 DEPLOYMENT_FILE = "deployment.json"
@@ -58,16 +55,6 @@ HANDLER_MODULE = "modelctl_handler"
 HANDLER_SHIM = '''"""TorchServe entry point of a modelctl archive (generated; not user code)."""
 from service.handlers.torchserve import handle  # noqa: F401
 '''
-
-
-def validate_model_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InvalidSpec(
-            "name",
-            f"{shown(name, 80)} is not a valid model name: use 1-64 letters, digits, '-' or '_', "
-            "starting with a letter or digit",
-        )
-    return name
 
 
 @dataclass(frozen=True)

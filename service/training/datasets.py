@@ -44,8 +44,8 @@ from service.errors import FailedPrecondition, InvalidInput, InvalidSpec, NotFou
 from service.models import ModelSpec, Vocabulary, image_eval_transform
 from service.models.presets import mask_eval_transform
 from service.models.text import UNK_ID
+from service.training.catalog import BUILTIN_DATASETS, IMAGES_DIR, MASKS_DIR
 
-BUILTIN_PREFIX = "builtin:"
 #: Where the Debian package ``dataset-fashion-mnist`` puts its files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -294,15 +294,18 @@ class Builtin:
     description: str
 
 
-BUILTINS: dict[str, Builtin] = {
-    "digits": Builtin(load_digits_images, "scikit-learn 8x8 digits as 1x8x8 images, 10 classes"),
-    "digits-seq": Builtin(load_digits_sequences, "the digits with rows as 8 steps of 8 features"),
-    "fashion-mnist": Builtin(load_fashion_mnist, "Fashion-MNIST 28x28, 60k train / 10k official test"),
-    "fashion-scenes": Builtin(load_fashion_scenes, "64x64 scenes of 1-3 Fashion-MNIST items, per-pixel classes "
-                              "(segmentation), 20k train / 2k test"),
-    "rotten-tomatoes": Builtin(load_rotten_tomatoes, "12.8k short movie reviews, fresh vs rotten"),
-    "basic-motions": Builtin(load_basic_motions, "UEA BasicMotions, 6 x 100 series, 40/40 official split"),
+_BUILTIN_LOADERS: dict[str, Callable[[LoadContext], RawData]] = {
+    "digits": load_digits_images,
+    "digits-seq": load_digits_sequences,
+    "fashion-mnist": load_fashion_mnist,
+    "fashion-scenes": load_fashion_scenes,
+    "rotten-tomatoes": load_rotten_tomatoes,
+    "basic-motions": load_basic_motions,
 }
+#: ``builtin:<name>`` -> its loader and description: one per name of catalog.BUILTIN_DATASETS
+#: (the names the run spec accepts, torch-free).
+BUILTINS: dict[str, Builtin] = {name: Builtin(_BUILTIN_LOADERS[name], description)
+                                for name, description in BUILTIN_DATASETS.items()}
 
 
 # ---- files -------------------------------------------------------------------------
@@ -349,16 +352,9 @@ def load_image_folder(ctx: LoadContext) -> RawData:
 
 
 # ---- segmentation folders: images/ + masks/ -----------------------------------------
-IMAGES_DIR, MASKS_DIR = "images", "masks"
 LABELS_FILE = "labels.json"
 #: labels.json is a short list of names: a larger file is refused before it is read.
 MAX_LABELS_FILE_BYTES = 1 << 20
-
-
-def is_masks_dir(path: Path) -> bool:
-    """Whether a directory source is a segmentation dataset: ``images/`` and ``masks/`` side
-    by side at its top or under ``train/`` (any other directory is an ImageFolder)."""
-    return any((path / sub / IMAGES_DIR).is_dir() and (path / sub / MASKS_DIR).is_dir() for sub in (".", "train"))
 
 
 def read_mask(path: Path, max_pixels: int | None = None) -> np.ndarray:

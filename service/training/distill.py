@@ -17,7 +17,8 @@ never trained, is not in the optimizer, and is not in the checkpoint, so a resum
 it from the store again. Under DDP it is not wrapped: each rank runs it on its own batches.
 
 What is checked, before the first epoch (:func:`check_teacher`; the control API checks what
-it can without the data at job creation, :func:`check_at_creation`):
+it can without the data at job creation, :func:`check_at_creation`; both torch-free, in
+:mod:`service.training.distill_checks`):
 
 - the teacher exists (NotFound) and is a multiclass model (InvalidSpec ``teacher``);
 - its labels are the dataset's, the same names in the same order (the soft targets are
@@ -33,25 +34,18 @@ it can without the data at job creation, :func:`check_at_creation`):
 
 from __future__ import annotations
 
-import json
 import logging
-import zipfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.errors import InvalidSpec, NotFound
-from service.models import ModelSpec, Vocabulary, load_model
+from service.models import ModelSpec, load_model
 from service.modelstore import ModelBundle, ModelStore
-from service.modelstore.bundle import LABELS_FILE, SPEC_FILE
+from service.training.distill_checks import check_teacher, teacher_info
 
 logger = logging.getLogger("service.training")
-
-#: The model task a teacher must have (and the student trains for).
-TEACHER_TASK = "multiclass"
 
 
 # ---- the loss ------------------------------------------------------------------------------
@@ -100,77 +94,6 @@ class Teacher:
         return self._logits(*args).clone()
 
 
-# ---- checks ----------------------------------------------------------------------------------
-def _few(labels: Sequence[str], n: int = 5) -> str:
-    shown = ", ".join(repr(str(x)[:40]) for x in labels[:n])
-    return f"[{shown}{', ...' if len(labels) > n else ''}] ({len(labels)})"
-
-
-def _input_text(spec: ModelSpec) -> str:
-    text = json.dumps({"type": spec.input.type, **spec.input.to_dict()}, sort_keys=True)
-    kind = spec.sequence_kind
-    return f"{text} ({kind})" if kind else text
-
-
-def check_teacher(ref: str, teacher: ModelSpec, student: ModelSpec, *, teacher_labels: Sequence[str] | None = None,
-                  labels: Sequence[str] | None = None, teacher_vocab: Vocabulary | None = None,
-                  vocab: Vocabulary | None = None) -> None:
-    """InvalidSpec("teacher") unless ``teacher`` (at ``ref``) can teach ``student``: a
-    multiclass model with the student's input and, where given, the dataset's ``labels``
-    (same names, same order) and vocabulary. See the module doc."""
-    if teacher.task != TEACHER_TASK:
-        raise InvalidSpec("teacher", f"{ref} is a {teacher.task} model; a teacher must be a {TEACHER_TASK} "
-                                     "classifier")
-    same_input = teacher.input == student.input and teacher.sequence_kind == student.sequence_kind
-    if same_input and teacher.sequence_kind == "features":
-        same_input = teacher.config.input_size == student.config.input_size
-    if not same_input:
-        raise InvalidSpec("teacher", f"{ref} takes input {_input_text(teacher)}, the student "
-                                     f"{_input_text(student)}: the teacher is fed the student's batches, so both "
-                                     "must take the same input")
-    if labels is not None and teacher_labels is not None and list(teacher_labels) != list(labels):
-        at = next((i for i, (a, b) in enumerate(zip(teacher_labels, labels)) if a != b),
-                  min(len(teacher_labels), len(labels)))
-        raise InvalidSpec("teacher", f"{ref}'s labels {_few(teacher_labels)} are not the dataset's {_few(labels)}: "
-                                     f"they must be the same names in the same order (first difference at "
-                                     f"index {at})")
-    if teacher.sequence_kind == "tokens":
-        theirs = teacher_vocab.to_list() if teacher_vocab is not None else None
-        ours = vocab.to_list() if vocab is not None else None
-        if theirs != ours:
-            raise InvalidSpec("teacher", f"{ref}'s vocabulary is not the one this run encodes its texts with: "
-                                         "a token-input teacher must share the student's vocabulary")
-
-
-def _store_get(store: ModelStore, name: str, version: int):
-    try:
-        return store.get(name, version)
-    except NotFound as exc:
-        raise NotFound(f"teacher: {exc.message}") from None
-
-
-def archive_parts(path) -> tuple[ModelSpec, list[str]]:
-    """The spec and labels of an archive, read without its weights (the control API's check)."""
-    with zipfile.ZipFile(path) as archive:
-        return (ModelSpec.from_dict(json.loads(archive.read(SPEC_FILE))),
-                list(json.loads(archive.read(LABELS_FILE))))
-
-
-def check_at_creation(spec, store: ModelStore) -> None:
-    """What the control API can check of a distill spec before the data is read: the teacher
-    exists (NotFound), is multiclass, and takes the student's input (InvalidSpec). The
-    dataset's labels are checked by the trainer, before its first epoch."""
-    name, version = spec.teacher_ref
-    info = _store_get(store, name, version)
-    teacher, _ = archive_parts(info.path)
-    if spec.base is not None:  # a student keeps its base's input and config; only head and task change
-        base_name, base_version = spec.base_ref
-        student = archive_parts(store.get(base_name, base_version).path)[0]
-    else:
-        student = spec.model_spec()
-    check_teacher(f"{name}:{version}", teacher, student)
-
-
 # ---- a run's teacher -------------------------------------------------------------------------
 @dataclass
 class Distiller:
@@ -207,7 +130,7 @@ def load_teacher(spec, store: ModelStore, student: ModelSpec, data, device: torc
     ``data`` (labels, vocabulary) before anything trains."""
     name, version = spec.teacher_ref
     ref = f"{name}:{version}"
-    bundle = ModelBundle.from_archive(_store_get(store, name, version).path)
+    bundle = ModelBundle.from_archive(teacher_info(store, name, version).path)
     check_teacher(ref, bundle.spec, student, teacher_labels=bundle.labels, labels=data.labels,
                   teacher_vocab=bundle.vocab, vocab=data.vocab)
     return Distiller(Teacher(ref, bundle, device), spec.distill.temperature, spec.distill.alpha)

@@ -1,10 +1,13 @@
-"""Optimizers by name: the registry the run spec's ``hyperparameters.optimizer`` selects from."""
+"""Optimizers by name: the registry the run spec's ``hyperparameters.optimizer`` selects from
+(its names, torch-free, are catalog.OPTIMIZER_NAMES: the spec is validated without torch)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import torch
+
+from service.training.catalog import OPTIMIZER_NAMES
 
 
 def _adam(params: Iterable, hp) -> torch.optim.Optimizer:
@@ -19,9 +22,7 @@ def _sgd(params: Iterable, hp) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
-#: name -> (trainable parameters, Hyperparameters) -> optimizer
+_BUILDERS = {"adam": _adam, "sgd": _sgd, "adamw": _adamw}
+#: name -> (trainable parameters, Hyperparameters) -> optimizer, one per OPTIMIZER_NAMES entry
 OPTIMIZERS: dict[str, Callable[[Iterable, object], torch.optim.Optimizer]] = {
-    "adam": _adam,
-    "sgd": _sgd,
-    "adamw": _adamw,
-}
+    name: _BUILDERS[name] for name in OPTIMIZER_NAMES}

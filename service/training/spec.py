@@ -26,7 +26,7 @@ exactly the fields (and the run directory digest) it had. The teacher's version 
 required: a student is defined by its teacher, and a run resumed after a new teacher
 version appeared must not switch teachers half way.
 
-``dataset.source`` is ``builtin:<name>`` (see ``datasets.BUILTINS``), an ImageFolder
+``dataset.source`` is ``builtin:<name>`` (see ``catalog.BUILTIN_DATASETS``), an ImageFolder
 directory, a segmentation directory (``images/`` + ``masks/``, see
 ``datasets.load_masks_folder``), or a ``.npz`` / ``.jsonl`` sequence file. A path resolves (symlinks
 followed, relative paths against the first data root) and must lie inside one of the
@@ -35,6 +35,10 @@ followed, relative paths against the first data root) and must lie inside one of
 Every error is an ``InvalidSpec`` naming the dotted field, with the allowed values where
 there is a list of them. The policy (data roots and bounds) is the operator's, never
 the spec's: a spec cannot widen its own limits.
+
+Validation imports no torch (the control service validates and stores specs without it):
+the names a spec chooses from are :mod:`service.training.catalog`'s, the model spec is
+:mod:`service.models`' (torch-free until a model is built).
 """
 
 from __future__ import annotations
@@ -63,10 +67,8 @@ from service.bounds import (
 from service.errors import InvalidSpec, NotFound, shown
 from service.models import ModelSpec
 from service.models._schema import Schema, check_keys, field
-from service.modelstore import validate_model_name
-from service.training.datasets import BUILTIN_PREFIX, BUILTINS, is_masks_dir
-from service.training.optim import OPTIMIZERS
-from service.training.tasks import TASKS
+from service.modelstore.names import validate_model_name
+from service.training.catalog import BUILTIN_DATASETS, BUILTIN_PREFIX, OPTIMIZER_NAMES, TASK_METRICS, is_masks_dir
 
 DATA_ROOTS_ENV = "MODELCTL_DATA_ROOTS"
 
@@ -138,7 +140,7 @@ class Hyperparameters(Schema):
     fp32 on CPU; "bf16" = bf16 autocast (CPU with native bf16, or CUDA). ``channels_last``: image
     models train in the NHWC memory layout (faster convolutions with bf16 on CPU and on GPU)."""
 
-    optimizer: str = field("adam", choices=tuple(OPTIMIZERS))
+    optimizer: str = field("adam", choices=OPTIMIZER_NAMES)
     lr: float = field(1e-3, gt=0)
     weight_decay: float = field(0.0, ge=0)
     momentum: float = field(0.9, ge=0, lt=1)
@@ -323,8 +325,8 @@ class RunSpec:
             raise InvalidSpec("base", "give exactly one of base (a model of the store, name[:version]) "
                               "or model (a family spec)", allowed=["base", "model"])
         task = data.get("task")
-        if task is not None and task not in TASKS and task not in RUN_TASKS:
-            raise InvalidSpec("task", f"unknown task {shown(task)}", allowed=[*TASKS, *RUN_TASKS])
+        if task is not None and task not in TASK_METRICS and task not in RUN_TASKS:
+            raise InvalidSpec("task", f"unknown task {shown(task)}", allowed=[*TASK_METRICS, *RUN_TASKS])
         teacher, distill = cls._distill(data, task)
         base = data.get("base")
         if base is not None:
@@ -389,10 +391,10 @@ class RunSpec:
         source = dataset.source
         if source is None:
             raise InvalidSpec("dataset.source", "is required")
-        allowed = [f"{BUILTIN_PREFIX}{n}" for n in BUILTINS] + ["<ImageFolder dir>", "<images/+masks/ dir>",
+        allowed = [f"{BUILTIN_PREFIX}{n}" for n in BUILTIN_DATASETS] + ["<ImageFolder dir>", "<images/+masks/ dir>",
                                                                 "<file>.npz", "<file>.jsonl"]
         if source.startswith(BUILTIN_PREFIX):
-            if source[len(BUILTIN_PREFIX):] not in BUILTINS:
+            if source[len(BUILTIN_PREFIX):] not in BUILTIN_DATASETS:
                 raise InvalidSpec("dataset.source", f"unknown built-in {shown(source)}", allowed=allowed)
             return "builtin", None, dataset
         path = policy.resolve(source, "dataset.source")

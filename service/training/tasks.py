@@ -18,13 +18,15 @@ from torch import nn
 # The decision rules (multilabel threshold, a mask from logits) are shared with the serving
 # predictor, which imports them from service.models.decisions without the training package.
 from service.models.decisions import MULTILABEL_THRESHOLD, segmentation_prediction  # noqa: F401
+from service.training.catalog import TASK_METRICS
 
 
 @dataclass(frozen=True)
 class Task:
     """``criterion(label_smoothing)`` builds the loss; ``stats(logits, target)`` returns a
     float64 vector of sums; ``metric(sums)`` turns reduced sums into the metric, named
-    ``metric_name``, where ``mode`` ("max" or "min") says which way is better. A task whose
+    ``metric_name``, where ``mode`` ("max" or "min") says which way is better (both from
+    the task's name in catalog.TASK_METRICS, torch-free). A task whose
     sums grow with the classes (``per_class``) is :meth:`sized` for a model first;
     ``details(sums)`` gives the per-class figures it reports beside the metric."""
 
@@ -117,8 +119,8 @@ TASKS: dict[str, Task] = {
         criterion=lambda smoothing: nn.CrossEntropyLoss(label_smoothing=smoothing),
         stats=_multiclass_stats,
         metric=lambda s: float(s[0] / s[1]) if s[1] > 0 else 0.0,
-        metric_name="accuracy",
-        mode="max",
+        metric_name=TASK_METRICS["multiclass"].name,
+        mode=TASK_METRICS["multiclass"].mode,
         target_dtype=torch.long,
         num_stats=2,
     ),
@@ -126,8 +128,8 @@ TASKS: dict[str, Task] = {
         criterion=lambda smoothing: nn.BCEWithLogitsLoss(),
         stats=_multilabel_stats,
         metric=_micro_f1,
-        metric_name="micro_f1",
-        mode="max",
+        metric_name=TASK_METRICS["multilabel"].name,
+        mode=TASK_METRICS["multilabel"].mode,
         target_dtype=torch.float32,
         num_stats=3,
     ),
@@ -135,8 +137,8 @@ TASKS: dict[str, Task] = {
         criterion=lambda smoothing: nn.MSELoss(),
         stats=_regression_stats,
         metric=lambda s: float(s[0] / s[1]) if s[1] > 0 else 0.0,
-        metric_name="mse",
-        mode="min",
+        metric_name=TASK_METRICS["regression"].name,
+        mode=TASK_METRICS["regression"].mode,
         target_dtype=torch.float32,
         num_stats=2,
     ),
@@ -144,8 +146,8 @@ TASKS: dict[str, Task] = {
         criterion=SegmentationLoss,
         stats=_iou_stats,
         metric=mean_iou,
-        metric_name="mean_iou",
-        mode="max",
+        metric_name=TASK_METRICS["segmentation"].name,
+        mode=TASK_METRICS["segmentation"].mode,
         target_dtype=torch.long,
         num_stats=0,  # 2 per class: sized()
         per_class=True,

@@ -6,9 +6,10 @@ dotted field. On top of it, the control API checks what the trainer would only f
 started: the base model must exist (NotFound) and a fixed output version must not
 (AlreadyExists). A base given without a version is pinned to the version that is latest
 when the job is created. A distill run's teacher must exist, be a multiclass model and take
-the student's input (service/training/distill.py reads that from the archive's spec, not its
-weights); its labels against the dataset's are the trainer's check, before its first epoch.
-The trainer is imported lazily: it pulls in torch.
+the student's input (service/training/distill_checks.py reads that from the archive's spec,
+not its weights); its labels against the dataset's are the trainer's check, before its first
+epoch. Nothing here imports torch: the run spec and the teacher checks are torch-free
+(tests/test_spec_no_torch.py); the trainer's modules are imported lazily all the same.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def validate(data: Any, policy, model_store):
         if version is None:  # pin the base: the job trains on the version latest now
             spec = RunSpec.from_dict({**data, "base": f"{name}:{info.version}"}, policy)
     if spec.teacher is not None:
-        from service.training import distill
+        from service.training.distill_checks import check_at_creation
 
-        distill.check_at_creation(spec, model_store)
+        check_at_creation(spec, model_store)
     out = spec.output
     if out.version is not None and out.version in model_store.versions(out.name):
         raise AlreadyExists(f"output.version: model {out.name!r} version {out.version} exists; "
