@@ -33,7 +33,7 @@ from service.predict_client import PredictionClient, read_token
 from service.deploy import policies as deploy_policies
 from service.control.api.client import ControlClient
 from service.control.settings import ControlConfig
-from service.control.events import EventTail
+from service.rundir import EventTail
 from service.app import ServingWithControl
 from service.control.jobs.jobstore import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from service.errors import FailedPrecondition

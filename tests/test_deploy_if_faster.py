@@ -38,6 +38,7 @@ from service.control.api.client import ControlClient
 from service.control.settings import ControlConfig
 from service.control.jobs.plane import ControlPlane, check_tolerance, serving_metric
 from service.control.jobs.scheduler import FinishDeferred
+from service.rundir import complete_result
 from service.control.api.servicer import ControlService
 from service.deploy.speed import SpeedCheck, SpeedCheckInterrupted, run_speed_check
 from service.control.jobs.jobstore import RUNNING, SUCCEEDED, JobStore
@@ -259,16 +260,19 @@ def test_the_serving_versions_metric_and_a_model_without_another_version(tmp_pat
         other["dataset"]["sha256"] = "e" * 64
         store.write("m", cnn(FAST, lineage=other))                              # other data
         new = store.lineage("m", 2)
-        assert serving_metric(store, new, {}, "m", 1) == 0.75   # the parent, as the run measured it
+        # each run's facts as its result.json carries them (here: from lineage records)
+        assert serving_metric(store, complete_result({}, new), "m", 1) == 0.75   # the parent, as the run measured it
         lineage = finetuned("x:1", 0.9, None)
-        assert serving_metric(store, lineage, {}, "m", 1) == 0.7  # not the parent: its own, same data
-        assert serving_metric(store, lineage, {}, "m", 3) is None  # other data: nothing comparable
-        assert serving_metric(store, lineage, {}, "m", 9) is None
+        run = complete_result({}, lineage)
+        assert serving_metric(store, run, "m", 1) == 0.7  # not the parent: its own, same data
+        assert serving_metric(store, run, "m", 3) is None  # other data: nothing comparable
+        assert serving_metric(store, run, "m", 9) is None
         # a distilled student of the serving version: the teacher's metric on the run's validation set
         student = {**lineage, "parent": None, "distill": {"teacher": "m:3", "metric": "accuracy",
                                                            "teacher_val_metric": 0.93}}
-        assert serving_metric(store, student, {}, "m", 3) == 0.93
-        assert serving_metric(store, {**student, "distill": {**student["distill"], "metric": "mse"}}, {}, "m", 3) is None
+        assert serving_metric(store, complete_result({}, student), "m", 3) == 0.93
+        other_metric = {**student, "distill": {**student["distill"], "metric": "mse"}}
+        assert serving_metric(store, complete_result({}, other_metric), "m", 3) is None
     finally:
         plane.stop()
 

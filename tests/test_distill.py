@@ -30,9 +30,8 @@ from service.models import ModelSpec, build_model, load_model
 from service.modelstore import ModelBundle, ModelStore
 from service.serving.settings import ServeSettings
 from service.training import datasets as ds
-from service.training.checkpoint import CHECKPOINT_FILE
 from service.training.distill import DistillLoss, Teacher
-from service.training.events import EVENTS_FILE
+from service.rundir import CHECKPOINT_FILE, EVENTS_FILE
 from service.training.recipe import StopRequest, evaluate, read_archive, run_finetune
 from service.training.spec import Policy, RunSpec
 from service.training.tasks import TASKS

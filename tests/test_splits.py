@@ -17,7 +17,7 @@ from service.errors import InvalidSpec
 from service.models import ModelSpec, load_model
 from service.modelstore import ModelStore
 from service.training import datasets as ds
-from service.training.events import EVENTS_FILE
+from service.rundir import EVENTS_FILE
 from service.training.recipe import evaluate, read_archive, run_finetune
 from service.training.spec import Hyperparameters, Policy, RunSpec
 from service.training.tasks import TASKS

@@ -26,7 +26,7 @@ from service.training.curves import (
     colour_mask,
     palette,
 )
-from service.training.events import EVENTS_FILE
+from service.rundir import EVENTS_FILE
 from service.training.recipe import StopRequest, run_finetune
 from service.training.spec import Policy, RunSpec
 

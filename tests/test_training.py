@@ -24,8 +24,7 @@ from service.inference import Predictor
 from service.models import ModelSpec, image_eval_transform, load_model
 from service.modelstore import ModelBundle, ModelStore
 from service.training import datasets as ds
-from service.training.checkpoint import CHECKPOINT_FILE
-from service.training.events import EVENTS_FILE
+from service.rundir import CHECKPOINT_FILE, EVENTS_FILE
 from service.training.recipe import evaluate, head_prefix, native_bf16, read_archive, run_finetune
 from service.training.spec import Policy, RunSpec
 from service.training.tasks import TASKS

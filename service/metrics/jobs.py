@@ -8,35 +8,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from service.rundir import latest_epoch
+
 log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
-EVENTS_FILE = "events.jsonl"
-
-
-def latest_epoch(run_dir: str | Path) -> dict | None:
-    """The last ``epoch`` event of a run directory, or None."""
-    path = Path(run_dir) / EVENTS_FILE
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # a line being written
-        if isinstance(event, dict) and event.get("event") == "epoch":
-            return event
-    return None
 
 
 class JobMetricsCollector(Collector):

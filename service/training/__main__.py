@@ -7,6 +7,7 @@ import logging
 import sys
 
 from service.errors import ServiceError
+from service.rundir import error_line
 from service.training.launch import add_run_arguments, run_command
 
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(args.spec, run_dir=args.run_dir, store=args.store, data_roots=args.data_root)
     except ServiceError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(error_line(exc.message), file=sys.stderr)
         return 2
 
 

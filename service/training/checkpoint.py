@@ -6,7 +6,8 @@ Keys: ``model`` (written from the unwrapped model, never the DDP wrapper), ``bes
 (one entry per rank), ``model_spec``, ``labels``, ``vocab``, ``dataset_sha256``,
 ``run_id``, ``history``, ``train_seconds``. Nothing is pickled: it is read back with
 ``weights_only=True``. Writes are atomic and durable (service/atomic.py), so a run killed
-while writing keeps its previous checkpoint.
+while writing keeps its previous checkpoint. The file's name in the run directory is
+:data:`service.rundir.CHECKPOINT_FILE`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 
 from service.atomic import atomic_write
 
-CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 1
 
 

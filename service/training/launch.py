@@ -22,6 +22,7 @@ from pathlib import Path
 
 from service import signals
 from service.modelstore import ModelStore
+from service.rundir import TRAINER_MODULE, trainer_argv
 from service.training import distributed
 from service.training.spec import Policy, RunSpec
 
@@ -86,10 +87,9 @@ def run_command(spec_path: Path | str, *, run_dir=None, store=None, data_roots=N
 
 def _relaunch(spec: RunSpec, spec_path: Path, run_dir: Path, store: Path, policy: Policy) -> int:
     nproc = spec.hyperparameters.nproc
-    args = ["run", str(spec_path.resolve()), "--run-dir", str(run_dir.resolve()), "--store", str(store.resolve())]
-    for root in policy.data_roots:
-        args += ["--data-root", str(root)]
-    command = distributed.torchrun_command(nproc, args)
+    args = trainer_argv(run_dir.resolve(), spec=spec_path.resolve(), store=store.resolve(),
+                        data_roots=policy.data_roots)
+    command = distributed.torchrun_command(nproc, args, TRAINER_MODULE)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logger.info("starting %d processes under torchrun", nproc)

@@ -51,19 +51,17 @@ from service import atomic, faultpoints, signals
 from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec
 from service.models import FAMILIES, ImageInput, ModelSpec, build_model, load_model
 from service.modelstore import ArchiveInfo, ModelBundle, ModelStore
+from service.rundir import CHECKPOINT_FILE, EVENTS_FILE, RESULT_FILE, RUN_FILE, EventLog, now, result_record, write_result
 from service.training import checkpoint as ckpt
 from service.training import distill, distributed
 from service.training.curves import IMAGES_TAG, SEGMENTATION_IMAGES, TENSORBOARD_DIR, Curves, segmentation_panels
 from service.training.datasets import LoadContext, PreparedData, load_raw, prepare
-from service.training.events import EVENTS_FILE, EventLog, now
 from service.training.optim import OPTIMIZERS
 from service.training.spec import Policy, RunSpec
 from service.training.tasks import TASKS, Task, better, segmentation_prediction
 
 logger = logging.getLogger("service.training")
 
-RUN_FILE = "run.json"
-RESULT_FILE = "result.json"
 PROGRESS_INTERVAL_S = 2.0
 #: per-class figures of a task's evaluate() details that an epoch record, the best epoch and
 #: the archive's metrics carry beside the metric (segmentation: IoU per class, None where a
@@ -379,7 +377,7 @@ class FineTuneRecipe:
         if self.dist.is_main:
             record = json.loads(run_file.read_text()) if run_file.is_file() else None
             if record is not None and record.get("spec") != spec_dict:
-                started = (self.run_dir / ckpt.CHECKPOINT_FILE).exists() or (self.run_dir / RESULT_FILE).exists()
+                started = (self.run_dir / CHECKPOINT_FILE).exists() or (self.run_dir / RESULT_FILE).exists()
                 if started:
                     raise FailedPrecondition(f"run dir {self.run_dir} holds another run spec; "
                                              "use a new --run-dir for a new run")
@@ -436,7 +434,7 @@ class FineTuneRecipe:
         return model
 
     def _resume(self) -> None:
-        state = ckpt.load(self.run_dir / ckpt.CHECKPOINT_FILE)
+        state = ckpt.load(self.run_dir / CHECKPOINT_FILE)
         if state is None:
             if self.dist.is_main:
                 self.events.append("start", run_id=self.run_id, epochs=self.hp.epochs, world_size=self.dist.world_size,
@@ -633,7 +631,7 @@ class FineTuneRecipe:
             "train_seconds": self.train_seconds,
             "samples_seen": self.samples_seen,
         }
-        ckpt.save(self.run_dir / ckpt.CHECKPOINT_FILE, state)
+        ckpt.save(self.run_dir / CHECKPOINT_FILE, state)
 
     def _stopped(self, epoch: int, when: str) -> Outcome:
         signum = self.stop.signum
@@ -677,11 +675,8 @@ class FineTuneRecipe:
         if d.is_main:
             info = self._write_archive(weights, metrics)
             faultpoints.point("train.archive_written")
-            result = {"name": info.name, "version": info.version, "path": str(info.path), "epochs": epoch,
-                      "run_id": self.run_id,
-                      **{k: metrics[k] for k in ("metric", "val_metric", "val_loss", "parent_val_metric",
-                                                 "test_metric", "test_loss", "test_count")}}
-            atomic.write_text(self.run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+            write_result(self.run_dir, result_record(name=info.name, version=info.version, path=info.path,
+                                                     epochs=epoch, run_id=self.run_id, lineage=info.lineage))
             self.events.append("done", name=info.name, version=info.version, epochs=epoch,
                                val_metric=metrics["val_metric"], test_metric=metrics["test_metric"],
                                test_count=metrics["test_count"], metric=metrics["metric"])

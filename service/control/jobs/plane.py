@@ -30,13 +30,13 @@ from service.deploy.policies import (
     RunFacts,
     within_tolerance,
 )
-from service.control.events import EVENTS_FILE, EventTail
-from service.control.runners.local import LOG_FILE, RUNNERS, SPEC_FILE
+from service.control.runners.local import RUNNERS
 from service.control.jobs.scheduler import FinishDeferred, Scheduler
 from service.deploy.speed import SpeedCheck, SpeedCheckInterrupted, run_speed_check
 from service.control.jobs.jobstore import FINAL_STATES, QUEUED, RUNNING, Job, JobStore, new_job_id
 from service.errors import FailedPrecondition, InvalidSpec, NotFound, ServiceError, shown
 from service.modelstore import ArchiveInfo, ModelStore, known_refusal
+from service.rundir import EVENTS_FILE, LOG_FILE, SPEC_FILE, EventTail, complete_result, has_run_facts
 
 log = logging.getLogger(__name__)
 
@@ -75,56 +75,56 @@ def metric_mode(task: str | None) -> str:
     return TASKS[task].mode if task in TASKS else "max"
 
 
-def parent_metric(models: ModelStore, lineage: dict, result: dict) -> float | None:
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parent_metric(models: ModelStore, run: dict) -> float | None:
     """The parent's validation metric on the new version's validation set, when known.
 
-    In order: ``metrics.parent_val_metric`` of the new version's lineage, or of the run's
-    result.json (where the trainer records its evaluation of the parent); else the parent's
-    own lineage metric when the parent was trained on the same data (same dataset sha256,
-    which covers the validation split) with the same metric.
+    ``run`` is the run's result.json (:func:`service.rundir.result_record`). In order: its
+    ``parent_val_metric`` (where the trainer records its evaluation of the parent); else the
+    parent's own lineage metric when the parent was trained on the same data (same dataset
+    sha256, which covers the validation split) with the same metric.
     """
-    metrics = lineage.get("metrics") or {}
-    for source in (metrics, result):
-        value = source.get("parent_val_metric")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    parent = lineage.get("parent")
-    return same_data_metric(models, lineage, str(parent)) if parent else None
+    value = run.get("parent_val_metric")
+    if _number(value):
+        return float(value)
+    parent = run.get("parent")
+    return same_data_metric(models, run, str(parent)) if parent else None
 
 
-def same_data_metric(models: ModelStore, lineage: dict, ref: str) -> float | None:
+def same_data_metric(models: ModelStore, run: dict, ref: str) -> float | None:
     """The metric of version ``ref`` ("name:version") from its own lineage, when it was
-    trained on the same data as ``lineage``'s run (same dataset sha256, which covers the
-    validation split) with the same metric; else None."""
+    trained on the same data as ``run`` (its result.json: same dataset sha256, which covers
+    the validation split) with the same metric; else None."""
     name, _, version = ref.partition(":")
     try:
         theirs = models.lineage(name, int(version))
     except (ValueError, ServiceError, OSError):
         return None
-    ours_sha = (lineage.get("dataset") or {}).get("sha256")
+    ours_sha = run.get("dataset_sha256")
     their_sha = (theirs.get("dataset") or {}).get("sha256")
     their_metrics = theirs.get("metrics") or {}
     value = their_metrics.get("val_metric")
-    if (ours_sha and ours_sha == their_sha and their_metrics.get("metric") == (lineage.get("metrics") or {}).get("metric")
-            and isinstance(value, (int, float)) and not isinstance(value, bool)):
+    if ours_sha and ours_sha == their_sha and their_metrics.get("metric") == run.get("metric") and _number(value):
         return float(value)
     return None
 
 
-def serving_metric(models: ModelStore, lineage: dict, result: dict, name: str, serving: int) -> float | None:
+def serving_metric(models: ModelStore, run: dict, name: str, serving: int) -> float | None:
     """The serving version's metric on the new version's validation set, when known, the
     first of: the parent's, as the trainer measured it, when the serving version is the run's
     parent; the teacher's, as a distillation run measured it (``distill.teacher_val_metric``),
     when it is the run's teacher; its own lineage metric from a run on the same data
-    (:func:`same_data_metric`)."""
+    (:func:`same_data_metric`). ``run``: the run's result.json."""
     ref = f"{name}:{serving}"
-    value = parent_metric(models, lineage, result) if lineage.get("parent") == ref else None
-    distill = lineage.get("distill") or {}
+    value = parent_metric(models, run) if run.get("parent") == ref else None
+    distill = run.get("distill") or {}
     teacher = distill.get("teacher_val_metric")
-    if (value is None and distill.get("teacher") == ref and isinstance(teacher, (int, float))
-            and not isinstance(teacher, bool) and distill.get("metric") == (lineage.get("metrics") or {}).get("metric")):
+    if value is None and distill.get("teacher") == ref and _number(teacher) and distill.get("metric") == run.get("metric"):
         value = float(teacher)
-    return value if value is not None else same_data_metric(models, lineage, ref)
+    return value if value is not None else same_data_metric(models, run, ref)
 
 
 def check_tolerance(value, deploy_policy: str) -> float | None:
@@ -344,17 +344,13 @@ class ControlPlane:
     def _on_result(self, job: Job, result: dict) -> dict:
         """Read what the run wrote, apply the job's deploy policy; the fields of SUCCEEDED."""
         name, version = str(result["name"]), int(result["version"])
-        lineage = self.models.lineage(name, version)
-        if not lineage:
-            raise NotFound(f"the run's archive {name} version {version} has no lineage record in the store")
-        metrics = lineage.get("metrics") or {}
-        metric = metrics.get("metric") or result.get("metric")
-        value = metrics.get("val_metric", result.get("val_metric"))
-        facts = RunFacts(name=name, version=version, metric=metric, mode=metric_mode(lineage.get("task")),
-                         val_metric=None if value is None else float(value), parent=lineage.get("parent"),
-                         parent_val_metric=parent_metric(self.models, lineage, result))
+        run = self._run_record(result, name, version)
+        metric, value = run.get("metric"), run.get("val_metric")
+        facts = RunFacts(name=name, version=version, metric=metric, mode=metric_mode(run.get("task")),
+                         val_metric=None if value is None else float(value), parent=run.get("parent"),
+                         parent_val_metric=parent_metric(self.models, run))
         if job.deploy_policy in SERVING_POLICIES:
-            facts = self._compare_with_serving(job, facts, lineage, result)
+            facts = self._compare_with_serving(job, facts, run)
         decision = DEPLOY_POLICIES[job.deploy_policy](facts)
         outcome, reason = decision.outcome, decision.reason
         check = None
@@ -375,6 +371,18 @@ class ControlPlane:
             fields["deploy_check"] = check
         return fields
 
+    def _run_record(self, result: dict, name: str, version: int) -> dict:
+        """The run's result.json, the one record of what it wrote and measured; one written
+        before it carried the run's facts is completed from the archive's lineage record."""
+        if has_run_facts(result):
+            if version not in self.models.versions(name):
+                raise NotFound(f"the run's archive {name} version {version} is not in the store")
+            return result
+        lineage = self.models.lineage(name, version)
+        if not lineage:
+            raise NotFound(f"the run's archive {name} version {version} has no lineage record in the store")
+        return complete_result(result, lineage)
+
     def _serving_default(self, name: str) -> int | None:
         """The model's serving default: TorchServe's here (or the store's with target
         "store"); the store's when TorchServe does not answer."""
@@ -383,7 +391,7 @@ class ControlPlane:
         except ServiceError:
             return self.models.default_version(name)
 
-    def _compare_with_serving(self, job: Job, facts: RunFacts, lineage: dict, result: dict) -> RunFacts:
+    def _compare_with_serving(self, job: Job, facts: RunFacts, run: dict) -> RunFacts:
         """``facts`` with the serving version, its metric on the run's validation set, the
         job's tolerance and a speed check of both (skipped without another serving version).
         Raises FinishDeferred when the service stops during the check (the job stays RUNNING;
@@ -419,7 +427,7 @@ class ControlPlane:
             raise FinishDeferred(str(exc)) from None
         return dataclasses.replace(
             facts, serving_version=serving, tolerance=tolerance, speed=speed,
-            serving_val_metric=serving_metric(self.models, lineage, result, facts.name, serving))
+            serving_val_metric=serving_metric(self.models, run, facts.name, serving))
 
     def _recorded_check(self, job: Job, facts: RunFacts) -> dict | None:
         """This job's decision recorded beside its version, if any (an earlier attempt to finish)."""

@@ -28,7 +28,6 @@ ever left RUNNING without a process or a decision.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -37,18 +36,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from service.control.events import EVENTS_FILE, EventTail
-from service.control.runners.local import RESULT_FILE, RunHandle
+from service.control.runners.local import RunHandle
 from service.control.jobs.jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobStore
 from service.errors import FailedPrecondition, ServiceError
+from service.rundir import (
+    CHECKPOINT_FILE,
+    EVENTS_FILE,
+    EventTail,
+    ended_with_error,
+    failure_message,
+    latest_epoch,
+    read_result,
+)
 
 log = logging.getLogger(__name__)
-
-#: The trainer's checkpoint in its run directory (service.training.checkpoint.CHECKPOINT_FILE;
-#: not imported: the scheduler does not import torch).
-CHECKPOINT_FILE = "checkpoint.pt"
-#: Lines of the trainer's log searched for its error message.
-_LOG_TAIL_BYTES = 16 * 1024
 
 
 class FinishDeferred(Exception):
@@ -57,62 +58,17 @@ class FinishDeferred(Exception):
     the job again from its result.json and finishes it."""
 
 
-def read_result(run_dir: Path | str) -> dict | None:
-    """The trainer's ``result.json`` (name, version, metrics of the written archive), or None."""
-    try:
-        return json.loads((Path(run_dir) / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _last_attempt_lines(log_path: Path | str) -> list[str]:
-    """The non-blank lines the trainer's last attempt wrote to its log (its tail)."""
-    try:
-        with open(log_path, "rb") as fh:
-            fh.seek(0, 2)
-            fh.seek(max(0, fh.tell() - _LOG_TAIL_BYTES))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        lines = []
-    lines = [line.strip() for line in lines if line.strip()]
-    attempt = max((i for i, line in enumerate(lines) if line.startswith("==== ")), default=-1)
-    return lines[attempt + 1:]
-
-
-def ended_with_error(log_path: Path | str) -> bool:
-    """Whether the last attempt's log ends in the trainer's own failure (its ``error: …``
-    line, or an uncaught exception's traceback), as opposed to a kill, which writes neither.
-    Tells a failed run from an interrupted one when its exit status is unknown."""
-    lines = _last_attempt_lines(log_path)
-    return any(line.startswith("error: ") or line.startswith("Traceback (most recent call last)")
-               for line in lines)
-
-
 def failure_reason(log_path: Path | str, code: int | None) -> str:
-    """Why a trainer failed, in one line: its ``error: …`` line, else its last exception line."""
-    lines = _last_attempt_lines(log_path)
-    message = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
-    if message is None:
-        message = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))
-                        and ("Error" in line or "Exception" in line)), None)
+    """Why a trainer failed, in one line: its error line, else its last exception line
+    (:func:`service.rundir.failure_message`)."""
+    message = failure_message(log_path)
     status = f"exit status {code}" if code is not None else "exited"
     return f"trainer {status}: {message}" if message else f"trainer {status} (see {log_path})"
 
 
 def checkpoint_note(run_dir: Path | str) -> str:
     """What a stopped run left to resume from: its checkpoint's last epoch, if any."""
-    events = Path(run_dir) / EVENTS_FILE
-    epoch = None
-    try:
-        for line in events.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "epoch":
-                epoch = event.get("epoch")
-    except OSError:
-        pass
+    epoch = (latest_epoch(run_dir) or {}).get("epoch")
     checkpoint = Path(run_dir) / CHECKPOINT_FILE
     if not checkpoint.exists():
         return "no epoch completed, so there is no checkpoint"
@@ -212,11 +168,11 @@ class Scheduler:
             if handle is None and runner is not None and hasattr(runner, "find_running"):
                 handle = runner.find_running(job.run_dir)  # e.g. killed before its pid was recorded
                 if handle is not None:
-                    self.jobs.update(job.id, pid=handle.pid, proc_started=handle.started)
+                    self.jobs.update(job.id, pid=handle.ref, proc_started=handle.started)
             if handle is not None:
                 with self._lock:
                     self._handles[job.id] = handle
-                log.info("job %s: adopted its running trainer (pid %d)", job.id, handle.pid)
+                log.info("job %s: adopted its running trainer (pid %d)", job.id, handle.ref)
             else:
                 log.info("job %s was RUNNING and its trainer is gone; settling it", job.id)
 
@@ -262,19 +218,19 @@ class Scheduler:
         try:
             return check(handle)
         except Exception:  # noqa: BLE001 - a failed look at the limits must not stop the tick
-            log.exception("checking the limits of pid/run %s failed", handle.pid)
+            log.exception("checking the limits of pid/run %s failed", handle.ref)
             return None
 
     def _signal_cancel(self, job: Job, runner, handle: RunHandle) -> None:
         if not job.cancel_requested:
             return
         if not handle.term_sent:
-            log.info("job %s: cancelling: SIGTERM to process group %d", job.id, handle.pid)
+            log.info("job %s: cancelling: SIGTERM to its trainer (pid/run %d)", job.id, handle.ref)
             runner.signal(handle, signal.SIGTERM)
             handle.term_sent = True
         elif time.time() - job.cancel_requested > self.cancel_grace_s:
-            log.warning("job %s: still running %.0fs after SIGTERM: SIGKILL to process group %d", job.id,
-                        self.cancel_grace_s, handle.pid)
+            log.warning("job %s: still running %.0fs after SIGTERM: SIGKILL to its trainer (pid/run %d)", job.id,
+                        self.cancel_grace_s, handle.ref)
             runner.signal(handle, signal.SIGKILL)
 
     def _progress(self, job: Job) -> None:
@@ -314,7 +270,7 @@ class Scheduler:
             return
         with self._lock:
             self._handles[job.id] = handle
-        self.jobs.update(job.id, pid=handle.pid, proc_started=handle.started)
+        self.jobs.update(job.id, pid=handle.ref, proc_started=handle.started)
 
     def _settle(self, job: Job, code: int | None, limit: str | None = None) -> None:
         """Decide the fate of a RUNNING job whose process has ended (``limit``: the limit

@@ -40,9 +40,9 @@ of :mod:`service.control.runners.local` (``start``, ``adopt``, ``poll``, ``signa
 * ``reap`` copies the pods' logs into the job's ``train.log`` (the scheduler reads the
   trainer's error line there) and deletes the Job and its Service.
 
-The handle's ``pid`` is the attempt's *run key* (a 31-bit number from the job id and the
-attempt, also a label of the Job), so a restarted control service finds the Job of a
-RUNNING job again (``adopt``).
+The handle's ``run_key`` (a 31-bit number from the job id and the attempt, also a label of
+the Job) is what the job records (its ``pid`` field), so a restarted control service finds
+the Job of a RUNNING job again (``adopt``).
 
 Settings (environment; the control service's ConfigMap in ``k8s/``):
 
@@ -81,7 +81,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from service.control.runners.local import SPEC_FILE, RunHandle
+from service import rundir
+from service.control.runners.local import RunHandle
 from service.environ import Environ, to_size
 from service.errors import FailedPrecondition, InvalidArgument
 
@@ -247,7 +248,7 @@ def job_name(job_id: str, attempt: int) -> str:
 
 
 def run_key(job_id: str, attempt: int) -> int:
-    """The number standing for one attempt: the handle's ``pid`` and the Job's run-key label.
+    """The number standing for one attempt: the handle's ``run_key`` and the Job's run-key label.
     31 bits, as the control API carries a pid as an int32; only the Jobs that exist at once
     (they are deleted when their attempt ends) need to differ."""
     return int(hashlib.sha256(f"{job_id}/{attempt}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF or 1
@@ -273,18 +274,14 @@ def layout(nproc: int, device: str, settings: K8sSettings) -> Layout:
 
 
 def trainer_command(run_dir: str, settings: K8sSettings, shape: Layout, name: str) -> list[str]:
-    args = ["run", str(Path(run_dir) / SPEC_FILE), "--run-dir", str(run_dir)]
-    if settings.model_store:
-        args += ["--store", settings.model_store]
-    for root in settings.data_roots:
-        args += ["--data-root", root]
+    args = rundir.trainer_argv(run_dir, store=settings.model_store or None, data_roots=settings.data_roots)
     if shape.nodes == 1:
         # One pod: the trainer starts torchrun itself when nproc > 1 (--standalone).
-        return [settings.python, "-m", "service.training", *args]
+        return [settings.python, "-m", rundir.TRAINER_MODULE, *args]
     return [settings.python, "-m", "torch.distributed.run", f"--nnodes={shape.nodes}",
             "--node-rank=$(JOB_COMPLETION_INDEX)", f"--nproc-per-node={shape.procs}",
             f"--master-addr={name}-0.{name}", f"--master-port={MASTER_PORT}",
-            "-m", "service.training", *args]
+            "-m", rundir.TRAINER_MODULE, *args]
 
 
 def build_job(job, attempt: int, settings: K8sSettings) -> tuple[dict, dict | None]:
@@ -424,16 +421,22 @@ def pod_exit_code(pods: list[dict]) -> int | None:
 
 
 # ---- the runner ----------------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class K8sRunHandle(RunHandle):
-    """A started (or adopted) attempt: ``pid`` is its run key, ``started`` the Job's creation."""
+    """A started (or adopted) attempt, its Job ``name``; ``started`` is the Job's creation."""
 
+    #: The attempt's :func:`run_key`, what the job records to adopt it.
+    run_key: int
     name: str = ""
     job_id: str = ""
     log_path: str = ""
     service: bool = False
     kill_sent: bool = False
     logs_copied: bool = field(default=False, repr=False)
+
+    @property
+    def ref(self) -> int:
+        return self.run_key
 
 
 class KubernetesRunner:
@@ -560,11 +563,11 @@ class KubernetesRunner:
         name = body["metadata"]["name"]
         batch, core = self._apis()
         self._ensure_watch()
-        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
+        command = " ".join(body["spec"]["template"]["spec"]["containers"][0]["command"])
         with open(job.log_path, "a", encoding="utf-8") as logf:
-            logf.write(f"==== {stamp} job {job.id} attempt {attempt}: Kubernetes Job {self.settings.namespace}/"
-                       f"{name} ({self.settings.image}): {' '.join(body['spec']['template']['spec']['containers'][0]['command'])}\n")
+            logf.write(rundir.attempt_header(job.id, attempt, f"Kubernetes Job {self.settings.namespace}/{name} "
+                                                              f"({self.settings.image}): {command}"))
         try:
             if service is not None:
                 try:
@@ -582,15 +585,16 @@ class KubernetesRunner:
         except ApiException as exc:
             raise FailedPrecondition(f"creating Job {name}: {exc.status} {_api_message(exc)}") from None
         log.info("job %s attempt %d: Kubernetes Job %s/%s", job.id, attempt, self.settings.namespace, name)
-        return K8sRunHandle(pid=run_key(job.id, attempt), started=_created(created), proc=None, name=name,
+        return K8sRunHandle(run_key=run_key(job.id, attempt), started=_created(created), name=name,
                             job_id=job.id, log_path=str(job.log_path), service=service is not None)
 
-    def adopt(self, pid: int | None, started: float | None) -> K8sRunHandle | None:
-        """The Job of a RUNNING job's attempt (found by its run key), also when it has ended."""
-        if not pid:
+    def adopt(self, key: int | None, started: float | None) -> K8sRunHandle | None:
+        """The Job of a RUNNING job's attempt (found by its run ``key``, the job's recorded
+        ``pid``), also when it has ended."""
+        if not key:
             return None
         self._ensure_watch()
-        items, _ = self._list_jobs(f"{LABEL_RUN_KEY}={int(pid)}")
+        items, _ = self._list_jobs(f"{LABEL_RUN_KEY}={int(key)}")
         if not items:
             return None
         obj = items[0]
@@ -598,9 +602,9 @@ class KubernetesRunner:
         ann = meta.get("annotations") or {}
         run_dir = ann.get("modelctl.dev/run-dir", "")
         spec = obj["spec"]
-        return K8sRunHandle(pid=int(pid), started=_created(obj), proc=None, name=meta["name"],
+        return K8sRunHandle(run_key=int(key), started=_created(obj), name=meta["name"],
                             job_id=ann.get("modelctl.dev/job-id", ""),
-                            log_path=str(Path(run_dir) / "train.log") if run_dir else "",
+                            log_path=str(Path(run_dir) / rundir.LOG_FILE) if run_dir else "",
                             service=int(spec.get("completions") or 1) > 1 or "subdomain" in spec["template"]["spec"])
 
     def poll(self, handle: K8sRunHandle) -> tuple[bool, int | None]:

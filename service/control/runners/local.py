@@ -1,9 +1,9 @@
 """Runners: where a job's trainer process runs. :data:`RUNNERS` maps a name to a factory.
 
 ``local`` (:class:`LocalRunner`) runs ``python -m service.training run <run_dir>/spec.json
---run-dir <run_dir> --store <model store> --data-root …`` as a subprocess in its own
-process group (``start_new_session``), with stdout and stderr appended to
-``<run_dir>/train.log``. A spec with ``hyperparameters.nproc > 1`` makes the trainer
+--run-dir <run_dir> --store <model store> --data-root …`` (:func:`service.rundir.trainer_argv`)
+as a subprocess in its own process group (``start_new_session``), with stdout and stderr
+appended to ``<run_dir>/train.log``. A spec with ``hyperparameters.nproc > 1`` makes the trainer
 relaunch itself under torchrun, inside the same group. Stopping signals the whole group:
 SIGTERM first (the trainer stops at a safe point, keeps its checkpoint and writes no
 archive), SIGKILL when the grace period is over, and SIGKILL again for any member left
@@ -33,7 +33,6 @@ optionally ``find_running(run_dir)``, ``poll(handle)``, ``signal(handle, sig)``,
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import signal
@@ -46,32 +45,50 @@ from typing import Callable
 
 import psutil
 
+from service import rundir
 from service.control.runners import containment
 
 log = logging.getLogger(__name__)
 
-SPEC_FILE = "spec.json"
-LOG_FILE = "train.log"
-RESULT_FILE = "result.json"  # the trainer's (service.training.recipe.RESULT_FILE)
 #: Seconds of tolerance when matching a process's start time to the recorded one.
 _START_TOLERANCE_S = 1.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunHandle:
-    """A started (or adopted) trainer: ``pid`` leads process group ``pid``."""
+    """An attempt a runner started (or adopted), as the scheduler holds it.
 
-    pid: int
-    #: The process's start time (``psutil.Process.create_time``), against pid reuse.
+    :attr:`ref` is what the job records (its ``pid`` field) for the runner's ``adopt`` to
+    find the attempt again after a restart: a process's pid here (:class:`ProcessHandle`),
+    the attempt's run key on Kubernetes (service/control/runners/kubernetes.py)."""
+
+    #: When the attempt started (a process's ``psutil.Process.create_time``, against pid
+    #: reuse; a Job's creation).
     started: float
-    proc: subprocess.Popen | None = None  # None when adopted
+    #: The trainer process, a child of this service (None: adopted, or not a local process).
+    proc: subprocess.Popen | None = None
     term_sent: bool = False
     #: Why the runner stopped it ("memory limit: …", "deadline: …"), once it did.
     limit_hit: str | None = None
+
+    @property
+    def ref(self) -> int:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class ProcessHandle(RunHandle):
+    """A trainer process on this machine: ``pid`` leads process group ``pid``."""
+
+    pid: int
     #: When the deadline's SIGTERM was sent (monotonic), for the SIGKILL after the grace.
     deadline_term_at: float | None = None
-    #: The attempt's memory cgroup, where one was made (local runner).
+    #: The attempt's memory cgroup, where one was made.
     cgroup: object | None = None
+
+    @property
+    def ref(self) -> int:
+        return self.pid
 
     @property
     def adopted(self) -> bool:
@@ -111,13 +128,10 @@ class LocalRunner:
         self._swept = False
 
     def command(self, run_dir: Path) -> list[str]:
-        cmd = [self.python, "-m", "service.training", "run", str(run_dir / SPEC_FILE),
-               "--run-dir", str(run_dir), "--store", str(self.model_store)]
-        for root in self.data_roots:
-            cmd += ["--data-root", str(root)]
-        return cmd
+        return [self.python, "-m", rundir.TRAINER_MODULE,
+                *rundir.trainer_argv(run_dir, store=self.model_store, data_roots=self.data_roots)]
 
-    def start(self, job) -> RunHandle:
+    def start(self, job) -> ProcessHandle:
         run_dir = Path(job.run_dir)
         cmd = self.command(run_dir)
         from service.auth import scrubbed_env
@@ -127,8 +141,7 @@ class LocalRunner:
         env["PYTHONUNBUFFERED"] = "1"
         cgroup = self._cgroup(f"{job.id}-{job.attempts}")
         with open(job.log_path, "ab") as logf:
-            stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-            logf.write(f"==== {stamp} job {job.id} attempt {job.attempts}: {' '.join(cmd)}\n".encode())
+            logf.write(rundir.attempt_header(job.id, job.attempts, " ".join(cmd)).encode())
             logf.flush()
             proc = subprocess.Popen(cmd, cwd=run_dir, stdin=subprocess.DEVNULL, stdout=logf,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -148,7 +161,7 @@ class LocalRunner:
             started = 0.0  # already gone: poll() reports its exit
         log.info("job %s attempt %d: pid %d, log %s%s", job.id, job.attempts, proc.pid, job.log_path,
                  self._describe_limits(cgroup))
-        return RunHandle(proc.pid, started, proc, cgroup=cgroup)
+        return ProcessHandle(pid=proc.pid, started=started, proc=proc, cgroup=cgroup)
 
     def _cgroup(self, name: str):
         if not self.memory_limit_mb or not self.use_cgroup:
@@ -167,13 +180,13 @@ class LocalRunner:
             parts.append(f"deadline {self.deadline_s:g} s")
         return f"; limits: {', '.join(parts)}" if parts else ""
 
-    def adopt(self, pid: int | None, started: float | None) -> RunHandle | None:
+    def adopt(self, pid: int | None, started: float | None) -> ProcessHandle | None:
         """The handle of a trainer left running by a previous service; None if it is gone."""
         if not pid or not _same_process_alive(pid, started):
             return None
-        return RunHandle(pid, float(started or 0.0), None, cgroup=containment.JobCgroup.of_process(pid))
+        return ProcessHandle(pid=pid, started=float(started or 0.0), cgroup=containment.JobCgroup.of_process(pid))
 
-    def find_running(self, run_dir: Path | str) -> RunHandle | None:
+    def find_running(self, run_dir: Path | str) -> ProcessHandle | None:
         """The trainer running on ``run_dir``, found by its command line, or None.
 
         For a job whose pid was never recorded: a service killed between starting the
@@ -182,41 +195,40 @@ class LocalRunner:
         directory. Only a process group leader whose arguments are this runner's
         ``--run-dir <run_dir>`` matches (torchrun's workers are members of its group).
         """
-        wanted = str(Path(run_dir))
+        wanted = Path(run_dir)
         for proc in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
             try:
                 cmd = proc.info["cmdline"] or []
-                if ("service.training" not in cmd or proc.info["status"] == psutil.STATUS_ZOMBIE
+                if (not rundir.names_run_dir(cmd, wanted) or proc.info["status"] == psutil.STATUS_ZOMBIE
                         or os.getpgid(proc.pid) != proc.pid):
                     continue
             except (psutil.Error, ProcessLookupError):
                 continue
-            if any(arg == "--run-dir" and value == wanted for arg, value in zip(cmd, cmd[1:])):
-                return RunHandle(proc.pid, float(proc.info["create_time"] or 0.0), None,
+            return ProcessHandle(pid=proc.pid, started=float(proc.info["create_time"] or 0.0),
                                  cgroup=containment.JobCgroup.of_process(proc.pid))
         return None
 
-    def poll(self, handle: RunHandle) -> tuple[bool, int | None]:
+    def poll(self, handle: ProcessHandle) -> tuple[bool, int | None]:
         """``(running, exit status)``; the status is None for an adopted process."""
         if handle.proc is not None:
             code = handle.proc.poll()
             return (code is None, None if code is None else exit_code(code))
         return (_same_process_alive(handle.pid, handle.started), None)
 
-    def signal(self, handle: RunHandle, sig: int) -> None:
+    def signal(self, handle: ProcessHandle, sig: int) -> None:
         """Send ``sig`` to the trainer's process group (nothing if it is gone)."""
         try:
             os.killpg(handle.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
-    def reap(self, handle: RunHandle) -> None:
+    def reap(self, handle: ProcessHandle) -> None:
         """After the leader exited: SIGKILL whatever is left of its group (and remove its cgroup)."""
         self.signal(handle, signal.SIGKILL)
         if handle.cgroup is not None:
             handle.cgroup.remove()
 
-    def limit(self, handle: RunHandle) -> str | None:
+    def limit(self, handle: ProcessHandle) -> str | None:
         """Enforce the attempt's memory limit and deadline; the reason once one was hit.
 
         Called at every scheduler tick while the trainer runs, and once after it ended (a
@@ -245,7 +257,7 @@ class LocalRunner:
             handle.deadline_term_at = float("inf")  # sent once
         return handle.limit_hit
 
-    def _memory_hit(self, handle: RunHandle, running: bool) -> str | None:
+    def _memory_hit(self, handle: ProcessHandle, running: bool) -> str | None:
         limit = self.memory_limit_mb
         cgroup = handle.cgroup
         if cgroup is not None:
