@@ -15,13 +15,12 @@ _EXPORTS = {
     "require_archive": "check",
     "verify_archive": "check",
     "ArchiveInfo": "store",
-    "DesiredState": "store",
     "ModelStore": "store",
     "validate_model_name": "names",
 }
 
-__all__ = ["ArchiveInfo", "DesiredState", "ModelBundle", "ModelStore", "check_archive", "known_refusal",
-           "require_archive", "validate_model_name", "verify_archive"]
+__all__ = ["ArchiveInfo", "ModelBundle", "ModelStore", "check_archive", "known_refusal", "require_archive",
+           "validate_model_name", "verify_archive"]
 
 
 def __getattr__(name: str):

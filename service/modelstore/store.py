@@ -12,7 +12,7 @@ A version is its ``<version>.mar``. Its lineage sidecar ``<version>.json`` is pu
 (renamed into place, directory fsynced) before the archive is linked, so an archive is
 never visible without its lineage, whatever step a crash interrupts; a sidecar left alone
 by a crash is invisible and replaced by the next write of that version. ``deployment.json``
-is replaced atomically and durably (service/atomic.py).
+(:mod:`service.deploy.desired`) is replaced atomically and durably under the model's lock.
 
 The lineage is immutable too (the archive holds a copy, and its sha256 names the archive's).
 What is decided about a version later, a deploy policy's comparison and measurements, goes
@@ -38,13 +38,12 @@ from typing import Any
 
 import service
 from service import atomic, faultpoints
+from service.deploy.desired import DEPLOYMENT_FILE, DesiredState, read_desired, write_desired
 from service.errors import AlreadyExists, InvalidSpec, NotFound, StoreUnwritable, shown
 from service.inference.options import MODEL_CONFIG_FILE, ServingOptions
 from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, state_dict_sha256
 from service.modelstore.names import NAME_RE, validate_model_name
 ARCHIVE_SUFFIX = ".mar"
-#: ``<root>/<name>/deployment.json``: the model's desired serving state, shared by replicas.
-DEPLOYMENT_FILE = "deployment.json"
 #: ``<root>/<name>/<version>.deploy.json``: the deploy decisions made about a version.
 DEPLOY_RECORD_SUFFIX = ".deploy.json"
 #: Decisions kept per version (the oldest go first).
@@ -96,25 +95,6 @@ def _unwritable(root: Path, what: str, exc: OSError) -> StoreUnwritable:
     where = f" ({exc.filename})" if exc.filename else ""
     return StoreUnwritable(f"model store {root} cannot take {what}: {cause}: {exc.strerror or exc} "
                            f"[{code}]{where}; nothing was published")
-
-
-@dataclass(frozen=True)
-class DesiredState:
-    """How every serving replica should serve a model: ``version`` is the default, with
-    ``workers`` workers. Kept in ``<root>/<name>/deployment.json`` and written only by
-    deployments (the control service); replicas read it and converge to it. A model
-    without one serves its latest version."""
-
-    name: str
-    version: int
-    workers: int
-    updated_at: str = ""
-    #: What set it: "deploy", "rollback", or "deploy job-…".
-    reason: str = ""
-
-    def to_dict(self) -> dict:
-        return {"version": self.version, "workers": self.workers, "updated_at": self.updated_at,
-                "reason": self.reason}
 
 
 class ModelStore:
@@ -217,18 +197,7 @@ class ModelStore:
         A file that cannot be read as one (hand-edited, truncated) raises InvalidSpec
         naming it: replicas keep what they serve rather than guess.
         """
-        path = self.root / validate_model_name(name) / DEPLOYMENT_FILE
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise InvalidSpec(str(path), f"is not a deployment record: {exc}") from exc
-        data = data if isinstance(data, dict) else {}
-        version, workers = data.get("version"), data.get("workers", 0)
-        if not (isinstance(version, int) and version >= 1 and isinstance(workers, int) and workers >= 0):
-            raise InvalidSpec(str(path), "needs an integer version >= 1 and an integer workers >= 0")
-        return DesiredState(name, version, workers, str(data.get("updated_at", "")), str(data.get("reason", "")))
+        return read_desired(self.root / validate_model_name(name), name)
 
     def default_version(self, name: str) -> int | None:
         """The version replicas serve as default: the desired one when it exists in the
@@ -250,14 +219,10 @@ class ModelStore:
                 if version not in versions:
                     raise NotFound(f"model {name!r} has no version {version} (versions: {versions})")
                 state = DesiredState(name, version, workers, _now(), reason)
-                self._write_desired(model_dir, state)
+                write_desired(model_dir, state)
         except OSError as exc:
             raise _unwritable(self.root, f"the deployment record of {name!r}", exc) from exc
         return state
-
-    @staticmethod
-    def _write_desired(model_dir: Path, state: DesiredState) -> None:
-        atomic.write_text(model_dir / DEPLOYMENT_FILE, json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
 
     # ---- writing -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -306,8 +271,8 @@ class ModelStore:
                 for stale in model_dir.glob(".staging-*"):  # a writer's, killed: writers hold this lock
                     shutil.rmtree(stale, ignore_errors=True)
                 if keep_default and existing and not (model_dir / DEPLOYMENT_FILE).exists():
-                    self._write_desired(model_dir, DesiredState(name, existing[-1], 0, _now(),
-                                                                f"kept when version {version} was written"))
+                    write_desired(model_dir, DesiredState(name, existing[-1], 0, _now(),
+                                                          f"kept when version {version} was written"))
                 staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
                 try:
                     lineage = self._lineage(name, version, bundle, options)
