@@ -1,9 +1,33 @@
-"""Engine-independent inference: decode, preprocess, batch, forward, top-k."""
+"""Engine-independent inference: decode, preprocess, batch, forward, top-k.
 
-from service.inference.fastpath import RuntimeOptions, resolve_runtime
-from service.inference.options import ServingOptions
-from service.inference.predictor import BatchResult, Predictor, parse_k
-from service.inference.precision import PrecisionCheck, check_precision
+Importing the package imports none of its modules: its names are imported on first use
+(PEP 562). So :mod:`service.inference.options` (the serving options an archive is written
+with, which the model store imports) is read without torch, and the control service
+starts without it (tests/test_spec_no_torch.py).
+"""
+
+import importlib
+
+#: Each name of the package -> the module that defines it.
+_EXPORTS = {
+    "BatchResult": "predictor",
+    "Predictor": "predictor",
+    "parse_k": "predictor",
+    "PrecisionCheck": "precision",
+    "check_precision": "precision",
+    "RuntimeOptions": "fastpath",
+    "resolve_runtime": "fastpath",
+    "ServingOptions": "options",
+}
 
 __all__ = ["BatchResult", "PrecisionCheck", "Predictor", "RuntimeOptions", "ServingOptions", "check_precision",
            "parse_k", "resolve_runtime"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # imported once: later reads find it without this function
+    return value

@@ -17,18 +17,21 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from service.errors import InvalidSpec
 from service.models import FAMILIES, ModelSpec, Vocabulary, load_model
 from service.modelstore.names import LABELS_FILE, LINEAGE_FILE, SPEC_FILE, VOCAB_FILE, WEIGHTS_FILE
 
+if TYPE_CHECKING:  # torch is imported where weights are read or written: the store's names and
+    import torch  # listings are read without it (the control service: tests/test_spec_no_torch.py)
+
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """A digest of the weights themselves (names, dtypes, shapes, values), independent of
     how they were serialised: a precision check names the weights it was run on with it."""
+    import torch
+
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
@@ -47,6 +50,8 @@ def read_weights(path: Path | BinaryIO, map_location: str | torch.device = "cpu"
     pickled ``nn.Module``, an object of any class in the dict) is refused, and nothing of
     it runs. Raises InvalidSpec("weights") naming the file and what it needed.
     """
+    import torch
+
     if isinstance(path, (str, Path)):
         path = Path(path)
         name = name or path.name
@@ -72,6 +77,8 @@ def weights_misfit(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor]) -> s
     """What keeps ``state_dict`` from loading strictly into ``spec``'s model (missing and
     unexpected names, wrong shapes), or None when it fits. The model is built on the meta
     device: no memory is allocated and nothing is initialised."""
+    import torch
+
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in FAMILIES[spec.family].build(spec).state_dict().items()}
     problems = []
@@ -142,6 +149,8 @@ class ModelBundle:
         weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()}
         # Serialized in memory and written by Python: torch.save onto a full disk fails with a
         # RuntimeError ("unexpected pos"), this write with the OSError (ENOSPC) it is.
+        import torch
+
         buffer = io.BytesIO()
         torch.save(weights, buffer)
         (directory / WEIGHTS_FILE).write_bytes(buffer.getbuffer())
