@@ -70,9 +70,9 @@ class ModelView:
 # ---- facts of a finished run ------------------------------------------------------------------
 def metric_mode(task: str | None) -> str:
     """"max" or "min": which way the task's validation metric is better."""
-    from service.training.tasks import TASKS
+    from service.training.catalog import TASK_METRICS  # torch-free, unlike the trainer's tasks
 
-    return TASKS[task].mode if task in TASKS else "max"
+    return TASK_METRICS[task].mode if task in TASK_METRICS else "max"
 
 
 def _number(value) -> bool:
