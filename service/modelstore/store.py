@@ -43,6 +43,7 @@ from service.errors import AlreadyExists, InvalidSpec, NotFound, StoreUnwritable
 from service.inference.options import MODEL_CONFIG_FILE, ServingOptions
 from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, state_dict_sha256
 from service.modelstore.names import NAME_RE, validate_model_name
+
 ARCHIVE_SUFFIX = ".mar"
 #: ``<root>/<name>/<version>.deploy.json``: the deploy decisions made about a version.
 DEPLOY_RECORD_SUFFIX = ".deploy.json"
