@@ -101,7 +101,8 @@ def control(tmp_path_factory):
 
 def test_an_alias_bomb_is_invalid_spec_in_milliseconds_and_the_rss_holds(control):
     client, proc, _, _ = control
-    # warm up: the first spec imports the trainer (torch), which is not what is measured
+    # warm up: the first spec imports the run spec's modules (not torch: tests/test_spec_no_torch.py),
+    # which is not what is measured
     err = rpc_error(lambda: client.create_job("model: {family: cnn}\ndataset: builtin:digits\nnope: 1\n"))
     assert err.grpc_code == "INVALID_ARGUMENT" and "nope: unknown key" in err.message
     rss = psutil.Process(proc.pid).memory_info().rss
