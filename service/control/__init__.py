@@ -14,6 +14,7 @@ Sub-packages (imported lazily by callers; importing this package imports nothing
 * ``runners/``: where a run's trainer process lives: ``local`` (a process group per run, its
   ``containment``) and ``kubernetes`` (a batch/v1 Job per run).
 
-Deployment (policies, the deployer, the speed check, converging) is its own room,
-:mod:`service.deploy`; the composition root of ``modelctl serve`` is :mod:`service.app`.
+Deployment (policies, the deployer and its history, the desired state, the speed check,
+converging) is its own room, :mod:`service.deploy`; the composition root of ``modelctl
+serve`` is :mod:`service.app`.
 """
