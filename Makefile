@@ -45,6 +45,12 @@ test: setup
 	$(VENV)/bin/ruff check service tests testkit benchmarks scripts
 	$(PY) -m pytest -q
 
+# The quick loop: the test tier `unit` alone (pyproject.toml's markers; DEVELOPERS.md, "The
+# test tiers"): no TorchServe, native engine, podman, kube-apiserver or root. Under 3 minutes on 2 cores.
+.PHONY: test-fast
+test-fast: setup
+	$(PY) -m pytest -q -m unit
+
 # Serving benchmark (not part of `make test`; ~20 min on 2 cores): writes BENCHMARKS.md.
 # TorchServe's stock image_classifier (baseline (c)) imports captum and matplotlib, which are
 # no dependencies of ours: they go to a directory only that baseline's TorchServe sees.

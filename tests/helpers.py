@@ -11,12 +11,13 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from testkit.builders import SPECS, TEXTS, free_port, make_bundle, random_image
 
 __all__ = ["SPECS", "TEXTS", "free_port", "make_bundle", "random_image",
-           "broken_archive_copy", "wait_for", "HeldWatches"]
+           "broken_archive_copy", "wait_for", "HeldWatches", "engine_params"]
 
 
 def broken_archive_copy(good: Path, target: Path, weights: bytes | None = None, **manifest_model) -> None:
@@ -102,3 +103,10 @@ class HeldWatches:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def engine_params(*engines: str) -> list:
+    """Fixture params over serving engines, each marked with its engine's test tier: the tiers
+    ``torchserve`` and ``native`` (pyproject.toml) are named after the engines, so a module whose
+    fixture serves on both runs each half in its own tier."""
+    return [pytest.param(engine, marks=getattr(pytest.mark, engine)) for engine in engines]

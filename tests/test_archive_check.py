@@ -171,6 +171,7 @@ def good_store(tmp_path_factory):
 
 
 # ---- the check itself ---------------------------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["cnn", "gru-text", "resnet"])
 def test_archives_the_store_writes_pass(good_store, kind):
     path = good_store.path(kind, 1)
@@ -178,6 +179,7 @@ def test_archives_the_store_writes_pass(good_store, kind):
     assert check_archive(path, name=kind, version=1) is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
 def test_each_kind_of_damage_is_refused_naming_the_file_and_the_problem(good_store, tmp_path, kind):
     target = tmp_path / "broken" / "1.mar"
@@ -191,6 +193,7 @@ def test_each_kind_of_damage_is_refused_naming_the_file_and_the_problem(good_sto
     assert not marker.exists(), "nothing pickled ran"
 
 
+@pytest.mark.unit
 def test_a_wrong_shape_names_the_tensor_and_both_shapes(good_store, tmp_path):
     target = tmp_path / "shape" / "1.mar"
     key = wrong_shape(good_store.path("cnn", 1), target, "shape", 1)
@@ -199,6 +202,7 @@ def test_a_wrong_shape_names_the_tensor_and_both_shapes(good_store, tmp_path):
     assert f"{key} is (11, " in info.value.problem and "the spec needs (10, " in info.value.problem, info.value.problem
 
 
+@pytest.mark.unit
 def test_an_archive_stored_under_another_name_or_version_is_refused(good_store, tmp_path):
     target = tmp_path / "copy" / "2.mar"
     _rewrite(good_store.path("cnn", 1), target, lambda m, d: d)  # MANIFEST still says cnn, 1
@@ -208,6 +212,7 @@ def test_an_archive_stored_under_another_name_or_version_is_refused(good_store, 
         verify_archive(target, name="cnn", version=2)
 
 
+@pytest.mark.unit
 def test_stand_in_archives_of_tests_get_the_zip_and_manifest_checks_only_when_allowed(good_store, tmp_path,
                                                                                     monkeypatch):
     target = tmp_path / "stand-in" / "1.mar"
@@ -225,6 +230,7 @@ def test_stand_in_archives_of_tests_get_the_zip_and_manifest_checks_only_when_al
         verify_archive(target, name="stand-in", version=1)
 
 
+@pytest.mark.unit
 def test_the_result_is_cached_per_file_and_a_refusal_logged_once(good_store, tmp_path, caplog):
     caplog.set_level(logging.ERROR, logger=CHECK_LOGGER)
     target = tmp_path / "cached" / "1.mar"
@@ -245,6 +251,7 @@ def test_the_result_is_cached_per_file_and_a_refusal_logged_once(good_store, tmp
     assert known_refusal(target, name="cached", version=1) is None
 
 
+@pytest.mark.unit
 def test_a_deploy_of_a_refused_archive_fails_its_precondition_and_changes_nothing(good_store, tmp_path):
     store = ModelStore(tmp_path / "store")
     store.write("m", make_bundle("cnn", seed=1))
@@ -272,6 +279,7 @@ def _metrics(serving) -> str:
     return requests.get(f"http://127.0.0.1:{serving.exporter.port}/metrics", timeout=10).text
 
 
+@pytest.mark.torchserve
 def test_corrupt_archives_are_refused_at_registration_and_the_good_model_serves(good_store, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     root = tmp_path

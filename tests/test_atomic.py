@@ -10,6 +10,8 @@ import pytest
 
 from service import atomic
 
+pytestmark = pytest.mark.unit
+
 
 def _leftovers(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))

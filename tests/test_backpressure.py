@@ -39,54 +39,20 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._gen import inference_pb2, inference_pb2_grpc
-from service.errors import InvalidArgument
 from service.modelstore import ModelStore
 from service.inference.options import ServingOptions
 from service.serving import readiness
-from service.serving.torchserve.config import parse_properties, render_config_properties
-from service.serving.torchserve.gateway import Admission
-from service.serving.settings import ServeSettings
 from service.serving.store_scan import link_archive
 from service.serving.torchserve.supervisor import Serving
 from tests.helpers import make_bundle, random_image
 from tests.test_serving import eventually, settings_for
 
+pytestmark = pytest.mark.torchserve
+
 QUEUE = 4  # TorchServe's job_queue_size: 2 requests per model through each endpoint
 ADMIT = QUEUE // 2
 RETRY_AFTER = 2
 IMAGE = random_image(1, 16, 16, seed=3)
-
-
-# -- pure parts ---------------------------------------------------------------------------
-
-
-def test_queue_settings_and_their_config(tmp_path):
-    s = ServeSettings.from_env({"MODELCTL_JOB_QUEUE_SIZE": "9", "MODELCTL_RETRY_AFTER_S": "3"},
-                               model_store=tmp_path)
-    assert (s.job_queue_size, s.admit_per_model, s.retry_after_s) == (9, 4, 3)
-    assert ServeSettings(model_store=tmp_path).job_queue_size == 100  # TorchServe's default
-    assert parse_properties(render_config_properties(s))["job_queue_size"] == "9"
-    with pytest.raises(InvalidArgument, match="MODELCTL_JOB_QUEUE_SIZE: job_queue_size must be >= 2"):
-        ServeSettings.from_env({"MODELCTL_JOB_QUEUE_SIZE": "1"})
-    with pytest.raises(InvalidArgument, match="retry_after_s must be >= 1"):
-        ServeSettings(retry_after_s=0)
-
-
-def test_admission_counts_per_model():
-    a = Admission(2, retry_after_s=5)
-    assert a.acquire("m") and a.acquire("m") and not a.acquire("m")
-    assert a.acquire("other") and a.counts() == {"m": 2, "other": 1}
-    a.release("m")
-    assert a.acquire("m") and not a.acquire("m")
-    for _ in range(3):
-        a.release("m")
-    a.release("other")
-    assert a.counts() == {}
-    err, trailers = a.refusal("m")
-    assert err.grpc_code == "RESOURCE_EXHAUSTED" and err.http_status == 429
-    assert dict(trailers) == {"retry-after": "5", "grpc-retry-pushback-ms": "5000"}
-    unlimited = Admission(None)
-    assert all(unlimited.acquire("m") for _ in range(1000))
 
 
 # -- one real TorchServe ------------------------------------------------------------------

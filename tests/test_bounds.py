@@ -99,6 +99,7 @@ def control(tmp_path_factory):
             proc.wait()
 
 
+@pytest.mark.faults
 def test_an_alias_bomb_is_invalid_spec_in_milliseconds_and_the_rss_holds(control):
     client, proc, _, _ = control
     # warm up: the first spec imports the run spec's modules (not torch: tests/test_spec_no_torch.py),
@@ -120,6 +121,7 @@ def test_an_alias_bomb_is_invalid_spec_in_milliseconds_and_the_rss_holds(control
     assert client.list_jobs().jobs == []
 
 
+@pytest.mark.faults
 def test_errors_echo_a_bounded_part_of_the_input(control):
     client, _, _, _ = control
     huge = "x" * 50_000
@@ -150,6 +152,7 @@ def test_errors_echo_a_bounded_part_of_the_input(control):
     assert err.grpc_code == "INVALID_ARGUMENT" and len(err.message) < MAX_MESSAGE
 
 
+@pytest.mark.faults
 def test_names_and_versions_are_matched_in_full(control):
     client, _, store, _ = control
     for spec, needle in (({"base": "m:²", "dataset": "builtin:digits"}, "version must be an integer >= 1, got '²'"),
@@ -172,6 +175,7 @@ def test_names_and_versions_are_matched_in_full(control):
     assert [v.version for v in client.list_models("m").versions] == [1]
 
 
+@pytest.mark.faults
 def test_the_operators_run_bounds_reach_the_control_api(control):
     client, _, _, _ = control
     spec = {"model": CNN, "dataset": "builtin:digits", "output": {"name": "n"}, "hyperparameters": {"epochs": 6}}
@@ -180,6 +184,7 @@ def test_the_operators_run_bounds_reach_the_control_api(control):
     assert "hyperparameters.epochs: must be between 1 and 5 (this service's limit), got 6" in err.message
 
 
+@pytest.mark.faults
 def test_deploy_workers_above_the_maximum_is_invalid_argument(control):
     client, _, store, _ = control
     for call in (lambda: client.deploy("m", 1, workers=3), lambda: client.rollback("m", 1, workers=3),
@@ -208,6 +213,7 @@ class RecordingManagement:
         return call
 
 
+@pytest.mark.unit
 def test_deploy_model_over_the_maximum_starts_no_worker(tmp_path):
     store = ModelStore(tmp_path / "store")
     store.write("m", make_bundle("cnn"))
@@ -233,6 +239,7 @@ def test_deploy_model_over_the_maximum_starts_no_worker(tmp_path):
         service.stop()
 
 
+@pytest.mark.unit
 def test_the_default_maximum_is_the_gpus_else_the_cores_and_never_below_the_default(monkeypatch):
     monkeypatch.setattr(bounds, "visible_gpus", lambda environ=None: 0)
     assert ControlConfig().deploy_workers_limit(1) == bounds.cores()
@@ -251,6 +258,7 @@ def test_the_default_maximum_is_the_gpus_else_the_cores_and_never_below_the_defa
     assert bounds.visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
 
 
+@pytest.mark.unit
 def test_error_messages_show_at_most_a_bounded_repr():
     from service.errors import shown
 

@@ -58,6 +58,7 @@ TOKEN = ApiToken("byte-budget-test-token-0123456789abcdef", "test")
 # -- the derivation --------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_the_budget_is_derived_from_the_frontend_heap(tmp_path):
     s = ServeSettings(model_store=tmp_path)
     assert s.engine == "torchserve" and s.frontend_heap_mb == 512
@@ -79,6 +80,7 @@ def test_the_budget_is_derived_from_the_frontend_heap(tmp_path):
     assert ServeSettings(engine="native", frontend_heap_mb=64).inflight_bytes_budget == 400 * MiB
 
 
+@pytest.mark.unit
 def test_a_budget_must_hold_one_whole_request_per_endpoint():
     with pytest.raises(InvalidArgument, match=r"^MODELCTL_FRONTEND_HEAP_MB: frontend_heap_mb is too small: "
                                               r"100 MiB leaves a byte budget of 18874368 bytes"):
@@ -98,6 +100,7 @@ def test_a_budget_must_hold_one_whole_request_per_endpoint():
 # -- the size classes --------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_size_classes_of_the_default_share():
     classes = size_classes(96 * MiB, 16 * MiB)
     assert [(c.above, c.top, c.places, c.nested_places) for c in classes] == [
@@ -106,6 +109,7 @@ def test_size_classes_of_the_default_share():
     assert worst_case(classes) == 96 * MiB
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("max_request", [1000, 200 * KiB, 256 * KiB, 256 * KiB + 1, 1 * MiB, 3 * MiB, 16 * MiB,
                                          64 * MiB])
 def test_size_classes_never_hold_more_than_the_share(max_request):
@@ -125,6 +129,7 @@ def test_size_classes_never_hold_more_than_the_share(max_request):
         size_classes(max_request - 1, max_request)
 
 
+@pytest.mark.unit
 def test_above_regex_is_a_numeric_comparison():
     rng = random.Random(7)
     limits = [0, 1, 9, 10, 99, 100, 101, 262144, 1048576, 4194304, 16777216, 999999] + \
@@ -141,6 +146,7 @@ def test_above_regex_is_a_numeric_comparison():
 # -- nginx's text ------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_nginx_conf_counts_bodies_by_size_class(tmp_path):
     s = ServeSettings(state_dir=tmp_path)
     text = render_nginx_conf(s, TOKEN, tmp_path / "proxy")
@@ -174,6 +180,7 @@ def test_nginx_conf_counts_bodies_by_size_class(tmp_path):
     assert worst_case(size_classes(4 * MiB, 1 * MiB)) == 4 * MiB
 
 
+@pytest.mark.torchserve
 def test_nginx_accepts_the_conf(tmp_path):
     proxy = NginxProxy(ServeSettings(state_dir=tmp_path / "state"), TOKEN)
     proxy.write_config("upstream-key")
@@ -183,6 +190,7 @@ def test_nginx_accepts_the_conf(tmp_path):
 # -- the gateway's byte admission --------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_gateway_byte_admission_keeps_room_for_small_messages():
     a = ByteAdmission(size_classes(96 * MiB, 16 * MiB), retry_after_s=3)
     big = 12 * MiB
@@ -289,6 +297,7 @@ def _busy(r) -> bool:
     return True
 
 
+@pytest.mark.torchserve
 def test_nginx_admits_bodies_by_size_class(stub_proxy):
     proxy, upstream = stub_proxy
     classes = size_classes(endpoint_shares(proxy.settings)[0], proxy.settings.max_request_size_bytes)
@@ -381,6 +390,7 @@ def _pids(sv) -> dict:
             "nginx": {proxy.pid, *proxy.workers()}}
 
 
+@pytest.mark.torchserve
 def test_concurrent_large_bodies_stay_within_the_budget(replica):
     from benchmarks.soak import java_heap, live_heap
 
@@ -508,6 +518,7 @@ def test_concurrent_large_bodies_stay_within_the_budget(replica):
     assert peak_after < s.frontend_heap_mb, report
 
 
+@pytest.mark.torchserve
 def test_a_full_budget_fits_the_frontend_heap(replica):
     """The worst case: both models' workers stopped, and each endpoint's classes filled with
     bodies of their classes' tops (REST 3 x 16 MiB, 6 x 4 MiB, 12 x 1 MiB, 48 x 256 KiB; gRPC
@@ -592,6 +603,7 @@ def test_a_full_budget_fits_the_frontend_heap(replica):
     assert {r.name: r.pids for r in readiness.check(sv.mgmt) if r.ready} == workers
 
 
+@pytest.mark.torchserve
 def test_stream_predictions2_is_one_counted_call_per_message(replica):
     """The gateway serves StreamPredictions2 as the native engine does: each message one
     Predictions call, counted and answered in order. (TorchServe's own needs a model set up

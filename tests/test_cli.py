@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import zipfile
 
+import pytest
 import torch
 
 from service.cli import main
 from service.modelstore import ModelStore
 from tests.helpers import SPECS, make_bundle
+
+pytestmark = pytest.mark.unit
 
 
 def test_archive_then_list(tmp_path, capsys):

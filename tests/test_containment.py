@@ -113,6 +113,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("way", ["cgroup", "watch"])
 def test_a_trainer_past_its_memory_limit_fails_with_memory_limit_and_keeps_its_checkpoint(control, way):
     c = control
@@ -138,6 +139,7 @@ def test_a_trainer_past_its_memory_limit_fails_with_memory_limit_and_keeps_its_c
         assert "the kernel killed" in job.error
 
 
+@pytest.mark.faults
 def test_a_trainer_past_its_deadline_fails_with_deadline_and_keeps_its_checkpoint(control):
     c = control
     runner = _runner(c, deadline_s=3600)
@@ -159,6 +161,7 @@ def test_a_trainer_past_its_deadline_fails_with_deadline_and_keeps_its_checkpoin
     assert _gone(handle.pid)
 
 
+@pytest.mark.unit
 def test_the_settings_reach_the_local_runner():
     config = ControlConfig(model_store="/m", runs_dir="/r", job_memory_limit_mb=2048, job_deadline_s=600,
                            cancel_grace_s=7)
@@ -185,6 +188,7 @@ def _settings(**kw):
     return K8sSettings(**base)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("nproc, gpus", [(1, 0), (4, 2)])
 def test_kubernetes_jobs_are_contained_like_the_deployments(nproc, gpus):
     from service.control.runners.kubernetes import build_job
@@ -217,6 +221,7 @@ def test_kubernetes_jobs_are_contained_like_the_deployments(nproc, gpus):
     assert env["OMP_NUM_THREADS"] == str(max(1, 2 // (2 if gpus else nproc)))
 
 
+@pytest.mark.unit
 def test_kubernetes_limit_settings_are_checked():
     from service.control.runners.kubernetes import K8sSettings
 

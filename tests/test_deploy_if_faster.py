@@ -114,6 +114,7 @@ FAST_SPEED = SpeedCheck(device="cpu", new_p50_ms_b1=1.0, serving_p50_ms_b1=3.0, 
                         serving_throughput_b8=300, rounds=3, margin=0.05)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode, new, old, tolerance, speed, outcome", [
     ("max", 0.905, 0.915, 0.01, FAST_SPEED, policies.DEPLOYED),         # 1 point worse: within
     ("max", 0.95, 0.915, 0.0, FAST_SPEED, policies.DEPLOYED),           # better, no tolerance
@@ -148,6 +149,7 @@ def test_the_policy_needs_both_faster_and_within_tolerance(mode, new, old, toler
     assert policies.DEPLOY_POLICIES["deploy-if-faster"](alone).deploy
 
 
+@pytest.mark.unit
 def test_the_tolerance_is_validated():
     assert check_tolerance(None, "deploy-if-faster") == policies.DEFAULT_TOLERANCE == 0.01
     assert check_tolerance(0, "deploy-if-faster") == 0.0 and check_tolerance(1, "deploy-if-faster") == 1.0
@@ -161,6 +163,7 @@ def test_the_tolerance_is_validated():
 
 
 # ---- the real speed check through the plane ----------------------------------------------------------
+@pytest.mark.integration
 def test_a_slower_version_is_not_deployed(tmp_path):
     plane = plane_for(tmp_path)
     try:
@@ -183,6 +186,7 @@ def test_a_slower_version_is_not_deployed(tmp_path):
         plane.stop()
 
 
+@pytest.mark.integration
 def test_a_faster_version_within_tolerance_is_deployed_and_decides_once(tmp_path):
     plane = plane_for(tmp_path)
     try:
@@ -219,6 +223,7 @@ def test_a_faster_version_within_tolerance_is_deployed_and_decides_once(tmp_path
         plane.stop()
 
 
+@pytest.mark.integration
 def test_a_faster_version_outside_tolerance_is_not_deployed(tmp_path):
     plane = plane_for(tmp_path)
     try:
@@ -240,6 +245,7 @@ def test_a_faster_version_outside_tolerance_is_not_deployed(tmp_path):
         plane.stop()
 
 
+@pytest.mark.integration
 def test_the_serving_versions_metric_and_a_model_without_another_version(tmp_path):
     """The serving version's metric is the parent's on this validation set when it is the
     parent; otherwise its own from a run on the same data; else none. With no other
@@ -277,6 +283,7 @@ def test_the_serving_versions_metric_and_a_model_without_another_version(tmp_pat
         plane.stop()
 
 
+@pytest.mark.integration
 def test_the_speed_check_is_bounded_in_time_and_ends_when_the_service_stops(tmp_path):
     store = ModelStore(tmp_path / "store")
     store.write("m", cnn(SLOW))
@@ -311,6 +318,7 @@ def test_the_speed_check_is_bounded_in_time_and_ends_when_the_service_stops(tmp_
         plane.stop()
 
 
+@pytest.mark.unit
 def test_the_speed_check_settings_have_bounds():
     assert ControlConfig.from_env(environ={"MODELCTL_SPEED_CHECK_TIMEOUT_S": "30", "MODELCTL_SPEED_CHECK_ROUNDS": "2",
                                            "MODELCTL_SPEED_CHECK_MARGIN": "0.1",
@@ -322,6 +330,7 @@ def test_the_speed_check_settings_have_bounds():
             ControlConfig.from_env(environ={env: value})
 
 
+@pytest.mark.unit
 def test_a_version_2_job_database_gains_the_deploy_check_columns(tmp_path):
     db = tmp_path / "control.db"
     JobStore(db).close()
@@ -352,6 +361,7 @@ def _cli(*argv) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.integration
 def test_a_fine_tuning_job_with_deploy_if_faster_through_the_control_api(tmp_path):
     """``modelctl finetune create --deploy deploy-if-faster`` from the serving version: the run
     evaluates its parent (the serving version) on its validation set, the speed check measures

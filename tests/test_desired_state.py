@@ -13,6 +13,8 @@ import pytest
 from service.deploy.desired import DEPLOYMENT_FILE, DesiredState, read_desired, write_desired
 from service.errors import InvalidSpec
 
+pytestmark = pytest.mark.unit
+
 NAME = "m"
 
 

@@ -1,6 +1,6 @@
 """Distillation runs (``task: distill``): the loss, the frozen teacher, the spec, real runs on
-builtin:digits against teachers written straight into a real model store, resume, and a
-distill job through the real control API (gRPC server, no TorchServe: deploy policy none).
+builtin:digits against teachers written straight into a real model store, and resume. A
+distill job through the real control API is tests/test_distill_job.py.
 
 Teachers have random weights and the digits labels: a run needs a teacher that answers, not
 a good one. The "sharp" teacher's head is scaled up so that it is confident and nearly
@@ -19,22 +19,17 @@ import pytest
 import torch
 from torch import nn
 
-from service._gen.modelctl.v1 import control_pb2 as pb
-from service.auth import ApiToken
-from service.control.api.client import ControlClient
-from service.control.settings import ControlConfig
-from service.control.jobs.plane import ControlPlane
-from service.control.api.servicer import ControlService
-from service.errors import InvalidSpec, NotFound, ServiceError, Unavailable
+from service.errors import InvalidSpec, NotFound
 from service.models import ModelSpec, build_model, load_model
 from service.modelstore import ModelBundle, ModelStore
-from service.serving.settings import ServeSettings
 from service.training import datasets as ds
 from service.training.distill import DistillLoss, Teacher
 from service.rundir import CHECKPOINT_FILE, EVENTS_FILE
 from service.training.recipe import StopRequest, evaluate, read_archive, run_finetune
 from service.training.spec import Policy, RunSpec
 from service.training.tasks import TASKS
+
+pytestmark = pytest.mark.unit
 
 IMAGE = {"type": "image", "channels": 1, "size": 8, "resize": None}
 TEACHER = {"family": "cnn", "num_classes": 10, "config": {"channels": [8, 16]}, "input": IMAGE}
@@ -293,44 +288,3 @@ def test_a_stopped_distill_run_resumes_with_its_teacher_from_the_store_and_never
     trainable = len(list(student.parameters()))
     assert sum(len(g["params"]) for g in state["optimizer"]["param_groups"]) == trainable
     assert not any("teacher" in str(k) for k in state)
-
-
-# ---- the control API ------------------------------------------------------------------------------------
-def test_a_distill_job_through_the_control_api(tmp_path):
-    store = ModelStore(tmp_path / "store")
-    ref = write_teacher(store, "teacher")
-    write_teacher(store, "tags", spec={**TEACHER, "task": "multilabel"})
-    write_teacher(store, "big", spec={**TEACHER, "input": {**IMAGE, "size": 16}})
-
-    def no_torchserve():
-        raise Unavailable("no TorchServe in this test")
-
-    settings = ServeSettings(model_store=store.root, state_dir=tmp_path / "state")
-    config = ControlConfig(port=0, db_path=tmp_path / "control.db", runs_dir=tmp_path / "runs",
-                           model_store=store.root, data_roots=(tmp_path,), deploy_target="store", poll_s=0.1)
-    token = ApiToken("d" * 32, "test")
-    service = ControlService(config, ControlPlane(config, settings, no_torchserve), token=token).start()
-    try:
-        with ControlClient(service.target, token=token, timeout_s=60) as client:
-            spec = distill_spec(ref, "ctl-student", {"temperature": 3, "alpha": 0.5}, epochs=1, batch_size=32)
-            for bad, code, words in (
-                    ({**spec, "teacher": "nobody:1"}, "NOT_FOUND", "teacher: model 'nobody'"),
-                    ({**spec, "teacher": "teacher"}, "INVALID_ARGUMENT", "teacher: needs its version"),
-                    ({**spec, "teacher": "tags:1"}, "INVALID_ARGUMENT", "tags:1 is a multilabel model"),
-                    ({**spec, "teacher": "big:1"}, "INVALID_ARGUMENT", "same input"),
-                    ({**spec, "distill": {"alpha": 2}}, "INVALID_ARGUMENT", "distill.alpha"),
-                    ({**spec, "task": "multiclass"}, "INVALID_ARGUMENT", "teacher: is only for task: distill")):
-                with pytest.raises(ServiceError) as info:
-                    client.create_job(bad)
-                assert info.value.grpc_code == code and words in info.value.message, info.value.message
-            assert client.list_jobs().jobs == []
-            job = client.create_job(spec)
-            done = client.wait(job.id, timeout_s=240)
-            log = Path(done.log_path).read_text() if Path(done.log_path).exists() else ""
-            assert pb.JobState.Name(done.state) == "JOB_STATE_SUCCEEDED", (done.error, log[-3000:])
-            assert store.versions("ctl-student") == [1], log[-3000:]
-        d = store.lineage("ctl-student", 1)["distill"]
-        assert (d["teacher"], d["temperature"], d["alpha"]) == ("teacher:1", 3.0, 0.5)
-        assert d["teacher_val_count"] == 100
-    finally:
-        service.stop()

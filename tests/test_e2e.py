@@ -24,12 +24,12 @@ from service.inference.options import ServingOptions
 from service.serving.settings import ServeSettings
 from service.serving.store_scan import refused_archives
 from service.serving.engines import serving_class
-from tests.helpers import TEXTS, broken_archive_copy, free_port, make_bundle, random_image
+from tests.helpers import TEXTS, broken_archive_copy, engine_params, free_port, make_bundle, random_image
 
 MODELS = {"resnet": "t-resnet", "mobilenet": "t-mobilenet", "cnn": "t-cnn", "lstm": "t-lstm", "gru-text": "t-text"}
 
 
-@pytest.fixture(scope="module", params=["torchserve", "native"])
+@pytest.fixture(scope="module", params=engine_params("torchserve", "native"))
 def served(tmp_path_factory, request):
     engine = request.param
     root = tmp_path_factory.mktemp(f"e2e-{engine}")

@@ -14,6 +14,8 @@ from service.environ import Environ, EnvSettings, convert, to_size
 from service.errors import InvalidArgument
 from service.serving.settings import ServeSettings
 
+pytestmark = pytest.mark.unit
+
 
 def test_readers_give_defaults_for_unset_or_blank_variables():
     env = Environ({"MODELCTL_BLANK": "  "})

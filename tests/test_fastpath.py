@@ -23,6 +23,8 @@ from service.modelstore import ModelBundle, ModelStore
 from service.inference.options import MODEL_CONFIG_FILE, ServingOptions
 from tests.helpers import make_bundle, random_image
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -40,6 +40,8 @@ from service.modelstore import ModelStore
 from service.training.recipe import read_archive
 from tests.helpers import free_port, make_bundle, wait_for
 
+pytestmark = pytest.mark.faults
+
 REPO = Path(__file__).resolve().parent.parent
 CNN = {"family": "cnn", "config": {"channels": [8, 16]},
        "input": {"type": "image", "channels": 1, "size": 8, "resize": None}}

@@ -22,6 +22,8 @@ from service import grpc_server
 from service.auth import INVALID_MESSAGE, MISSING_MESSAGE, ApiToken
 from service.errors import InvalidSpec, NotFound, ResourceExhausted, Unavailable, from_body
 
+pytestmark = pytest.mark.unit
+
 TOKEN = ApiToken("grpc-server-test-token-0123456789", "test")
 SERVICE = "test.Echo"
 KINDS = ("sync", "aio")

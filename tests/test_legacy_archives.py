@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from service.serving.engines import serving_class
+from tests.helpers import engine_params
 from tests.test_serving import settings_for
 
 FIXTURE = Path(__file__).parent / "fixtures" / "archives-0b5d150"
@@ -28,6 +29,7 @@ def _fixture() -> dict:
     return json.loads((FIXTURE / "answers.json").read_text())
 
 
+@pytest.mark.unit
 def test_the_fixture_is_what_old_stores_hold():
     fixture = _fixture()
     assert fixture["commit"].startswith("0b5d150")
@@ -38,7 +40,7 @@ def test_the_fixture_is_what_old_stores_hold():
     assert "service.handlers.torchserve" in shim
 
 
-@pytest.fixture(scope="module", params=["torchserve", "native"])
+@pytest.fixture(scope="module", params=engine_params("torchserve", "native"))
 def served(tmp_path_factory, request):
     root = tmp_path_factory.mktemp(f"legacy-{request.param}")
     shutil.copytree(FIXTURE / "store", root / "store")

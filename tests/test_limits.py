@@ -35,6 +35,8 @@ from service.training.spec import (
 )
 from tests.helpers import SPECS, make_bundle
 
+pytestmark = pytest.mark.unit
+
 CNN = {"family": "cnn", "config": {"channels": [4]}, "input": {"type": "image", "channels": 1, "size": 8,
                                                                  "resize": None}}
 

@@ -1,9 +1,12 @@
 """Metric definitions and the GPU collector, on this machine as it is (no GPU here)."""
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from service.metrics.gpu import GpuCollector
 from service.metrics.handler import HandlerMetrics, outcome_of
+
+pytestmark = pytest.mark.unit
 
 
 def test_gpu_collector_reports_zero_gpus_without_failing():

@@ -25,6 +25,8 @@ from service.models import (
 from service.models import mobilenet
 from service.models.text import tokenize
 
+pytestmark = pytest.mark.unit
+
 IMAGE_SMALL = {"type": "image", "channels": 3, "size": 64, "resize": 72}
 
 SPECS = {

@@ -14,6 +14,8 @@ from service.modelstore import ModelBundle, ModelStore
 from service.modelstore.bundle import LABELS_FILE, LINEAGE_FILE, SPEC_FILE, WEIGHTS_FILE
 from tests.helpers import make_bundle
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def store(tmp_path):

@@ -31,10 +31,11 @@ from service.modelstore import ModelStore
 from service.inference.options import ServingOptions
 from service.serving.native import oip
 from service.serving.native.engine import NativeServing
-from service.serving.native.runner import batch_target
 from tests import oip_clients
 from tests.helpers import TEXTS, HeldWatches, make_bundle, random_image, wait_for
 from tests.test_serving import settings_for
+
+pytestmark = pytest.mark.native
 
 BUNDLES = {"cnn": "cnn", "lstm": "lstm", "text": "gru-text", "resnet": "resnet"}
 
@@ -77,19 +78,6 @@ def _same(got_classes, got_probs, expected) -> None:
 
 IMAGES = [random_image(1, 16, 16, seed=s) for s in range(3)]
 JPEGS = [random_image(3, 80, 70, fmt="jpeg", seed=s) for s in range(2)]
-
-
-def test_tensor_names_agree_with_the_test_clients():
-    assert (oip.IMAGES, oip.SEQUENCES, oip.LENGTHS, oip.TEXTS, oip.TOP_K) == (
-        oip_clients.IMAGES, oip_clients.SEQUENCES, oip_clients.LENGTHS, oip_clients.TEXTS, oip_clients.TOP_K)
-    assert (oip.LABELS, oip.PROBABILITIES, oip.CLASSES) == oip_clients.OUTPUTS
-
-
-def test_batch_target_waits_for_what_is_in_flight_or_came_back():
-    assert batch_target(queued=1, in_flight=1, last_batch=1, max_batch=8) == 1  # c=1: no wait
-    assert batch_target(queued=1, in_flight=1, last_batch=8, max_batch=8) == 8  # the closed loop returns
-    assert batch_target(queued=2, in_flight=6, last_batch=1, max_batch=8) == 6
-    assert batch_target(queued=3, in_flight=40, last_batch=8, max_batch=8) == 8  # never past the batch size
 
 
 # ---- OIP v2 with tritonclient ----------------------------------------------------------------------

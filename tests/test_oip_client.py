@@ -33,6 +33,8 @@ import pytest
 
 import oip_clients as oc
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-oip-token"
 IMAGES = [b"\xff\xd8\xff\xe0 a jpeg", b"\x89PNG\r\n\x1a\n a png", b""]

@@ -15,6 +15,8 @@ from service.inference.decode import image_size
 from service.models import image_eval_transform, load_model
 from tests.helpers import TEXTS, make_bundle, random_image
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def cnn():

@@ -1,6 +1,10 @@
 """benchmarks.report: one benchmark's section of BENCHMARKS.md is replaced, the rest kept."""
 
+import pytest
+
 from benchmarks.report import replace_section
+
+pytestmark = pytest.mark.unit
 
 
 def test_replaces_only_its_own_section_and_appends_a_missing_one(tmp_path):

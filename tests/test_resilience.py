@@ -34,7 +34,6 @@ from types import SimpleNamespace
 from typing import Callable
 
 import grpc
-from grpc.aio import AioRpcError, Metadata
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,10 +42,8 @@ from service._gen import inference_pb2, inference_pb2_grpc
 from service.control.api.client import ControlClient
 from service.control.settings import ControlConfig
 from service.app import with_control
-from service.errors import Unavailable
 from service.modelstore import ModelStore
 from service.serving import readiness
-from service.serving.torchserve.gateway import translate
 from tests.helpers import make_bundle, random_image
 from tests.test_serving import settings_for
 
@@ -232,7 +229,8 @@ def _describe(failures: list[Result]) -> str:
 
 
 # ---- point 3: a version swap under load ------------------------------------------------------------
-@pytest.mark.parametrize("engine", ["served", "native_served"])
+@pytest.mark.parametrize("engine", [pytest.param("served", marks=pytest.mark.torchserve),
+                                    pytest.param("native_served", marks=pytest.mark.native)])
 def test_a_version_swap_under_load_fails_no_request(engine, request):
     served = request.getfixturevalue(engine)
     swap: dict[str, float] = {}
@@ -301,16 +299,7 @@ def _worker_died(r: Result) -> bool:
         return False
 
 
-def test_the_gateway_answers_a_dead_worker_unavailable():
-    """TorchServe's gRPC statuses for "Worker died.", as it sends them (seen in the test below)."""
-    died = "Worker died.\norg.pytorch.serve.http.InternalServerException"
-    for code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED):
-        err = translate(AioRpcError(code, Metadata(), Metadata(), details=died))
-        assert isinstance(err, Unavailable) and err.message == "Worker died." and err.grpc_code == "UNAVAILABLE"
-    other = AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, Metadata(), Metadata(), details="too many")
-    assert translate(other) is None, "other RESOURCE_EXHAUSTED answers pass through"
-
-
+@pytest.mark.torchserve
 def test_a_killed_worker_is_replaced_and_only_its_requests_fail(served):
     serving = served.serving
     before = _victim(serving)

@@ -33,6 +33,8 @@ from service.training.spec import Policy, RunSpec
 from service.training.tasks import TASKS
 from tests.helpers import free_port
 
+pytestmark = pytest.mark.unit
+
 SEG = TASKS["segmentation"]
 
 

@@ -43,6 +43,7 @@ from service.serving.engines import serving_class
 from service.serving.native import oip
 from service.training import tasks
 from tests import oip_clients
+from tests.helpers import engine_params
 from tests.test_serving import settings_for
 
 SPECS = {
@@ -173,6 +174,7 @@ def trained(tmp_path_factory):
     return ModelBundle.from_archive(outcome.archive.path)
 
 
+@pytest.mark.unit
 def test_the_served_rule_is_the_trainers():
     assert tasks.segmentation_prediction is decisions.segmentation_prediction
     assert tasks.MULTILABEL_THRESHOLD == decisions.MULTILABEL_THRESHOLD == 0.5
@@ -180,6 +182,7 @@ def test_the_served_rule_is_the_trainers():
     assert decisions.segmentation_prediction(logits).tolist() == [[[1, 0, 1]]]
 
 
+@pytest.mark.unit
 def test_predictor_answers_masks_at_each_images_size(bundles):
     images = {"wide": image(40, 50, seed=1), "small": image(16, 20, seed=2), "jpeg": image(40, 50, 3, "jpeg"),
               "square": image(32, 32, seed=4)}
@@ -198,6 +201,7 @@ def test_predictor_answers_masks_at_each_images_size(bundles):
             m.tolist() for m in masks]
 
 
+@pytest.mark.unit
 def test_a_center_cropped_view_is_sampled_back_where_the_crop_came_from():
     """With ``resize`` (shorter side) and a center crop, the model sees the crop only: the mask
     puts its logits back there, and the cut-off sides take the crop's edge. An 80x100 image,
@@ -227,6 +231,7 @@ def test_a_center_cropped_view_is_sampled_back_where_the_crop_came_from():
         assert torch.equal(TF.center_crop(resized, [32, 32]), resized[:, top:top + 32, left:left + 32])
 
 
+@pytest.mark.unit
 def test_the_precision_check_compares_pixels(bundles):
     """A reduced precision is admitted on the agreement of every pixel's class (the served
     rule), not of an argmax over a (C, H, W) output counted per image."""
@@ -238,6 +243,7 @@ def test_the_precision_check_compares_pixels(bundles):
         assert 0 < check.max_abs_prob_diff < 0.5  # probabilities (softmax / sigmoid), not logits
 
 
+@pytest.mark.unit
 def test_masks_in_chunks_equal_one_argmax():
     """Past the chunk bound, images go one at a time and classes in groups, with a running
     maximum: the same ids as one argmax, ties (integer logits) to the lower class."""
@@ -255,6 +261,7 @@ def test_masks_in_chunks_equal_one_argmax():
     assert torch.equal(predict_masks_through_crop(logits, (33, 41), box, chunk_elements=1), whole)
 
 
+@pytest.mark.unit
 def test_mask_png_is_a_plain_8_bit_grayscale_png():
     mask = np.random.default_rng(0).integers(0, 256, size=(7, 13), dtype=np.uint8)
     data = maskpng.encode(mask)
@@ -265,6 +272,7 @@ def test_mask_png_is_a_plain_8_bit_grayscale_png():
         maskpng.decode(encode_png(torch.zeros((3, 4, 4), dtype=torch.uint8)).numpy().tobytes())  # RGB
 
 
+@pytest.mark.unit
 def test_more_classes_than_8_bit_masks_hold_are_refused(tmp_path):
     spec = dict(SPECS["seg"], num_classes=257, config={"depth": 2, "base_channels": 1})
     bundle = ModelBundle(ModelSpec.from_dict(spec), build_model(ModelSpec.from_dict(spec)).state_dict(),
@@ -277,6 +285,7 @@ def test_more_classes_than_8_bit_masks_hold_are_refused(tmp_path):
         verify_archive(store.path("wide", 1), name="wide", version=1)
 
 
+@pytest.mark.unit
 def test_oip_contract_of_a_segmentation_model(bundles):
     io_ = oip.model_io(Predictor(bundles["seg"]))
     assert io_.metadata() == {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]}],
@@ -291,7 +300,7 @@ def test_oip_contract_of_a_segmentation_model(bundles):
 
 # ---- served by each engine ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["torchserve", "native"])
+@pytest.fixture(scope="module", params=engine_params("torchserve", "native"))
 def served(tmp_path_factory, request, bundles, trained):
     engine = request.param
     root = tmp_path_factory.mktemp(f"seg-{engine}")

@@ -12,6 +12,8 @@ import pytest
 
 from service import signals
 
+pytestmark = pytest.mark.unit
+
 
 def _wait_for(predicate, timeout=5.0):
     deadline = time.monotonic() + timeout

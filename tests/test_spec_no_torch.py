@@ -33,6 +33,8 @@ from service.modelstore import ModelStore
 from service.training.spec import Policy
 from tests.helpers import free_port, make_bundle, wait_for
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 TORCH_EXIT = 97
 #: Runs ``python -m service.control`` (its arguments: this script's) in a process that dies

@@ -22,6 +22,8 @@ from service.training.recipe import evaluate, read_archive, run_finetune
 from service.training.spec import Hyperparameters, Policy, RunSpec
 from service.training.tasks import TASKS
 
+pytestmark = pytest.mark.unit
+
 CNN = {"family": "cnn", "config": {"channels": [8, 16]},
        "input": {"type": "image", "channels": 1, "size": 8, "resize": None}}
 

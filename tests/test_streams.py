@@ -29,6 +29,8 @@ from service.serving.settings import ServeSettings
 from service.serving.torchserve.gateway import GatewayThread
 from tests.helpers import HeldWatches, wait_for
 
+pytestmark = pytest.mark.unit
+
 TOKEN = ApiToken("streams-test-token-0123456789", "test")
 LIMIT = 5
 

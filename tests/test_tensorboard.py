@@ -30,6 +30,8 @@ from service.rundir import EVENTS_FILE
 from service.training.recipe import StopRequest, run_finetune
 from service.training.spec import Policy, RunSpec
 
+pytestmark = pytest.mark.unit
+
 CNN = {"family": "cnn", "config": {"channels": [8, 16]},
        "input": {"type": "image", "channels": 1, "size": 8, "resize": None}}
 DIGITS = {"source": "builtin:digits", "train_size": 120, "val_size": 40, "test_size": 40}

@@ -7,7 +7,11 @@ import ast
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from testkit.builders import free_port
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLING = ("benchmarks", "testkit", "tests")
