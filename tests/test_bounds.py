@@ -4,8 +4,9 @@ A real control service (``python -m service.control``, a subprocess, its own SQL
 model store; no TorchServe behind it) takes hostile run specs: a YAML alias bomb is
 InvalidSpec in milliseconds and its RSS barely moves; errors never echo more than a few
 hundred characters; names and versions are matched in full. DeployModel with more workers
-than the operator's maximum is INVALID_ARGUMENT, checked in process against a management
-client that records every call: nothing reaches TorchServe, so no worker is started.
+than the operator's maximum is INVALID_ARGUMENT; checked in process against a management
+client that records every call (nothing reaches TorchServe, so no worker is started), it is
+tests/test_bounds_unit.py.
 
 The in-process bounds (the policy's settings and ceilings, the .npz headers, the parsed
 spec's size and depth) are in tests/test_limits.py.
@@ -24,16 +25,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from service import bounds, spectext
-from service.auth import ApiToken, load_token
+from service import spectext
+from service.auth import load_token
 from service.control.api.client import ControlClient
-from service.control.settings import ControlConfig
-from service.control.jobs.plane import ControlPlane
-from service.control.api.servicer import ControlService
-from service.errors import MAX_SHOWN_CHARS, InvalidArgument, ServiceError, Unavailable
+from service.errors import ServiceError
 from service.modelstore import ModelStore
-from service.serving.settings import ServeSettings
 from tests.helpers import free_port, make_bundle, wait_for
+
+pytestmark = pytest.mark.faults
 
 REPO = Path(__file__).resolve().parent.parent
 CNN = {"family": "cnn", "config": {"channels": [4]},
@@ -99,7 +98,6 @@ def control(tmp_path_factory):
             proc.wait()
 
 
-@pytest.mark.faults
 def test_an_alias_bomb_is_invalid_spec_in_milliseconds_and_the_rss_holds(control):
     client, proc, _, _ = control
     # warm up: the first spec imports the run spec's modules (not torch: tests/test_spec_no_torch.py),
@@ -121,7 +119,6 @@ def test_an_alias_bomb_is_invalid_spec_in_milliseconds_and_the_rss_holds(control
     assert client.list_jobs().jobs == []
 
 
-@pytest.mark.faults
 def test_errors_echo_a_bounded_part_of_the_input(control):
     client, _, _, _ = control
     huge = "x" * 50_000
@@ -152,7 +149,6 @@ def test_errors_echo_a_bounded_part_of_the_input(control):
     assert err.grpc_code == "INVALID_ARGUMENT" and len(err.message) < MAX_MESSAGE
 
 
-@pytest.mark.faults
 def test_names_and_versions_are_matched_in_full(control):
     client, _, store, _ = control
     for spec, needle in (({"base": "m:²", "dataset": "builtin:digits"}, "version must be an integer >= 1, got '²'"),
@@ -175,7 +171,6 @@ def test_names_and_versions_are_matched_in_full(control):
     assert [v.version for v in client.list_models("m").versions] == [1]
 
 
-@pytest.mark.faults
 def test_the_operators_run_bounds_reach_the_control_api(control):
     client, _, _, _ = control
     spec = {"model": CNN, "dataset": "builtin:digits", "output": {"name": "n"}, "hyperparameters": {"epochs": 6}}
@@ -184,7 +179,6 @@ def test_the_operators_run_bounds_reach_the_control_api(control):
     assert "hyperparameters.epochs: must be between 1 and 5 (this service's limit), got 6" in err.message
 
 
-@pytest.mark.faults
 def test_deploy_workers_above_the_maximum_is_invalid_argument(control):
     client, _, store, _ = control
     for call in (lambda: client.deploy("m", 1, workers=3), lambda: client.rollback("m", 1, workers=3),
@@ -199,70 +193,3 @@ def test_deploy_workers_above_the_maximum_is_invalid_argument(control):
     assert store.desired("m") is None and client.list_jobs().jobs == []
 
 
-# ---- in process: nothing reaches TorchServe ------------------------------------------------------
-class RecordingManagement:
-    """A management client that records every call and answers none (TorchServe is down)."""
-
-    def __init__(self):
-        self.calls: list[str] = []
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            self.calls.append(name)
-            raise Unavailable("the recording management client answers nothing")
-        return call
-
-
-@pytest.mark.unit
-def test_deploy_model_over_the_maximum_starts_no_worker(tmp_path):
-    store = ModelStore(tmp_path / "store")
-    store.write("m", make_bundle("cnn"))
-    settings = ServeSettings(model_store=store.root, state_dir=tmp_path / "state")
-    config = ControlConfig(port=0, db_path=tmp_path / "control.db", runs_dir=tmp_path / "runs",
-                           data_roots=(tmp_path,), max_deploy_workers=2, max_workers=4)
-    mgmt = RecordingManagement()
-    token = ApiToken("t" * 32, "test")
-    service = ControlService(config, ControlPlane(config, settings, lambda: mgmt), token=token).start()
-    try:
-        with ControlClient(service.target, token=token, timeout_s=30) as client:
-            for workers in (3, 2**31 - 1):
-                err = rpc_error(lambda: client.deploy("m", 1, workers=workers))
-                assert err.grpc_code == "INVALID_ARGUMENT" and f"got {workers}" in err.message, err
-                err = rpc_error(lambda: client.rollback("m", 1, workers=workers))
-                assert err.grpc_code == "INVALID_ARGUMENT", err
-            assert mgmt.calls == []  # nothing registered, scaled or even described: no worker started
-            assert service.plane.jobs.history.deployments() == [] and store.desired("m") is None
-            # the same deployment within the bound does reach TorchServe
-            assert rpc_error(lambda: client.deploy("m", 1, workers=2)).grpc_code == "UNAVAILABLE"
-            assert mgmt.calls == ["describe"] and service.plane.jobs.history.deployments() == []
-    finally:
-        service.stop()
-
-
-@pytest.mark.unit
-def test_the_default_maximum_is_the_gpus_else_the_cores_and_never_below_the_default(monkeypatch):
-    monkeypatch.setattr(bounds, "visible_gpus", lambda environ=None: 0)
-    assert ControlConfig().deploy_workers_limit(1) == bounds.cores()
-    assert ControlConfig().deploy_workers_limit(bounds.cores() + 3) == bounds.cores() + 3
-    monkeypatch.setattr(bounds, "visible_gpus", lambda environ=None: 2)
-    assert ControlConfig().deploy_workers_limit(1) == 2
-    assert ControlConfig(max_deploy_workers=7).deploy_workers_limit(4) == 7
-    with pytest.raises(InvalidArgument, match="above MODELCTL_MAX_DEPLOY_WORKERS"):
-        ControlConfig(max_deploy_workers=2).deploy_workers_limit(3)
-    with pytest.raises(InvalidArgument, match="MODELCTL_DEPLOY_WORKERS .3. is above MODELCTL_MAX_DEPLOY_WORKERS"):
-        ControlConfig.from_env(environ={"MODELCTL_MAX_DEPLOY_WORKERS": "2", "MODELCTL_DEPLOY_WORKERS": "3"})
-    assert ControlConfig.from_env(environ={"MODELCTL_MAX_DEPLOY_WORKERS": "3"}).max_deploy_workers == 3
-    # CUDA_VISIBLE_DEVICES caps what NVML counts; an empty or negative entry hides them all
-    monkeypatch.undo()
-    assert bounds.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
-    assert bounds.visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
-
-
-@pytest.mark.unit
-def test_error_messages_show_at_most_a_bounded_repr():
-    from service.errors import shown
-
-    assert shown("m\n") == "'m\\n'" and shown(3) == "3"
-    for value in ("x" * 10**6, list(range(10**6)), {str(i): i for i in range(10**5)}, 10**5000,
-                  [[[[[[1]]]]]] * 100):
-        assert len(shown(value)) <= MAX_SHOWN_CHARS
