@@ -4,7 +4,7 @@
 own in-process answers to a few requests (its README says how it was made). Each engine of today's
 code serves a copy of that store (a real TorchServe with the gateway, then the native engine, on
 free ports), and every answer over REST must be the old one: same classes, same labels,
-probabilities within 1e-4.
+probabilities within 1e-4. The fixture itself is checked in tests/test_legacy_archives_unit.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,17 +26,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "archives-0b5d150"
 
 def _fixture() -> dict:
     return json.loads((FIXTURE / "answers.json").read_text())
-
-
-@pytest.mark.unit
-def test_the_fixture_is_what_old_stores_hold():
-    fixture = _fixture()
-    assert fixture["commit"].startswith("0b5d150")
-    assert sorted(p.parent.name for p in (FIXTURE / "store").glob("*/1.mar")) == sorted(fixture["models"])
-    # The shim inside these archives imports service.handlers.torchserve: that module must stay.
-    with zipfile.ZipFile(FIXTURE / "store" / "cnn" / "1.mar") as mar:
-        shim = next(mar.read(n).decode() for n in mar.namelist() if n.endswith("_handler.py"))
-    assert "service.handlers.torchserve" in shim
 
 
 @pytest.fixture(scope="module", params=engine_params("torchserve", "native"))
