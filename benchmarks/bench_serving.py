@@ -71,7 +71,7 @@ from service.modelstore import ModelBundle, ModelStore
 from service.inference.options import ServingOptions
 from service.serving.settings import ServeSettings
 from service.modelstore.check import ALLOW_FOREIGN_ENV
-from service.serving.store_scan import link_archive
+from service.deploy.store_scan import link_archive
 from service.serving.torchserve.supervisor import Serving
 from benchmarks import loadgen
 from benchmarks.report import replace_section
@@ -598,7 +598,7 @@ class ServeProcess:
             headers = {"Authorization": f"Bearer {self.token}"}
             return [m for m in models
                     if requests.get(f"{self.rest}/v2/models/{m}/ready", headers=headers, timeout=5).status_code != 200]
-        from service.serving import readiness
+        from service.deploy import readiness
         from service.serving.torchserve.management import ManagementClient
 
         mgmt = ManagementClient(f"http://127.0.0.1:{self.ports['management_port']}",

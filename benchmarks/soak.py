@@ -68,7 +68,7 @@ from service.predict_client import read_token
 from service.models import image_eval_transform, load_model
 from service.modelstore import ModelStore
 from service.inference.options import ServingOptions
-from service.serving import readiness
+from service.deploy import readiness
 from service.serving.torchserve.management import ManagementClient
 from benchmarks.report import cpu_model, replace_section
 from testkit.builders import free_port, make_bundle, random_image

@@ -97,7 +97,7 @@ def cmd_demo(args) -> int:
 def cmd_models_archive(args) -> int:
     from service.models import ModelSpec, Vocabulary, build_model
     from service.modelstore import ModelBundle, ModelStore
-    from service.modelstore.bundle import read_weights
+    from service.models.bundle import read_weights
     from service.inference.options import ServingOptions
 
     spec = ModelSpec.from_dict(json.loads(Path(args.spec).read_text()))

@@ -41,8 +41,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._gen import inference_pb2, inference_pb2_grpc
 from service.modelstore import ModelStore
 from service.inference.options import ServingOptions
-from service.serving import readiness
-from service.serving.store_scan import link_archive
+from service.deploy import readiness
+from service.deploy.store_scan import link_archive
 from service.serving.torchserve.supervisor import Serving
 from tests.helpers import make_bundle, random_image
 from tests.test_serving import eventually, settings_for

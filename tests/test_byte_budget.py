@@ -35,7 +35,7 @@ from service._gen import inference_pb2, inference_pb2_grpc
 from service.auth import ApiToken
 from service.modelstore import ModelStore
 from service.inference.options import ServingOptions
-from service.serving import readiness
+from service.deploy import readiness
 from service.serving.settings import FRONTEND_BODY_COPIES, ServeSettings
 from service.serving.torchserve.budget import (
     MiB,

@@ -22,7 +22,7 @@ from service.models import image_eval_transform, load_model
 from service.modelstore import ModelStore
 from service.inference.options import ServingOptions
 from service.serving.settings import ServeSettings
-from service.serving.store_scan import refused_archives
+from service.deploy.store_scan import refused_archives
 from service.serving.engines import serving_class
 from tests.helpers import TEXTS, broken_archive_copy, engine_params, free_port, make_bundle, random_image
 

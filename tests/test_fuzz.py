@@ -287,8 +287,8 @@ def test_archive_whose_weights_need_pickled_code_is_refused_by_the_real_worker(s
     Native: the load in this process refuses them, and the version is FAILED with the reason."""
     from service.errors import AlreadyExists
     from service.modelstore import ModelStore
-    from service.serving import readiness
-    from service.serving.store_scan import link_archive
+    from service.deploy import readiness
+    from service.deploy.store_scan import link_archive
     from tests.helpers import broken_archive_copy
 
     marker = tmp_path / "pickled-code-ran"
@@ -337,8 +337,8 @@ def test_archive_whose_weights_need_pickled_code_is_refused_by_the_real_worker(s
 
 def _native_refuses_pickled_weights(server, name: str) -> None:
     from service.errors import AlreadyExists, ServiceError
-    from service.serving import readiness
-    from service.serving.store_scan import link_archive
+    from service.deploy import readiness
+    from service.deploy.store_scan import link_archive
 
     mgmt = server.serving.mgmt
     why = "weights.pt needs pickled code to load (posix.system)"

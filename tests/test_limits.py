@@ -21,7 +21,7 @@ from torchvision.io import encode_png
 from service.cli import main
 from service.errors import InvalidSpec
 from service.modelstore import ModelBundle, ModelStore
-from service.modelstore.bundle import WEIGHTS_FILE, read_weights
+from service.models.bundle import WEIGHTS_FILE, read_weights
 from service.training import datasets as ds
 from service.training.spec import (
     MAX_BATCH_SIZE,

@@ -11,7 +11,7 @@ import torch
 
 from service.errors import AlreadyExists, InvalidSpec, NotFound
 from service.modelstore import ModelBundle, ModelStore
-from service.modelstore.bundle import LABELS_FILE, LINEAGE_FILE, SPEC_FILE, WEIGHTS_FILE
+from service.models.bundle import LABELS_FILE, LINEAGE_FILE, SPEC_FILE, WEIGHTS_FILE
 from tests.helpers import make_bundle
 
 pytestmark = pytest.mark.unit

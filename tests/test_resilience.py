@@ -43,7 +43,7 @@ from service.control.api.client import ControlClient
 from service.control.settings import ControlConfig
 from service.app import with_control
 from service.modelstore import ModelStore
-from service.serving import readiness
+from service.deploy import readiness
 from tests.helpers import make_bundle, random_image
 from tests.test_serving import settings_for
 

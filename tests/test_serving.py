@@ -27,10 +27,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.predict_client import read_token
 from service.errors import AlreadyExists, InvalidArgument, NotFound
-from service.serving import readiness
+from service.deploy import readiness
 from service.serving.torchserve.management import ManagementClient
 from service.serving.settings import ServeSettings
-from service.serving.store_scan import register_store
+from service.deploy.store_scan import register_store
 from service.serving.torchserve.supervisor import Serving
 from service.serving.torchserve.process import torch_threads_for
 from tests.helpers import free_port

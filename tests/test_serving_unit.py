@@ -15,7 +15,7 @@ from grpc.aio import AioRpcError, Metadata
 from service._gen import inference_pb2  # generated: scripts/build_protos.py
 from service.errors import InvalidArgument, Unavailable
 from service.serving.settings import ServeSettings
-from service.serving.store_scan import scan_model_store
+from service.deploy.store_scan import scan_model_store
 from service.serving.torchserve.config import frontend_jvm_args, parse_properties, render_config_properties
 from service.serving.torchserve.gateway import error_body, translate
 from service.serving.torchserve.process import TorchServeProcess

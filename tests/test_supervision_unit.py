@@ -9,7 +9,7 @@ import pytest
 
 from service.auth import ApiToken
 from service.errors import InvalidArgument
-from service.serving.readiness import ModelReadiness
+from service.deploy.readiness import ModelReadiness
 from service.serving.settings import ServeSettings
 from service.serving.torchserve.gateway import GatewayThread
 from service.serving.torchserve.liveness import (

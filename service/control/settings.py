@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import bounds
+from service.deploy.speed import SPEED_CHECK_DEVICES
 from service.environ import EnvSettings
 from service.errors import InvalidArgument
 from service.grpc_streams import DEFAULT_MAX_OPEN_STREAMS
@@ -26,8 +27,7 @@ MIN_JOB_MEMORY_LIMIT_MB = 512
 
 #: Values of ``deploy_target``.
 DEPLOY_TARGETS = ("torchserve", "store")
-#: Values of ``speed_check_device`` (service/deploy/speed.py), and the most rounds of a check.
-SPEED_CHECK_DEVICES = ("auto", "cpu", "cuda")
+#: The most rounds of a speed check (its devices: service/deploy/speed.py's SPEED_CHECK_DEVICES).
 MAX_SPEED_CHECK_ROUNDS = 100
 #: Environment variable of each field whose name is not simply ``MODELCTL_<FIELD>``.
 _ENV_NAMES = {"port": "MODELCTL_CONTROL_PORT", "host": "MODELCTL_CONTROL_HOST",

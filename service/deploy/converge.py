@@ -6,7 +6,7 @@ workers, :meth:`service.modelstore.ModelStore.set_desired`); a model without one
 its latest version. :class:`Converger` makes one TorchServe match the store:
 
 - every archive in the store that passes the archive check is registered
-  (:func:`service.serving.store_scan.checked_link`); a refused one is logged once, kept in
+  (:func:`service.deploy.store_scan.checked_link`); a refused one is logged once, kept in
   ``refused`` and never registered (the check is cached per file, so a pass costs a
   ``stat``; an archive replaced in place is checked again); a version TorchServe refuses is
   logged once and not retried: versions are immutable, so retrying cannot help;
@@ -15,7 +15,7 @@ its latest version. :class:`Converger` makes one TorchServe match the store:
   never reach a version that cannot answer (nor a refused one); a version that is not READY within
   ``settings.startup_timeout_s`` is given up (logged) and the old default stays.
 
-It runs at start (through :func:`service.serving.store_scan.register_store`, which uses
+It runs at start (through :func:`service.deploy.store_scan.register_store`, which uses
 the same rule) and then every ``settings.sync_interval_s`` in :class:`ConvergeThread`.
 Because the rule is a function of the store alone, a replica that starts later serves the
 same defaults as the others.
@@ -35,8 +35,8 @@ from typing import Callable
 
 from service.errors import AlreadyExists, ArchiveRefused, ServiceError, Unavailable
 from service.modelstore import ModelStore
-from service.serving import readiness
-from service.serving.store_scan import checked_link
+from service.deploy import readiness
+from service.deploy.store_scan import checked_link
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ A deployment (:meth:`Deployer.deploy`):
    (FAILED_PRECONDITION) naming the file and the problem, whatever the target, and nothing
    changes;
 2. with ``target="torchserve"`` (the TorchServe beside this service): registers it
-   through :func:`service.serving.store_scan.checked_link` (never a ``file://`` URL) with
+   through :func:`service.deploy.store_scan.checked_link` (never a ``file://`` URL) with
    the requested workers, or rescales it if it is registered; waits until every worker is
-   READY (:func:`service.serving.readiness.wait_until_ready`); if they are not, it
+   READY (:func:`service.deploy.readiness.wait_until_ready`); if they are not, it
    unregisters what it registered and raises Unavailable, leaving the default as it was;
    then makes it the default;
 3. records the model's desired state in the model store (``deployment.json``), which every
@@ -48,10 +48,10 @@ from typing import Callable
 
 from service import faultpoints
 from service.errors import AlreadyExists, FailedPrecondition, InvalidSpec, NotFound, ServiceError, Unavailable
-from service.serving import readiness
+from service.deploy import readiness
 from service.deploy.converge import ModelLocks
 from service.modelstore import require_archive
-from service.serving.store_scan import checked_link
+from service.deploy.store_scan import checked_link
 
 log = logging.getLogger(__name__)
 

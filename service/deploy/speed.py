@@ -41,8 +41,10 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from service.control.settings import SPEED_CHECK_DEVICES
 from service.environ import Environ
+
+#: Where the speed check may run (MODELCTL_SPEED_CHECK_DEVICE).
+SPEED_CHECK_DEVICES = ("auto", "cpu", "cuda")
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from service.inference.fastpath import configure_compile_cache
 from service.inference.predictor import warm_up_sizes  # noqa: F401  (imported from here by older code)
 from service.metrics import MULTIPROC_ENV
 from service.metrics.handler import HandlerMetrics
-from service.modelstore.bundle import ModelBundle
+from service.models.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 

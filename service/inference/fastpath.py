@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.modelstore.bundle import state_dict_sha256
+from service.models.bundle import state_dict_sha256
 from service.inference.options import MIN_AGREEMENT, PRECISIONS
 
 log = logging.getLogger(__name__)

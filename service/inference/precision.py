@@ -28,7 +28,7 @@ from service.errors import InvalidArgument
 from service.inference.fastpath import RuntimeOptions, native_precisions
 from service.inference.predictor import Predictor
 from service.models.decisions import segmentation_prediction
-from service.modelstore.bundle import ModelBundle, state_dict_sha256
+from service.models.bundle import ModelBundle, state_dict_sha256
 from service.inference.options import MIN_AGREEMENT
 
 #: Fewest held-out inputs a check accepts: below 100, 99 % cannot be told from 98 %.

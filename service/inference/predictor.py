@@ -38,7 +38,7 @@ from service.inference import decode, segmentation
 from service.inference.fastpath import RuntimeOptions, configure_compile_cache, resolve_runtime
 from service.models import image_eval_transform, load_model
 from service.models.decisions import MAX_MASK_CLASSES
-from service.modelstore.bundle import ModelBundle
+from service.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 

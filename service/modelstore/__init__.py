@@ -9,7 +9,7 @@ import importlib
 
 #: Each name of the package -> the module that defines it.
 _EXPORTS = {
-    "ModelBundle": "bundle",
+    "ModelBundle": "service.models.bundle",  # re-exported: archives are written from bundles
     "check_archive": "check",
     "known_refusal": "check",
     "require_archive": "check",
@@ -27,6 +27,6 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    value = getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
     globals()[name] = value  # imported once: later reads find it without this function
     return value

@@ -48,7 +48,7 @@ from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
 from service.errors import ArchiveRefused, InvalidSpec, shown
-from service.modelstore.bundle import (
+from service.models.bundle import (
     LABELS_FILE,
     LINEAGE_FILE,
     SPEC_FILE,

@@ -2,7 +2,7 @@
 
 A run spec names models (``base``, ``teacher``, ``output.name``) and the control service
 reads an archive's spec and labels to check a distill run's teacher: both without torch,
-which :mod:`service.modelstore.bundle` (the weights) and :mod:`service.modelstore.store`
+which :mod:`service.models.bundle` (the weights) and :mod:`service.modelstore.store`
 import.
 """
 
@@ -11,16 +11,12 @@ from __future__ import annotations
 import re
 
 from service.errors import InvalidSpec, shown
+# The files of a bundle are defined by service/models/bundle.py (torch-free at import).
+from service.models.bundle import LABELS_FILE, LINEAGE_FILE, SPEC_FILE, VOCAB_FILE, WEIGHTS_FILE  # noqa: F401
 
 #: A model name, matched in full (``fullmatch``: ``$`` would also take a trailing newline).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
-# The files of a bundle, at the top of its directory and of its archive.
-SPEC_FILE = "spec.json"
-LABELS_FILE = "labels.json"
-VOCAB_FILE = "vocab.json"
-WEIGHTS_FILE = "weights.pt"
-LINEAGE_FILE = "lineage.json"
 
 
 def validate_model_name(name: str) -> str:

@@ -41,7 +41,7 @@ from service import atomic, faultpoints
 from service.deploy.desired import DEPLOYMENT_FILE, DesiredState, read_desired, write_desired
 from service.errors import AlreadyExists, InvalidSpec, NotFound, StoreUnwritable, shown
 from service.inference.options import MODEL_CONFIG_FILE, ServingOptions
-from service.modelstore.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, state_dict_sha256
+from service.models.bundle import LINEAGE_FILE, WEIGHTS_FILE, ModelBundle, state_dict_sha256
 from service.modelstore.names import NAME_RE, validate_model_name
 
 ARCHIVE_SUFFIX = ".mar"

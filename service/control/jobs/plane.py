@@ -60,7 +60,7 @@ class ModelView:
     or TorchServe unreachable)."""
 
     archive: ArchiveInfo
-    serving: object | None  # service.serving.readiness.ModelReadiness
+    serving: object | None  # service.deploy.readiness.ModelReadiness
     #: Why the archive check refused the archive ("" if it did not, or it was not checked here).
     refused: str = ""
     #: The latest deploy decision recorded about the version (ModelStore.deploy_decisions).

@@ -3,9 +3,9 @@
     NativeServing(ServeSettings.from_env(engine="native")).run_forever()
 
 What it shares with the TorchServe engine, unchanged: the store scan and the archive check
-before every registration (:func:`~service.serving.store_scan.register_store`), convergence
+before every registration (:func:`~service.deploy.store_scan.register_store`), convergence
 on ``deployment.json`` (:class:`~service.deploy.converge.Converger`), readiness from the
-models' real state (:mod:`service.serving.readiness`), the operator's API token
+models' real state (:mod:`service.deploy.readiness`), the operator's API token
 (:mod:`service.auth`), the control API deploying to it (its deployer drives
 :class:`~.models.NativeModels` through TorchServe's management interface), and the metric
 names (with ``engine="native"``).
@@ -30,13 +30,13 @@ from service.auth import ApiToken, load_token
 from service.errors import Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
 from service.metrics.handler import HandlerMetrics
-from service.serving import readiness
+from service.deploy import readiness
 from service.deploy.converge import Converger, ConvergeThread, ModelLocks
 from service.serving.native.dataplane import DataPlane
 from service.serving.native.models import NativeModels
 from service.serving.native.runner import DeviceRunner
-from service.serving.readiness import ModelReadiness
-from service.serving.store_scan import (
+from service.deploy.readiness import ModelReadiness
+from service.deploy.store_scan import (
     RefusedArchivesCollector,
     refused_archives,
     register_store,

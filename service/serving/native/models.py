@@ -4,9 +4,9 @@
 answers for TorchServe (``register``, ``set_default``, ``describe``, ``list_models``,
 ``scale``, ``unregister``), with the same entries and the same errors. So everything that
 drives an engine through that interface drives this one unchanged: registration of the
-store (:func:`service.serving.store_scan.register_store`), convergence on
+store (:func:`service.deploy.store_scan.register_store`), convergence on
 ``deployment.json`` (:mod:`service.deploy.converge`), readiness
-(:mod:`service.serving.readiness`) and the control API's deployer.
+(:mod:`service.deploy.readiness`) and the control API's deployer.
 
 A version is loaded on its device's torch thread (:class:`~.runner.DeviceRunner`): the
 archive is read without unpacking (weights with ``weights_only=True``), the predictor is
@@ -116,7 +116,7 @@ class NativeModels:
                  max_batch_delay_ms: int | None = None, synchronous: bool = False,
                  response_timeout_s: int | None = None) -> str:
         """Register an archive: a link name in ``settings.archive_dir`` (what
-        :func:`~service.serving.store_scan.checked_link` returns) or a path. Its load runs on
+        :func:`~service.deploy.store_scan.checked_link` returns) or a path. Its load runs on
         a device thread; ``synchronous`` waits for it."""
         path = Path(url_or_path)
         if not path.is_absolute():
@@ -194,7 +194,7 @@ class NativeModels:
         from service.inference import Predictor
         from service.inference.fastpath import configure_compile_cache
         from service.inference.predictor import warm_up_sizes
-        from service.modelstore.bundle import ModelBundle
+        from service.models.bundle import ModelBundle
 
         start = time.perf_counter()
         try:

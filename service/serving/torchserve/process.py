@@ -306,7 +306,7 @@ class TorchServeProcess:
     def _count_workers(self) -> int:
         if self._total_workers is not None:
             return self._total_workers
-        from service.serving.store_scan import scan_model_store
+        from service.deploy.store_scan import scan_model_store
 
         archives = sum(len(v) for v in scan_model_store(self.settings.model_store).values())
         return max(1, archives) * self.settings.workers_per_model

@@ -49,7 +49,7 @@ from service import signals
 from service.auth import ApiToken, load_token
 from service.errors import ServiceError, Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
-from service.serving import readiness
+from service.deploy import readiness
 from service.deploy.converge import Converger, ConvergeThread, ModelLocks
 from service.serving.torchserve.gateway import GatewayThread
 from service.serving.torchserve.liveness import (
@@ -63,9 +63,9 @@ from service.serving.torchserve.liveness import (
     worker_death_cause,
 )
 from service.serving.torchserve.management import ManagementClient
-from service.serving.readiness import ModelReadiness
+from service.deploy.readiness import ModelReadiness
 from service.serving.settings import ServeSettings
-from service.serving.store_scan import (
+from service.deploy.store_scan import (
     RefusedArchivesCollector,
     precheck_store,
     refused_archives,

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from service.errors import InvalidSpec
 from service.models import FAMILIES, ModelSpec, Vocabulary, load_model
-from service.modelstore.names import LABELS_FILE, LINEAGE_FILE, SPEC_FILE, VOCAB_FILE, WEIGHTS_FILE
+
+# The files of a bundle, at the top of its directory and of its archive.
+SPEC_FILE = "spec.json"
+LABELS_FILE = "labels.json"
+VOCAB_FILE = "vocab.json"
+WEIGHTS_FILE = "weights.pt"
+LINEAGE_FILE = "lineage.json"
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: the store's names and
     import torch  # listings are read without it (the control service: tests/test_spec_no_torch.py)
