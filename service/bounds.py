@@ -1,6 +1,6 @@
 """The operator's bounds on fine-tuning runs and deployments, with this service's ceilings.
 
-A run spec is checked against a :class:`service.training.spec.Policy`. Its bounds are the
+A run spec is checked against a :class:`service.training.run_spec.Policy`. Its bounds are the
 operator's: each is set by a ``MODELCTL_MAX_*`` variable (or the control service's
 :class:`~service.control.settings.ControlConfig` field of the same name), and may lower this
 service's ceiling below, never raise it above. A spec cannot set them.

@@ -149,7 +149,7 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_finetune_run(args) -> int:
-    from service.training.launch import run_command
+    from service.training.run_command import run_command
 
     return run_command(args.spec, run_dir=args.run_dir, store=args.store or _settings(args).model_store,
                        data_roots=args.data_root)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from service.atomic import atomic_write
 
-SPEC_FILE = "spec.json"
+RUN_SPEC_FILE = "spec.json"
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 EVENTS_FILE = "events.jsonl"
@@ -52,7 +52,7 @@ def trainer_argv(run_dir: Path | str, *, spec: Path | str | None = None, store: 
     """The arguments after ``python -m service.training`` that run ``spec`` (default: the run
     directory's ``spec.json``) on ``run_dir``, writing to the model store ``store`` (omitted:
     the trainer's default) and reading datasets under ``data_roots``."""
-    argv = ["run", str(spec if spec is not None else Path(run_dir) / SPEC_FILE), RUN_DIR_FLAG, str(run_dir)]
+    argv = ["run", str(spec if spec is not None else Path(run_dir) / RUN_SPEC_FILE), RUN_DIR_FLAG, str(run_dir)]
     if store:
         argv += ["--store", str(store)]
     for root in data_roots:

@@ -22,7 +22,7 @@ def roots(tmp_path):
 @pytest.fixture
 def policy(roots):
     """The operator's policy of a run: ``roots`` as its one data root, the default bounds."""
-    from service.training.spec import Policy
+    from service.training.run_spec import Policy
 
     return Policy((roots,))
 

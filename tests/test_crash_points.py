@@ -283,7 +283,7 @@ def test_the_api_token_is_never_visible_empty(tmp_path):
 # ---- spec.json, run.json, result.json ---------------------------------------------------------------
 def test_run_dir_files_are_fsynced_file_and_directory(tmp_path, monkeypatch):
     from service.control.jobs import intake as specs
-    from service.training.spec import Policy, RunSpec
+    from service.training.run_spec import Policy, RunSpec
 
     synced: list[tuple[int, int]] = []
     real = os.fsync

@@ -26,7 +26,7 @@ from service.training import datasets as ds
 from service.training.distill import DistillLoss, Teacher
 from service.rundir import CHECKPOINT_FILE, EVENTS_FILE
 from service.training.recipe import StopRequest, evaluate, read_archive, run_finetune
-from service.training.spec import Policy, RunSpec
+from service.training.run_spec import Policy, RunSpec
 from service.training.tasks import TASKS
 
 pytestmark = pytest.mark.unit

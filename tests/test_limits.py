@@ -23,7 +23,7 @@ from service.errors import InvalidSpec
 from service.modelstore import ModelBundle, ModelStore
 from service.models.bundle import WEIGHTS_FILE, read_weights
 from service.training import datasets as ds
-from service.training.spec import (
+from service.training.run_spec import (
     MAX_BATCH_SIZE,
     MAX_DATALOADER_WORKERS,
     MAX_EPOCHS,
@@ -339,7 +339,7 @@ def test_a_spec_value_is_bounded_in_size_and_depth_whatever_its_source(roots, tm
 
 def test_names_and_versions_are_matched_in_full_in_process(tmp_path):
     from service.modelstore import validate_model_name
-    from service.training.spec import parse_base
+    from service.training.run_spec import parse_base
 
     for bad in ("m\n", "m\r\n", "\nm", "m/x", "", "a" * 65, "m²"):
         with pytest.raises(InvalidSpec, match="not a valid model name"):

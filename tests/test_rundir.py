@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from service import rundir
-from service.rundir import EVENTS_FILE, RESULT_FILE, SPEC_FILE, EventLog, EventTail
+from service.rundir import EVENTS_FILE, RESULT_FILE, RUN_SPEC_FILE, EventLog, EventTail
 
 pytestmark = pytest.mark.unit
 
@@ -125,7 +125,7 @@ def test_the_trainer_prints_its_error_line(tmp_path):
 def test_trainer_argv_names_the_spec_run_dir_store_and_data_roots(tmp_path):
     run_dir = tmp_path / "runs" / "j1"
     argv = rundir.trainer_argv(run_dir, store=tmp_path / "store", data_roots=[tmp_path / "a", "/b"])
-    assert argv == ["run", str(run_dir / SPEC_FILE), "--run-dir", str(run_dir), "--store", str(tmp_path / "store"),
+    assert argv == ["run", str(run_dir / RUN_SPEC_FILE), "--run-dir", str(run_dir), "--store", str(tmp_path / "store"),
                     "--data-root", str(tmp_path / "a"), "--data-root", "/b"]
     assert rundir.trainer_argv("/r", spec="/s.yaml") == ["run", "/s.yaml", "--run-dir", "/r"]  # the default store
     command = [sys.executable, "-m", rundir.TRAINER_MODULE, *argv]
@@ -153,7 +153,7 @@ def test_both_runners_and_the_relaunch_use_trainer_argv(tmp_path, monkeypatch):
 def test_the_relaunch_under_torchrun_uses_trainer_argv(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from service.training import launch
+    from service.training import run_command as launch
 
     started = []
 

@@ -29,7 +29,7 @@ from service.modelstore import ModelStore
 from service.training import datasets as ds
 from service.training.distributed import DistContext
 from service.training.recipe import evaluate, head_prefix, read_archive, run_finetune
-from service.training.spec import Policy, RunSpec
+from service.training.run_spec import Policy, RunSpec
 from service.training.tasks import TASKS
 from tests.helpers import free_port
 

@@ -156,7 +156,7 @@ def trained(tmp_path_factory):
     """The archive of a short real segmentation run (the recipe on builtin:fashion-scenes,
     one epoch of 96 scenes), read back from its model store: what a fine-tune serves."""
     from service.training.recipe import run_finetune
-    from service.training.spec import Policy, RunSpec
+    from service.training.run_spec import Policy, RunSpec
 
     root = tmp_path_factory.mktemp("seg-run")
     policy = Policy((root,))

@@ -30,7 +30,7 @@ from service.control.jobs import intake
 from service.control.jobs.jobstore import JobStore
 from service.errors import ServiceError
 from service.modelstore import ModelStore
-from service.training.spec import Policy
+from service.training.run_spec import Policy
 from tests.helpers import free_port, make_bundle, wait_for
 
 pytestmark = pytest.mark.unit

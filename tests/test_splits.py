@@ -19,7 +19,7 @@ from service.modelstore import ModelStore
 from service.training import datasets as ds
 from service.rundir import EVENTS_FILE
 from service.training.recipe import evaluate, read_archive, run_finetune
-from service.training.spec import Hyperparameters, Policy, RunSpec
+from service.training.run_spec import Hyperparameters, Policy, RunSpec
 from service.training.tasks import TASKS
 
 pytestmark = pytest.mark.unit

@@ -28,7 +28,7 @@ from service.training.curves import (
 )
 from service.rundir import EVENTS_FILE
 from service.training.recipe import StopRequest, run_finetune
-from service.training.spec import Policy, RunSpec
+from service.training.run_spec import Policy, RunSpec
 
 pytestmark = pytest.mark.unit
 

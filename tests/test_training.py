@@ -24,7 +24,7 @@ from service.modelstore import ModelBundle, ModelStore
 from service.training import datasets as ds
 from service.rundir import CHECKPOINT_FILE, EVENTS_FILE
 from service.training.recipe import evaluate, head_prefix, native_bf16, read_archive, run_finetune
-from service.training.spec import Policy, RunSpec
+from service.training.run_spec import Policy, RunSpec
 from service.training.tasks import TASKS
 
 pytestmark = pytest.mark.unit

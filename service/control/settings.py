@@ -195,7 +195,7 @@ class ControlConfig(EnvSettings):
         )
 
     def run_bounds(self) -> dict[str, int]:
-        """The run-spec bounds as :class:`service.training.spec.Policy` fields."""
+        """The run-spec bounds as :class:`service.training.run_spec.Policy` fields."""
         return {policy: getattr(self, name) for name, (policy, _, _) in bounds.RUN_BOUNDS.items()}
 
     def deploy_workers_limit(self, default_workers: int) -> int:

@@ -2,10 +2,10 @@
 and a new archive version in the model store at the end.
 
 Entry points: ``python -m service.training run SPEC`` and ``modelctl finetune run SPEC``
-(both :func:`service.training.launch.run_command`); in-process:
+(both :func:`service.training.run_command.run_command`); in-process:
 :func:`service.training.recipe.run_finetune`.
 """
 
-from service.training.spec import Hyperparameters, Policy, RunSpec
+from service.training.run_spec import Hyperparameters, Policy, RunSpec
 
 __all__ = ["Hyperparameters", "Policy", "RunSpec"]

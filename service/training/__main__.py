@@ -8,7 +8,7 @@ import sys
 
 from service.errors import ServiceError
 from service.rundir import error_line
-from service.training.launch import add_run_arguments, run_command
+from service.training.run_command import add_run_arguments, run_command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The names a run spec chooses from, torch-free: tasks and their metrics, optimizers,
 built-in datasets, and how a dataset directory's kind is told.
 
-The run spec (:mod:`service.training.spec`) validates against these, so the control
+The run spec (:mod:`service.training.run_spec`) validates against these, so the control
 service checks a spec without importing torch. The torch objects stay where training
 runs, keyed by the same names: :data:`service.training.tasks.TASKS` (loss and metric
 code, one per :data:`TASK_METRICS` entry), :data:`service.training.optim.OPTIMIZERS`

@@ -352,7 +352,7 @@ def load_image_folder(ctx: LoadContext) -> RawData:
 
 
 # ---- segmentation folders: images/ + masks/ -----------------------------------------
-LABELS_FILE = "labels.json"
+DATASET_LABELS_FILE = "labels.json"
 #: labels.json is a short list of names: a larger file is refused before it is read.
 MAX_LABELS_FILE_BYTES = 1 << 20
 
@@ -436,7 +436,7 @@ def load_masks_folder(ctx: LoadContext) -> RawData:
         (d / IMAGES_DIR).is_dir() and (d / MASKS_DIR).is_dir() for d in split_dirs.values())
     folders = split_dirs if official else {"train": root if (root / IMAGES_DIR).is_dir() else split_dirs["train"]}
     labels, labels_file = _read_labels(
-        list(dict.fromkeys([root / LABELS_FILE, *(f / LABELS_FILE for f in folders.values())])), ctx.roots)
+        list(dict.fromkeys([root / DATASET_LABELS_FILE, *(f / DATASET_LABELS_FILE for f in folders.values())])), ctx.roots)
     found: dict[str, tuple[list[Path], list[Path]]] = {}
     total, top = 0, (0, None)
     for split, folder in folders.items():

@@ -57,7 +57,7 @@ from service.training import distill, distributed
 from service.training.curves import IMAGES_TAG, SEGMENTATION_IMAGES, TENSORBOARD_DIR, Curves, segmentation_panels
 from service.training.datasets import LoadContext, PreparedData, load_raw, prepare
 from service.training.optim import OPTIMIZERS
-from service.training.spec import Policy, RunSpec
+from service.training.run_spec import Policy, RunSpec
 from service.training.tasks import TASKS, Task, better, segmentation_prediction
 
 logger = logging.getLogger("service.training")

@@ -1,6 +1,6 @@
 """Run specs as the control API receives them: text or a structured value, validated up front.
 
-The trainer's own validation (:meth:`service.training.spec.RunSpec.from_dict`, against the
+The trainer's own validation (:meth:`service.training.run_spec.RunSpec.from_dict`, against the
 service's data roots and bounds) decides; an error is its ``InvalidSpec`` naming the
 dotted field. On top of it, the control API checks what the trainer would only find once
 started: the base model must exist (NotFound) and a fixed output version must not
@@ -43,14 +43,14 @@ def whole_numbers(value: Any) -> Any:
 
 def policy_for(config):
     """The trainer's Policy for this service: its data roots and the operator's bounds."""
-    from service.training.spec import Policy
+    from service.training.run_spec import Policy
 
     return Policy(tuple(config.data_roots), **config.run_bounds())
 
 
 def validate(data: Any, policy, model_store):
     """The validated ``RunSpec`` of ``data``; InvalidSpec / NotFound / AlreadyExists."""
-    from service.training.spec import RunSpec
+    from service.training.run_spec import RunSpec
 
     spectext.check_shape(data)
     if not isinstance(data, dict):

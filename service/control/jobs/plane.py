@@ -36,7 +36,7 @@ from service.deploy.speed import SpeedCheck, SpeedCheckInterrupted, run_speed_ch
 from service.control.jobs.jobstore import FINAL_STATES, QUEUED, RUNNING, Job, JobStore, new_job_id
 from service.errors import FailedPrecondition, InvalidSpec, NotFound, ServiceError, shown
 from service.modelstore import ArchiveInfo, ModelStore, known_refusal
-from service.rundir import EVENTS_FILE, LOG_FILE, SPEC_FILE, EventTail, complete_result, has_run_facts
+from service.rundir import EVENTS_FILE, LOG_FILE, RUN_SPEC_FILE, EventTail, complete_result, has_run_facts
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class ControlPlane:
         spec = specs.validate(spec_data, self.policy, self.models)
         job_id = new_job_id()
         run_dir = self.config.runs_dir / job_id
-        specs.write_spec(spec, run_dir, SPEC_FILE)
+        specs.write_spec(spec, run_dir, RUN_SPEC_FILE)
         job = self.jobs.create_job(spec=spec.to_dict(), output_model=spec.output.name, base=spec.base,
                                    runner=runner, run_dir=run_dir, log_path=run_dir / LOG_FILE,
                                    deploy_policy=deploy_policy, deploy_workers=deploy_workers, job_id=job_id,

@@ -24,7 +24,7 @@ from service import signals
 from service.modelstore import ModelStore
 from service.rundir import TRAINER_MODULE, trainer_argv
 from service.training import distributed
-from service.training.spec import Policy, RunSpec
+from service.training.run_spec import Policy, RunSpec
 
 logger = logging.getLogger("service.training")
 
