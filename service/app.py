@@ -46,7 +46,7 @@ class ControlBeside:
     def _after_workers_settled(self) -> None:
         """The job scheduler starts once the store's versions are READY (or settled);
         its job metrics join the instance's Prometheus endpoint."""
-        if not self.control.plane._started:
+        if not self.control.plane.started:
             self.control.start()
             if self.exporter is not None:
                 jobs = self.control.plane.jobs

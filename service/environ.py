@@ -238,3 +238,14 @@ class EnvSettings:
             if first in from_environment:  # "frontend_heap_mb must be >= 64, ..." from the environment
                 raise InvalidArgument(f"{cls.env_var(first)}: {exc.message}") from None
             raise
+
+
+#: torch's intra-op threads in a process that runs models (a worker, the native engine, the
+#: speed check); ``modelctl serve`` sets it for TorchServe's workers from the cores they share.
+TORCH_THREADS_ENV = "MODELCTL_TORCH_THREADS"
+
+
+def torch_threads(default: int | None = None, environ: typing.Mapping[str, str] | None = None) -> int | None:
+    """``MODELCTL_TORCH_THREADS`` (at least 1), else ``default``; a non-integer names the variable."""
+    threads = Environ(environ).int(TORCH_THREADS_ENV)
+    return default if threads is None else max(1, threads)

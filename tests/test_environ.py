@@ -105,3 +105,13 @@ def test_the_service_settings_name_their_variables():
     with pytest.raises(InvalidArgument, match="^MODELCTL_K8S_SHM_MB: must be an integer >= 0, got '-1'$"):
         K8sSettings.from_env(None, {"MODELCTL_K8S_SHM_MB": "-1"})
     assert K8sSettings.from_env(None, {"MODELCTL_K8S_GPUS_PER_POD": " 2 ", "MODELCTL_K8S_TTL_S": ""}).gpus_per_pod == 2
+
+
+def test_torch_threads_is_read_in_one_place():
+    from service.environ import torch_threads
+
+    assert torch_threads(environ={}) is None and torch_threads(4, environ={}) == 4
+    assert torch_threads(4, environ={"MODELCTL_TORCH_THREADS": " 2 "}) == 2
+    assert torch_threads(environ={"MODELCTL_TORCH_THREADS": "0"}) == 1  # at least one, as before
+    with pytest.raises(InvalidArgument, match="MODELCTL_TORCH_THREADS"):
+        torch_threads(environ={"MODELCTL_TORCH_THREADS": "two"})

@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from service.environ import Environ
+from service.environ import torch_threads
 
 #: Where the speed check may run (MODELCTL_SPEED_CHECK_DEVICE).
 SPEED_CHECK_DEVICES = ("auto", "cpu", "cuda")
@@ -251,9 +251,9 @@ def measure(store_root: Path | str, name: str, new: int, serving: int, *, device
     """Both versions side by side (see the module's docstring); the result as a dict."""
     import torch
 
-    threads = Environ().int("MODELCTL_TORCH_THREADS")  # as a serving worker sets it
+    threads = torch_threads()  # as a serving worker sets it
     if threads is not None:
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads)
     start = time.monotonic()
     where = _device(device)
     sides = {"new": _Side(Path(store_root), name, new, where), "serving": _Side(Path(store_root), name, serving, where)}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from service.environ import torch_threads
 from service.errors import ServiceError
 from service.inference import Predictor
 from service.inference.fastpath import configure_compile_cache
@@ -26,7 +27,6 @@ from service.models.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
-THREADS_ENV = "MODELCTL_TORCH_THREADS"
 TOP_K_HEADER = "x-top-k"
 
 
@@ -64,9 +64,9 @@ class TorchServeHandler:
         return self.predictor is not None
 
     def initialize(self, context) -> None:
-        threads = os.environ.get(THREADS_ENV)
-        if threads:
-            torch.set_num_threads(max(1, int(threads)))
+        threads = torch_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
         props = context.system_properties
         device = select_device(props.get("gpu_id"))
         model = (context.manifest or {}).get("model", {})

@@ -169,6 +169,11 @@ class ControlPlane:
         self._stopping = threading.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` ran and :meth:`stop` did not since (the scheduler is running)."""
+        return self._started
+
     def start(self, *, reconcile: bool = True) -> None:
         """Take the database (one service per database), settle the deployments a crash left
         half done, recover the jobs and start scheduling; restore the recorded defaults in

@@ -27,6 +27,7 @@ import time
 
 from service import signals
 from service.auth import ApiToken, load_token
+from service import environ
 from service.errors import Unavailable
 from service.metrics.exporter import MetricsExporter, QueueDepthCollector
 from service.metrics.handler import HandlerMetrics
@@ -46,7 +47,6 @@ from service.deploy.store_scan import (
 log = logging.getLogger(__name__)
 
 ENGINE = "native"
-THREADS_ENV = "MODELCTL_TORCH_THREADS"
 
 
 def devices() -> list[str]:
@@ -59,10 +59,7 @@ def devices() -> list[str]:
 
 def torch_threads(n_devices: int) -> int:
     """Intra-op threads per device thread: ``MODELCTL_TORCH_THREADS``, else the cores shared."""
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if value:
-        return max(1, int(value))
-    return max(1, (os.cpu_count() or 1) // max(1, n_devices))
+    return environ.torch_threads(default=max(1, (os.cpu_count() or 1) // max(1, n_devices)))
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.auth import ApiToken, load_token, scrubbed_env
+from service.environ import TORCH_THREADS_ENV
 from service.errors import FailedPrecondition, Unavailable
 from service.metrics import MULTIPROC_ENV
 from service.serving.torchserve.config import render_config_properties
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 #: Longest unix socket path Linux accepts is 107 bytes; keep a margin for the port.
 _MAX_SOCKET_DIR = 90
 #: Environment variable the handler reads to call ``torch.set_num_threads``.
-TORCH_THREADS_ENV = "MODELCTL_TORCH_THREADS"
 
 
 @dataclass(frozen=True)
