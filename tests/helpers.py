@@ -4,9 +4,13 @@ tests that import them from this module."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -17,7 +21,7 @@ import torch
 from testkit.builders import SPECS, TEXTS, free_port, make_bundle, random_image
 
 __all__ = ["SPECS", "TEXTS", "free_port", "make_bundle", "random_image",
-           "broken_archive_copy", "wait_for", "HeldWatches", "engine_params"]
+           "broken_archive_copy", "wait_for", "HeldWatches", "engine_params", "control_process"]
 
 
 def broken_archive_copy(good: Path, target: Path, weights: bytes | None = None, **manifest_model) -> None:
@@ -56,6 +60,42 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def control_process(root: Path, store_root: Path, *, env: dict | None = None, launcher: list[str] | None = None,
+                    log_name: str = "control.log"):
+    """``python -m service.control`` as a subprocess over ``root`` (its database, run dirs, data
+    root and state dir) and the model store ``store_root``, without the caller's ``MODELCTL_*``
+    variables but with ``env``; ``launcher`` replaces ``[python, -m, service.control]``. Yields
+    ``(process, port, log path)`` once its log says it is ready; SIGTERM (then SIGKILL) at the end."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCTL_")}
+    full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
+    log = root / log_name
+    cmd = [*(launcher or [sys.executable, "-m", "service.control"]), "--port", str(port),
+           "--db", str(root / "control.db"), "--runs-dir", str(root / "runs"), "--data-root", str(root),
+           "--model-store", str(store_root), "--state-dir", str(root / "state"), "--management-port", str(free_port())]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    try:
+        def serving():
+            assert proc.poll() is None, log.read_text()
+            return "ready: control API on" in log.read_text()
+
+        wait_for(serving, 90, "the control service", poll=0.2)
+        yield proc, port, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class HeldWatches:

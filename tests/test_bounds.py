@@ -15,10 +15,6 @@ spec's size and depth) are in tests/test_limits.py.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +26,7 @@ from service.auth import load_token
 from service.control.api.client import ControlClient
 from service.errors import ServiceError
 from service.modelstore import ModelStore
-from tests.helpers import free_port, make_bundle, wait_for
+from tests.helpers import control_process, make_bundle
 
 pytestmark = pytest.mark.faults
 
@@ -71,31 +67,11 @@ def control(tmp_path_factory):
     root = tmp_path_factory.mktemp("bounds")
     store = ModelStore(root / "store")
     store.write("m", make_bundle("cnn"))
-    port = free_port()
     token = load_token(root / "state", environ={}, create=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCTL_")}
-    env.update(PYTHONUNBUFFERED="1", MODELCTL_MAX_DEPLOY_WORKERS="2", MODELCTL_MAX_EPOCHS="5")
-    log = root / "control.log"
-    cmd = [sys.executable, "-m", "service.control", "--port", str(port), "--db", str(root / "control.db"),
-           "--runs-dir", str(root / "runs"), "--data-root", str(root), "--model-store", str(store.root),
-           "--state-dir", str(root / "state"), "--management-port", str(free_port())]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        def serving():
-            assert proc.poll() is None, log.read_text()
-            return "ready: control API on" in log.read_text()
-
-        wait_for(serving, 90, "the control service", poll=0.2)
+    env = {"MODELCTL_MAX_DEPLOY_WORKERS": "2", "MODELCTL_MAX_EPOCHS": "5"}
+    with control_process(root, store.root, env=env) as (proc, port, _log):
         with ControlClient(f"127.0.0.1:{port}", token=token, timeout_s=60) as client:
             yield client, proc, store, root
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_an_alias_bomb_is_invalid_spec_in_milliseconds_and_the_rss_holds(control):

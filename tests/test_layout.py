@@ -24,7 +24,7 @@ SERVICE = ROOT / "service"
 #: (ARCHITECTURE.md draws the same picture.)
 LAYERS: list[set[str]] = [
     # contracts and small mechanics, no model code
-    {"errors", "environ", "atomic", "signals", "faultpoints", "spectext", "bounds", "auth", "rundir",
+    {"errors", "environ", "atomic", "signals", "faultpoints", "spectext", "bounds", "auth", "rundir", "lazy",
      "grpc_streams", "grpc_server", "metrics", "_gen", "predict_client"},
     {"models"},
     {"inference"},

@@ -15,7 +15,6 @@ service/models/configs.py) are checked here against the torch registries keyed b
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from service.control.jobs.jobstore import JobStore
 from service.errors import ServiceError
 from service.modelstore import ModelStore
 from service.training.run_spec import Policy
-from tests.helpers import free_port, make_bundle, wait_for
+from tests.helpers import control_process, make_bundle
 
 pytestmark = pytest.mark.unit
 
@@ -102,32 +101,10 @@ def guarded_control(tmp_path_factory):
     store.write("l", make_bundle("lstm"))
     for sub in ("images", "masks"):
         (root / "seg" / sub).mkdir(parents=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCTL_")}
-    env.update(PYTHONUNBUFFERED="1")
     token = load_token(root / "state", environ={}, create=True)
-    log = root / "control.log"
-    cmd = [sys.executable, "-c", GUARD, "--port", str(port), "--db", str(root / "control.db"),
-           "--runs-dir", str(root / "runs"), "--data-root", str(root), "--model-store", str(store.root),
-           "--state-dir", str(root / "state"), "--management-port", str(free_port())]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        def serving():
-            assert proc.poll() is None, log.read_text()
-            return "ready: control API on" in log.read_text()
-
-        wait_for(serving, 90, "the control service", poll=0.2)
+    with control_process(root, store.root, launcher=[sys.executable, "-c", GUARD]) as (proc, port, _log):
         with ControlClient(f"127.0.0.1:{port}", token=token, timeout_s=60) as client:
             yield client, proc, store, root
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_the_control_service_validates_and_stores_specs_without_torch(guarded_control):

@@ -6,7 +6,7 @@ with, which the model store imports) is read without torch, and the control serv
 starts without it (tests/test_spec_no_torch.py).
 """
 
-import importlib
+from service import lazy
 
 #: Each name of the package -> the module that defines it.
 _EXPORTS = {
@@ -24,10 +24,4 @@ __all__ = ["BatchResult", "PrecisionCheck", "Predictor", "RuntimeOptions", "Serv
            "parse_k", "resolve_runtime"]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # imported once: later reads find it without this function
-    return value
+__getattr__ = lazy.exports(__name__, _EXPORTS)

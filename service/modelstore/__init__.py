@@ -5,7 +5,7 @@ Importing the package imports none of its modules: its names are imported on fir
 read without torch, which ``bundle`` (the weights) needs.
 """
 
-import importlib
+from service import lazy
 
 #: Each name of the package -> the module that defines it.
 _EXPORTS = {
@@ -23,10 +23,4 @@ __all__ = ["ArchiveInfo", "ModelBundle", "ModelStore", "check_archive", "known_r
            "validate_model_name", "verify_archive"]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
-    globals()[name] = value  # imported once: later reads find it without this function
-    return value
+__getattr__ = lazy.exports(__name__, _EXPORTS)
