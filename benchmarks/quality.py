@@ -45,7 +45,7 @@ import torch
 from service.models import load_model
 from service.modelstore import ModelBundle, ModelStore
 from service.training.recipe import native_bf16, run_finetune
-from service.training.spec import Policy, RunSpec
+from service.training.run_spec import Policy, RunSpec
 
 from benchmarks.report import cpu_model, replace_section
 
