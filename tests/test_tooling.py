@@ -51,3 +51,18 @@ def test_free_port_never_hands_out_a_port_twice():
     ports = [free_port() for _ in range(50)]
     assert len(set(ports)) == len(ports)
     assert all(1024 <= p <= 65535 for p in ports)
+
+
+def test_every_tooling_module_imports():
+    """A module moved or renamed in the product breaks a benchmark only when it runs (they are
+    not part of `make test`): import each one here, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    modules = [f"{package}.{p.stem}" for package in ("benchmarks", "testkit")
+               for p in sorted((ROOT / package).glob("*.py")) if p.stem != "__init__"]
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    done = subprocess.run([sys.executable, "-c", code, *modules], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(modules) >= 9, modules
