@@ -17,7 +17,7 @@ Points (each a ``<writer>.<step>`` name):
 ``rollback.intent_recorded``        the same two steps of a rollback
 ``rollback.desired_written``
 ``token.temp_written``              ``api_token``: its temporary file written, not yet published
-``atomic.temp_written:<file name>`` any :func:`service.atomic.write_text`: the temp file fsynced, not renamed
+``atomic.temp_written:<file name>`` any :func:`service.atomic.atomic_write`: the temp file fsynced, not renamed
 ==================================  ==========================================================
 """
 
