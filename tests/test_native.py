@@ -254,6 +254,8 @@ def test_torchserve_routes_answer_like_the_torchserve_handler(native):
     r = requests.post(f"{native.rest}/predictions/resnet", data=img, headers={**_auth(native), "X-Top-K": "3"},
                       timeout=30)
     assert r.status_code == 200, r.text
+    # a declared length, not chunked: the whole answer goes out in one write
+    assert int(r.headers["content-length"]) == len(r.content) and "transfer-encoding" not in r.headers
     got = r.json()
     assert got["model"] == "resnet" and got["version"] == "1"
     assert [e["index"] for e in got["predictions"][0]["top_k"]] == [e["index"] for e in expected["predictions"][0]["top_k"]]
@@ -272,6 +274,7 @@ def test_torchserve_routes_answer_like_the_torchserve_handler(native):
     # errors: TorchServe's body shape, our statuses
     r = requests.post(f"{native.rest}/predictions/cnn", data=b"junk", headers=_auth(native), timeout=30)
     assert r.status_code == 400 and r.json()["type"] == "InvalidInput"
+    assert int(r.headers["content-length"]) == len(r.content)
     r = requests.post(f"{native.rest}/predictions/ghost", data=b"junk", headers=_auth(native), timeout=30)
     assert r.status_code == 404 and set(r.json()) == {"code", "type", "message"}
     r = requests.post(f"{native.rest}/predictions/cnn", data=b"x" * (native.settings.max_request_size_bytes + 1),

@@ -82,6 +82,8 @@ class RestApp:
         except Exception:  # a bug: 500, and the server stays up
             log.exception("REST %s %s failed", method, path)
             status, body, headers = self._error(ServiceError("internal error"), oip_route)
+        # A declared length: one write for the body, no chunked terminator after it.
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
