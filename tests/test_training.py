@@ -173,6 +173,56 @@ def test_a_finished_run_started_again_writes_no_second_archive(tmp_path, policy)
         run(changed, tmp_path, policy)
 
 
+def test_weight_average_moves_by_one_minus_the_warmed_up_decay_and_copies_counters():
+    from service.training.ema import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightAverage(model, decay=0.9)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()
+    model(torch.randn(4, 3))  # moves BatchNorm's running stats and its counter
+    ema.update(model)
+    decay = min(0.9, 2 / 11)  # warm-up: (1 + n) / (10 + n) after n = 1 update
+    for key, value in model.state_dict().items():
+        got = ema.module.state_dict()[key]
+        if value.is_floating_point():
+            torch.testing.assert_close(got, decay * start[key] + (1 - decay) * value)
+        else:
+            assert torch.equal(got, value)  # num_batches_tracked
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+    ema.updates = 1000
+    assert ema.current_decay() == 0.9  # past the warm-up: the set decay
+    again = WeightAverage(model, decay=0.9)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == 1000 and all(torch.equal(a, b) for a, b in
+                                         zip(again.module.state_dict().values(), ema.module.state_dict().values()))
+
+
+def test_ema_run_validates_tests_and_archives_the_averaged_weights(tmp_path, policy):
+    data = {"source": "builtin:digits", "train_size": 200, "val_size": 100}
+    spec = make_spec(dataset=data, epochs=2, lr=0.01, ema_decay=0.9, keep="last")
+    out = run(spec, tmp_path, policy)
+    state = torch.load(tmp_path / "run" / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    averaged, trained = state["ema"]["module"], state["model"]
+    assert state["ema"]["updates"] == 2 * 7  # one per optimizer step: ceil(200 / 32) a epoch
+    bundle = unpack(out.archive.path, tmp_path / "unpacked")
+    assert all(torch.equal(bundle.state_dict[k], averaged[k]) for k in averaged)
+    assert not all(torch.equal(averaged[k], trained[k]) for k in trained)
+    assert out.archive.lineage["hyperparameters"]["ema_decay"] == 0.9
+    # the metrics are the average's: validation and test again on the archived weights
+    model_spec = ModelSpec.from_dict(state["model_spec"])
+    prepared = val_data(spec, policy, model_spec)
+    task = TASKS[model_spec.task].sized(model_spec.num_classes)
+    loader = torch.utils.data.DataLoader(prepared.val, batch_size=64, collate_fn=prepared.collate)
+    again = evaluate(load_model(model_spec, averaged), task.criterion(0.0), loader, torch.device("cpu"), task)
+    assert again["metric"] == pytest.approx(out.metrics["val_metric"])
+    with pytest.raises(InvalidSpec, match="hyperparameters.ema_decay"):
+        RunSpec.from_dict(make_spec(ema_decay=1.0), policy)
+
+
 # ---- base models from the store ------------------------------------------------------
 def test_fine_tune_a_stored_model_frozen_backbone_new_version_with_parent(tmp_path, policy):
     digits = {"source": "builtin:digits", "train_size": 200, "val_size": 60}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.modelstore import ModelStore
+from service.modelstore import ModelBundle, ModelStore
 from service.rundir import CHECKPOINT_FILE, EVENTS_FILE
 from tests.test_training import _start, _write, make_spec
 
@@ -72,3 +72,27 @@ def test_sigterm_stops_at_a_safe_point_and_writes_no_archive(tmp_path, roots):
     events = [json.loads(line) for line in (tmp_path / "run" / EVENTS_FILE).read_text().splitlines()]
     assert events[-1]["event"] == "stopped" and events[-1]["epoch"] < 20
     assert torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)["epoch"] == events[-1]["epoch"]
+
+
+def test_the_weight_average_resumes_from_the_checkpoint(tmp_path, roots):
+    """SIGKILL after epoch 1 of an ``ema_decay`` run: the resumed run goes on from the
+    checkpoint's average (its update count carries on), not from a fresh copy of the model."""
+    spec = _write(tmp_path, make_spec(dataset=SLOW_DIGITS, name="averaged", epochs=3, batch_size=8,
+                                      ema_decay=0.99, keep="last"))
+    args = ["-m", "service.training", "run", str(spec), "--run-dir", str(tmp_path / "run"),
+            "--store", str(tmp_path / "store"), "--data-root", str(roots)]
+    proc = _start(args, tmp_path, "first.log")
+    _wait_for_epoch(proc, tmp_path / "run" / EVENTS_FILE, 1)
+    proc.kill()
+    proc.wait(timeout=30)
+    first = torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)
+    done, steps = first["epoch"], first["ema"]["updates"]
+    assert 1 <= done < 3 and steps > 0 and steps % done == 0
+
+    second = _start(args, tmp_path, "second.log")
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()
+    last = torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)
+    assert last["ema"]["updates"] == steps // done * 3
+    archived = ModelStore(tmp_path / "store").get("averaged", 1).path
+    weights = ModelBundle.from_archive(archived).state_dict
+    assert all(torch.equal(weights[k], v) for k, v in last["ema"]["module"].items())

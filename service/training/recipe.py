@@ -56,6 +56,7 @@ from service.training import checkpoint as ckpt
 from service.training import distill, distributed
 from service.training.curves import IMAGES_TAG, SEGMENTATION_IMAGES, TENSORBOARD_DIR, Curves, segmentation_panels
 from service.training.datasets import LoadContext, PreparedData, load_raw, prepare
+from service.training.ema import WeightAverage
 from service.training.optim import OPTIMIZERS
 from service.training.run_spec import Policy, RunSpec
 from service.training.tasks import TASKS, Task, better, segmentation_prediction
@@ -114,11 +115,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     should_stop: Callable[[], bool] = lambda: False,
                     progress: Callable[[int, int, float, int, float], None] | None = None,
                     memory_format: torch.memory_format = torch.preserve_format,
-                    teacher: Callable[..., torch.Tensor] | None = None) -> dict:
+                    teacher: Callable[..., torch.Tensor] | None = None,
+                    after_step: Callable[[], None] | None = None) -> dict:
     """One pass over ``loader``. Returns loss_sum, count (examples), seconds and stopped
     (``should_stop()`` became true after a batch: the epoch is incomplete). Image batches
     are laid out in ``memory_format``. ``teacher`` (distill runs): its logits of the same
-    batch go to ``criterion`` as a third argument (service/training/distill.py)."""
+    batch go to ``criterion`` as a third argument (service/training/distill.py).
+    ``after_step`` runs after every optimizer step (the weight average's update)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count, start, batches = 0, time.perf_counter(), len(loader)
     for i, (args, target) in enumerate(loader):
@@ -140,6 +143,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             if clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
+        if after_step is not None:
+            after_step()
         n = len(target)
         loss_sum += loss.detach().double() * n
         count += n
@@ -285,6 +290,7 @@ class FineTuneRecipe:
         self.history: list[dict] = []
         self.best: dict | None = None
         self.best_state: dict | None = None
+        self.ema: WeightAverage | None = None
         self.bad_epochs = 0
         self.train_seconds = 0.0
         self.samples_seen = 0
@@ -335,6 +341,8 @@ class FineTuneRecipe:
             self.memory_format = torch.channels_last
             self.model = self.model.to(memory_format=torch.channels_last)
         self.frozen = freeze_backbone(self.model) if hp.freeze_backbone else []
+        if hp.ema_decay is not None:
+            self.ema = WeightAverage(self.model, hp.ema_decay)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp = self.model
         if self.dist.initialized:
@@ -445,6 +453,8 @@ class FineTuneRecipe:
             raise FailedPrecondition(f"the checkpoint in {self.run_dir} was made with another model spec or other "
                                      "data; use a new --run-dir")
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:  # a checkpoint without one (ema_decay added): start it from the model
+            self.ema.load_state_dict(state.get("ema") or {"module": state["model"], "updates": 0})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -453,7 +463,8 @@ class FineTuneRecipe:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
         self.best_state = state["best_model"]
         if self.best_state is None and self.best is not None:  # the best weights were the last ones
-            self.best_state = {k: v.clone() for k, v in state["model"].items()}
+            last = state["ema"]["module"] if self.ema is not None and state.get("ema") else state["model"]
+            self.best_state = {k: v.clone() for k, v in last.items()}
         self.history = list(state["history"])
         self.train_seconds, self.samples_seen = state["train_seconds"], state["samples_seen"]
         rngs = state["rng"]
@@ -501,8 +512,9 @@ class FineTuneRecipe:
         n = len(self.data.val)
         picks = sorted({round(i * (n - 1) / max(SEGMENTATION_IMAGES - 1, 1)) for i in range(SEGMENTATION_IMAGES)})
         args, target = self.data.collate([self.data.val[i] for i in picks])
-        self.model.eval()
-        logits = self.model(*_to(args, self.device, self.memory_format)).float()
+        model = self.evaluated
+        model.eval()
+        logits = model(*_to(args, self.device, self.memory_format)).float()
         if logits.dim() != 4:
             return
         panels = segmentation_panels(args[0].cpu(), target.cpu(), segmentation_prediction(logits).cpu())
@@ -546,11 +558,14 @@ class FineTuneRecipe:
                 scaler=self.scaler, clip_grad_norm=hp.clip_grad_norm,
                 should_stop=lambda: d.any(self.stop.requested), progress=self._progress(epoch),
                 memory_format=self.memory_format,
-                teacher=self.distiller.teacher if self.distiller is not None else None)
+                teacher=self.distiller.teacher if self.distiller is not None else None,
+                after_step=(lambda: self.ema.update(self.model)) if self.ema is not None else None)
             if stats["stopped"]:
                 return self._stopped(epoch, "during")
             d.broadcast_buffers(self.model)
-            val = evaluate(self.model, self.criterion, self.val_loader, self.device, self.task, d.all_reduce_sum,
+            if self.ema is not None:
+                d.broadcast_buffers(self.ema.module)
+            val = evaluate(self.evaluated, self.criterion, self.val_loader, self.device, self.task, d.all_reduce_sum,
                            memory_format=self.memory_format)
             train_sums = d.all_reduce_sum(torch.tensor([stats["loss_sum"], stats["count"]], dtype=torch.float64))
             seconds = max(d.gather(stats["seconds"]))
@@ -564,7 +579,7 @@ class FineTuneRecipe:
             if improved:
                 self.best = {"epoch": epoch, "monitored": monitored, "val_metric": val["metric"],
                              "val_loss": val["loss"], **val.get("details", {})}
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated.state_dict().items()}
                 self.bad_epochs = 0
             else:
                 self.bad_epochs += 1
@@ -585,6 +600,11 @@ class FineTuneRecipe:
             if d.any(self.stop.requested):
                 return self._stopped(epoch, "after")
         return self._finish(epoch, self._should_stop_early() or self._out_of_time())
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated, tested and archived: the average, when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _should_stop_early(self) -> bool:
         patience = self.hp.early_stopping_patience
@@ -618,6 +638,7 @@ class FineTuneRecipe:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": epoch,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
@@ -648,7 +669,7 @@ class FineTuneRecipe:
     def _finish(self, epoch: int, stopped_early: bool) -> Outcome:
         hp, d = self.hp, self.dist
         keep_best = hp.keep == "best" and self.best is not None
-        weights = self.best_state if keep_best else self.model.state_dict()
+        weights = self.best_state if keep_best else self.evaluated.state_dict()
         chosen = self.best if keep_best else {**self.history[-1], "epoch": epoch}
         details = {k: chosen[k] for k in DETAILS if k in chosen}  # segmentation: per_class_iou
         metrics = {
@@ -667,7 +688,7 @@ class FineTuneRecipe:
             "history": [{k: r[k] for k in ("epoch", "train_loss", "val_loss", "val_metric", "lr")}
                         for r in self.history],
         }
-        test = self._evaluate_test(weights if keep_best else None)
+        test = self._evaluate_test(weights if keep_best or self.ema is not None else None)
         metrics.update(test_metric=test["metric"], test_loss=test["loss"], test_count=test["count"])
         if "details" in test:
             metrics["test_details"] = test["details"]

@@ -138,7 +138,9 @@ class Hyperparameters(Schema):
     ``keep``: which weights become the archive. ``token_dropout``: word dropout for
     token sequences (each id becomes <unk> with that probability). ``precision``: "auto" = fp16 AMP on CUDA,
     fp32 on CPU; "bf16" = bf16 autocast (CPU with native bf16, or CUDA). ``channels_last``: image
-    models train in the NHWC memory layout (faster convolutions with bf16 on CPU and on GPU)."""
+    models train in the NHWC memory layout (faster convolutions with bf16 on CPU and on GPU).
+    ``ema_decay``: keep an exponential moving average of the weights (service/training/ema.py);
+    validation, the best epoch, the test split and the archive use the average."""
 
     optimizer: str = field("adam", choices=OPTIMIZER_NAMES)
     lr: float = field(1e-3, gt=0)
@@ -164,6 +166,7 @@ class Hyperparameters(Schema):
     device: str = field("auto", choices=("auto", "cpu", "cuda"))
     workers: int = field(0, ge=0)
     channels_last: bool = False
+    ema_decay: float | None = field(None, gt=0, lt=1)
 
     def check(self, path: str) -> None:
         if self.precision == "fp16" and self.device == "cpu":
