@@ -1334,15 +1334,13 @@ def test_runner_settings_and_registration(tmp_path):
     with pytest.raises(ServiceError, match="MODELCTL_K8S_MOUNTS"):
         K8sSettings.from_env(config, {"MODELCTL_K8S_MOUNTS": "nope"})
     # The registry offers the runner where an image is configured (the control Deployment's
-    # ConfigMap sets MODELCTL_K8S_IMAGE).
-    code = "import service.control.runners.local as r; print(sorted(r.RUNNERS))"
-    env = {k: v for k, v in os.environ.items() if k != "MODELCTL_K8S_IMAGE"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=ROOT).stdout
-    assert out.strip() == "['local']"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "MODELCTL_K8S_IMAGE": "img"},
-                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert out.strip() == "['kubernetes', 'local']"
+    # ConfigMap sets MODELCTL_K8S_IMAGE), read when the plane asks, not at import.
+    from service.control.runners.local import RUNNERS, build_runners, offered_runners
+
+    assert sorted(RUNNERS) == ["kubernetes", "local"]
+    assert offered_runners({}) == offered_runners({"MODELCTL_K8S_IMAGE": ""}) == ["local"]
+    assert sorted(offered_runners({"MODELCTL_K8S_IMAGE": "img"})) == ["kubernetes", "local"]
+    assert set(build_runners(config, {})) == {"local"}
 
 
 @pytest.mark.k8s

@@ -30,7 +30,7 @@ from service.deploy.policies import (
     RunFacts,
     within_tolerance,
 )
-from service.control.runners.local import RUNNERS
+from service.control.runners.local import build_runners
 from service.control.jobs.scheduler import FinishDeferred, Scheduler
 from service.deploy.speed import SpeedCheck, SpeedCheckInterrupted, run_speed_check
 from service.control.jobs.jobstore import FINAL_STATES, QUEUED, RUNNING, Job, JobStore, new_job_id
@@ -151,7 +151,7 @@ class ControlPlane:
         self.config = config.resolved(serve_settings)
         self.jobs = JobStore(self.config.db_path)
         self.models = ModelStore(self.config.model_store)
-        self.runners = {name: factory(self.config) for name, factory in RUNNERS.items()}
+        self.runners = build_runners(self.config)
         default_workers = self.config.deploy_workers or serve_settings.workers_per_model
         self.deployer = Deployer(serve_settings, mgmt, self.jobs.history, self.models,
                                  timeout_s=self.config.deploy_timeout_s,

@@ -1,4 +1,5 @@
-"""Runners: where a job's trainer process runs. :data:`RUNNERS` maps a name to a factory.
+"""Runners: where a job's trainer process runs. :data:`RUNNERS` maps a name to its kind: a
+factory, and whether the environment offers it (:func:`build_runners`).
 
 ``local`` (:class:`LocalRunner`) runs ``python -m service.training run <run_dir>/spec.json
 --run-dir <run_dir> --store <model store> --data-root …`` (:func:`service.rundir.trainer_argv`)
@@ -41,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import psutil
 
@@ -309,8 +310,37 @@ def local_runner(config) -> LocalRunner:
                        grace_s=config.cancel_grace_s)
 
 
-#: Runner name -> factory taking the ControlConfig.
-RUNNERS: dict[str, Callable] = {
-    "local": local_runner,
-    **({"kubernetes": lambda config: __import__("service.control.runners.kubernetes", fromlist=["_"]).kubernetes_runner(config)} if os.environ.get("MODELCTL_K8S_IMAGE") else {}),  # noqa: E501 - service/control/runners/kubernetes.py; offered where an image is configured
+def _kubernetes_runner(config):
+    from service.control.runners.kubernetes import kubernetes_runner  # its client loads only here
+
+    return kubernetes_runner(config)
+
+
+@dataclass(frozen=True)
+class RunnerKind:
+    """A registry entry: the factory (taking the ControlConfig) and whether the environment
+    offers this runner."""
+
+    factory: Callable
+    offered: Callable[[Mapping[str, str]], bool] = lambda environ: True
+
+
+#: Runner name -> its kind. The kubernetes runner (service/control/runners/kubernetes.py) is
+#: offered where an image is configured: the control Deployment's ConfigMap sets
+#: MODELCTL_K8S_IMAGE.
+RUNNERS: dict[str, RunnerKind] = {
+    "local": RunnerKind(local_runner),
+    "kubernetes": RunnerKind(_kubernetes_runner, lambda environ: bool(environ.get("MODELCTL_K8S_IMAGE"))),
 }
+
+
+def offered_runners(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The names of the runners this environment offers (``os.environ`` by default), read when
+    asked, not when this module is imported."""
+    environ = os.environ if environ is None else environ
+    return [name for name, kind in RUNNERS.items() if kind.offered(environ)]
+
+
+def build_runners(config, environ: Mapping[str, str] | None = None) -> dict:
+    """Name -> runner, for every runner the environment offers."""
+    return {name: RUNNERS[name].factory(config) for name in offered_runners(environ)}
