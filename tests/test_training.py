@@ -504,9 +504,14 @@ def _start(args: list[str], tmp_path: Path, log: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def test_torchrun_two_processes_one_archive_metrics_over_the_whole_validation_set(tmp_path, roots, policy):
+@pytest.mark.parametrize("ema_decay", [None, 0.9], ids=["weights", "averaged"])
+def test_torchrun_two_processes_one_archive_metrics_over_the_whole_validation_set(ema_decay, tmp_path, roots,
+                                                                                   policy):
+    # averaged: every rank keeps and validates its own copy of the weight average; the
+    # all-reduced metrics must still be those of the one archived (rank 0's) average
     dataset = {"source": "builtin:digits", "train_size": 300, "val_size": 101}  # odd: a sampler would pad
-    spec_dict = make_spec(dataset=dataset, name="ddp", epochs=2, nproc=2)
+    spec_dict = make_spec(dataset=dataset, name="ddp", epochs=2, nproc=2,
+                          **({"ema_decay": ema_decay} if ema_decay else {}))
     spec = _write(tmp_path, spec_dict)
     proc = _start(["-m", "service.training", "run", str(spec), "--run-dir", str(tmp_path / "run"),
                    "--store", str(tmp_path / "store"), "--data-root", str(roots)], tmp_path, "run.log")
