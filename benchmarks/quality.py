@@ -12,7 +12,7 @@ flatters the validation figure a little, never the test one.
 Test sets: fashion-mnist and basic-motions their official test split; digits, digits-seq
 and rotten-tomatoes a fixed stratified 20% held out (datasets.TEST_FRACTION, TEST_SEED:
 the same examples for every run); fashion-scenes its 2,000 test scenes. Validation sets: a
-stratified 20% of the rest (seed 0).
+stratified 20% of the rest (seed 0); 10% for the Fashion-MNIST CNN and its students.
 
 Issue 13's groups: a U-Net on ``builtin:fashion-scenes`` (mean IoU over the 11 classes, with
 ``upsample: bilinear`` beside ``transpose`` on the same time budget, ``max_time_s``), and
@@ -74,13 +74,22 @@ UNET = {"family": "unet", "config": {"channels": [16, 32, 96, 192], "upsample": 
 #: the 2,000 test scenes.
 SCENES = {"source": "builtin:fashion-scenes", "val_size": 1000}
 UNET_BILINEAR = {**UNET, "config": {**UNET["config"], "upsample": "bilinear"}}
+# The 10-minute budget ends after 2 epochs, before the plateau scheduler cuts the learning
+# rate once: a moving average of the weights stands in for that cut.
 UNET_HP = {"epochs": 60, "batch_size": 16, "lr": 2e-3, "lr_patience": 1, "channels_last": True,
-           "max_time_s": 530, **ADAMW}
+           "max_time_s": 530, "ema_decay": 0.998, **ADAMW}
+# Fashion-MNIST (the CNN and both students): a moving average of the weights, and a tenth of
+# the 60,000 training images for validation (6,000 still pick the epoch; 54,000 train). On this
+# CPU without native bf16 the CNN's budget ends after 11-12 epochs, before the plateau
+# scheduler has cut the learning rate more than once; the average's validation accuracy
+# was above the raw weights' at every epoch (0.9205 against 0.9028 at epoch 6).
+FASHION_AVERAGED = {"ema_decay": 0.999, "val_split": 0.1}
 # The student of the distillation group: 46,410 parameters, under 1/8 of FASHION_CNN's 391,370.
 STUDENT_CNN = {"family": "cnn", "config": {"channels": [24, 48, 80], "dropout": 0.1},
                "input": {"type": "image", "channels": 1, "size": 28, "resize": None}}
 # No max_time_s: both students must run the same epochs (the distilled one also runs the teacher).
-STUDENT_HP = {"epochs": 10, "batch_size": 128, "lr": 3e-3, "lr_patience": 1, "augment": "crop", **ADAMW}
+STUDENT_HP = {"epochs": 10, "batch_size": 128, "lr": 3e-3, "lr_patience": 1, "augment": "crop",
+              **FASHION_AVERAGED, **ADAMW}
 TEACHER = "eval-fashion-cnn:1"
 #: The distillation group's targets (issue 13): distilled >= scratch + 0.5 points and
 #: >= teacher - 2 points; the student's served batch-8 throughput >= 3x the teacher's.
@@ -130,7 +139,7 @@ BENCHES: dict[str, Bench] = {
         "CNN on builtin:fashion-mnist (official test set)",
         _spec(FASHION_CNN, "builtin:fashion-mnist", "eval-fashion-cnn", epochs=14, batch_size=128, lr=3e-3,
               lr_patience=1, label_smoothing=0.05, augment="crop", precision="bf16", channels_last=True,
-              max_time_s=560, **ADAMW),
+              max_time_s=560, **FASHION_AVERAGED, **ADAMW),
         0.93, 600, "quality"),
     "rotten-tomatoes-gru": Bench(
         "word-level GRU on builtin:rotten-tomatoes",
