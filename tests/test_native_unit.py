@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from service.errors import InvalidInput
 from service.serving.native import oip
 from service.serving.native.runner import batch_target
 from tests import oip_clients
@@ -56,3 +57,10 @@ def test_rest_connections_are_accepted_with_tcp_nodelay():
 
     asyncio.run(main())
     assert seen and seen[0] != 0
+
+
+@pytest.mark.parametrize("datatype,value", [("FP32", 1e300), ("FP16", 70000.0), ("INT8", 300), ("UINT8", -1)])
+def test_json_numbers_past_the_datatype_range_are_refused_not_wrapped_or_made_inf(datatype, value):
+    with pytest.raises(InvalidInput, match=f"out of range for {datatype}"):
+        oip.from_json("x", datatype, [2], [1, value])
+    assert oip.from_json("x", datatype, [2], [1, 2]).data.tolist() == [1, 2]

@@ -194,8 +194,10 @@ def from_json(name: str, datatype: str, shape: Sequence[int], data: Any, max_ele
         if dtype.kind == "f" and isinstance(v, float) and not math.isfinite(v):
             raise InvalidInput(f"input {name!r}: element {i} is not a finite number")
     try:
-        array = np.array(flat, dtype=dtype).reshape(shape)
-    except (OverflowError, ValueError) as exc:
+        # a finite JSON number past the type's range (1e300 as FP32) is refused, not made inf
+        with np.errstate(over="raise", invalid="raise"):
+            array = np.array(flat, dtype=dtype).reshape(shape)
+    except (OverflowError, ValueError, FloatingPointError) as exc:
         raise InvalidInput(f"input {name!r}: data out of range for {datatype} ({exc})") from None
     return Tensor(name, datatype, list(shape), array)
 
