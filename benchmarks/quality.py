@@ -91,6 +91,10 @@ STUDENT_CNN = {"family": "cnn", "config": {"channels": [24, 48, 80], "dropout": 
 STUDENT_HP = {"epochs": 10, "batch_size": 128, "lr": 3e-3, "lr_patience": 1, "augment": "crop",
               **FASHION_AVERAGED, **ADAMW}
 TEACHER = "eval-fashion-cnn:1"
+# Softer than the defaults (T 4, alpha 0.7): the student is capacity-bound (training loss ~0.3
+# after 10 epochs), and with T 4 and alpha 0.7 it fell behind the same student from scratch on
+# validation (0.9093 against 0.9152, BENCHMARKS.md).
+DISTILL = {"temperature": 2.0, "alpha": 0.5}
 #: The distillation group's targets (issue 13): distilled >= scratch + 0.5 points and
 #: >= teacher - 2 points; the student's served batch-8 throughput >= 3x the teacher's.
 DISTILL_GAIN, DISTILL_GAP, DISTILL_SPEEDUP = 0.005, 0.02, 3.0
@@ -190,9 +194,10 @@ BENCHES: dict[str, Bench] = {
         _spec(STUDENT_CNN, "builtin:fashion-mnist", "eval-fashion-student", **STUDENT_HP), None, 600,
         "distillation: a Fashion-MNIST student taught by the CNN above"),
     "fashion-student-distilled": Bench(
-        f"same student distilled from {TEACHER} (T 4, alpha 0.7), as its version 2",
+        f"same student distilled from {TEACHER} (T {DISTILL['temperature']:g}, alpha {DISTILL['alpha']:g}), "
+        "as its version 2",
         {**_spec(STUDENT_CNN, "builtin:fashion-mnist", TEACHER.split(":")[0], **STUDENT_HP),
-         "task": "distill", "teacher": TEACHER}, None, 600,
+         "task": "distill", "teacher": TEACHER, "distill": DISTILL}, None, 600,
         "distillation: a Fashion-MNIST student taught by the CNN above"),
 }
 
