@@ -2,7 +2,8 @@
 
 Keys: ``model`` (written from the unwrapped model, never the DDP wrapper), ``best_model``
 (None while the best weights are the current ones), ``optimizer``, ``lr_scheduler``,
-``scaler``, ``ema`` (the weight average and its update count, or None), ``epoch`` (the last completed, 1-based), ``best``, ``bad_epochs``, ``rng``
+``scaler``, ``ema`` (the weight average and its update count, or None), ``epoch`` (the
+last completed, 1-based), ``best``, ``bad_epochs``, ``rng``
 (one entry per rank), ``model_spec``, ``labels``, ``vocab``, ``dataset_sha256``,
 ``run_id``, ``history``, ``train_seconds``. Nothing is pickled: it is read back with
 ``weights_only=True``. Writes are atomic and durable (service/atomic.py), so a run killed

@@ -27,6 +27,7 @@ class WeightAverage:
         self.module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._mine = self.module.state_dict()  # views of the average's tensors, updated in place
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -36,9 +37,8 @@ class WeightAverage:
         """One step toward ``model`` (the unwrapped model, not its DDP wrapper)."""
         self.updates += 1
         weight = 1.0 - self.current_decay()
-        mine = self.module.state_dict()
         for key, value in model.state_dict().items():
-            avg = mine[key]
+            avg = self._mine[key]
             if avg.is_floating_point():
                 avg.lerp_(value.detach().to(avg.dtype), weight)
             else:

@@ -463,8 +463,7 @@ class FineTuneRecipe:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
         self.best_state = state["best_model"]
         if self.best_state is None and self.best is not None:  # the best weights were the last ones
-            last = state["ema"]["module"] if self.ema is not None and state.get("ema") else state["model"]
-            self.best_state = {k: v.clone() for k, v in last.items()}
+            self.best_state = self._evaluated_state()
         self.history = list(state["history"])
         self.train_seconds, self.samples_seen = state["train_seconds"], state["samples_seen"]
         rngs = state["rng"]
@@ -579,7 +578,7 @@ class FineTuneRecipe:
             if improved:
                 self.best = {"epoch": epoch, "monitored": monitored, "val_metric": val["metric"],
                              "val_loss": val["loss"], **val.get("details", {})}
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated.state_dict().items()}
+                self.best_state = self._evaluated_state()
                 self.bad_epochs = 0
             else:
                 self.bad_epochs += 1
@@ -605,6 +604,10 @@ class FineTuneRecipe:
     def evaluated(self) -> nn.Module:
         """The weights that are validated, tested and archived: the average, when there is one."""
         return self.ema.module if self.ema is not None else self.model
+
+    def _evaluated_state(self) -> dict:
+        """A CPU copy of :attr:`evaluated`'s weights (the best epoch's, when it is this one)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated.state_dict().items()}
 
     def _should_stop_early(self) -> bool:
         patience = self.hp.early_stopping_patience
