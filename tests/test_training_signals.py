@@ -34,14 +34,21 @@ def _wait_for_epoch(proc: subprocess.Popen, events: Path, epoch: int, timeout: f
 SLOW_DIGITS = {"source": "builtin:digits", "train_size": 800}  # small batches: about 0.3 s per epoch
 
 
-def test_sigkill_after_the_first_epoch_then_resume(tmp_path, roots):
-    spec = _write(tmp_path, make_spec(dataset=SLOW_DIGITS, name="resumed", epochs=3, batch_size=8))
-    args = ["-m", "service.training", "run", str(spec), "--run-dir", str(tmp_path / "run"),
+def _killed_after_the_first_epoch(tmp_path: Path, roots, **spec) -> list[str]:
+    """A 3-epoch run of ``spec`` started as a process and SIGKILLed once epoch 1 is logged;
+    the arguments that start it again."""
+    spec_file = _write(tmp_path, make_spec(dataset=SLOW_DIGITS, epochs=3, batch_size=8, **spec))
+    args = ["-m", "service.training", "run", str(spec_file), "--run-dir", str(tmp_path / "run"),
             "--store", str(tmp_path / "store"), "--data-root", str(roots)]
     proc = _start(args, tmp_path, "first.log")
     _wait_for_epoch(proc, tmp_path / "run" / EVENTS_FILE, 1)
     proc.kill()
     proc.wait(timeout=30)
+    return args
+
+
+def test_sigkill_after_the_first_epoch_then_resume(tmp_path, roots):
+    args = _killed_after_the_first_epoch(tmp_path, roots, name="resumed")
     store = ModelStore(tmp_path / "store")
     assert store.versions("resumed") == []
     done = torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)["epoch"]
@@ -77,14 +84,7 @@ def test_sigterm_stops_at_a_safe_point_and_writes_no_archive(tmp_path, roots):
 def test_the_weight_average_resumes_from_the_checkpoint(tmp_path, roots):
     """SIGKILL after epoch 1 of an ``ema_decay`` run: the resumed run goes on from the
     checkpoint's average (its update count carries on), not from a fresh copy of the model."""
-    spec = _write(tmp_path, make_spec(dataset=SLOW_DIGITS, name="averaged", epochs=3, batch_size=8,
-                                      ema_decay=0.99, keep="last"))
-    args = ["-m", "service.training", "run", str(spec), "--run-dir", str(tmp_path / "run"),
-            "--store", str(tmp_path / "store"), "--data-root", str(roots)]
-    proc = _start(args, tmp_path, "first.log")
-    _wait_for_epoch(proc, tmp_path / "run" / EVENTS_FILE, 1)
-    proc.kill()
-    proc.wait(timeout=30)
+    args = _killed_after_the_first_epoch(tmp_path, roots, name="averaged", ema_decay=0.99, keep="last")
     first = torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)
     done, steps = first["epoch"], first["ema"]["updates"]
     assert 1 <= done < 3 and steps > 0 and steps % done == 0
